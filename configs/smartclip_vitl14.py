@@ -1,0 +1,12 @@
+"""The paper's recipe (SMARTCLIP.md §4): SmartCLIP ViT-L/14, context 248, global batch 1024.
+
+Two AdamW groups (towers 1e-6 with 200 warm-up steps then cosine, wd 1e-2; mask net 1e-3 cosine,
+wd 0), 3 epochs of ShareGPT4V's 1,245,901 training records = 3,650 steps, bf16 compute.
+Until the ShareGPT4V loader lands, data comes from the embedded demo set at 224 px.
+"""
+
+from smartclip_jax.config import recipe_config
+
+
+def get_config():
+  return recipe_config("vit_l14", loss="smartclip")

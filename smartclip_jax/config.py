@@ -1,0 +1,199 @@
+"""Config schema, loading, `--config.a.b=value` overrides and validation.
+
+Every config in `configs/` starts from `base_config()`, so the set of fields is fixed here and
+a mistyped override fails with the field's name and the nearest real ones, before any compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+
+LOSSES = ("smartclip", "clip", "siglip")
+CAPTION_MODES = ("prefix", "full", "first")
+
+
+# OpenAI CLIP tower sizes; SmartCLIP's mask net uses the text tower's head count.
+ARCHS = {
+    "vit_b16": dict(embed_dim=512,
+                    vision=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),
+                    text=dict(width=512, layers=12, heads=8), mask_heads=8),
+    "vit_l14": dict(embed_dim=768,
+                    vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
+                    text=dict(width=768, layers=12, heads=12), mask_heads=12),
+}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: unknown field, wrong type, inconsistent sizes."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with the paper's recipe defaults (SMARTCLIP.md §4); configs override sizes."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.loss = "smartclip"
+  c.batch_size = 1024  # global, over all devices and processes
+  c.total_steps = 3650
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.eval_every = 0  # 0: evaluate once, at the end
+  c.keep_checkpoints = 3
+
+  c.smartclip = ml_collections.ConfigDict(
+      dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0))
+
+  arch = ARCHS["vit_l14"]  # sizes only; configs pick theirs
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = arch["embed_dim"]
+  c.model.activation = "quick_gelu"
+  c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+  c.model.vision = ml_collections.ConfigDict(arch["vision"])
+  c.model.text = ml_collections.ConfigDict(dict(context_length=248, vocab_size=49408,
+                                                **arch["text"]))
+  c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+  c.optim.grad_clip_norm = 0.0  # 0: no clipping
+  c.optim.end_lr_ratio = 0.0  # cosine ends at lr * end_lr_ratio
+  c.optim.frozen_positions = 20
+  c.optim.towers = ml_collections.ConfigDict(dict(lr=1e-6, weight_decay=1e-2, warmup_steps=200))
+  c.optim.mask_net = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the other devices
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "demo"
+  c.data.num_train = 4096
+  c.data.num_eval = 256
+  c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
+  c.data.num_workers = 0  # Grain worker processes; 0 decodes in the main process
+  c.data.eval_batch_size = 256
+  return c
+
+
+def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDict:
+  """The paper's recipe (SMARTCLIP.md §4) for an OpenAI CLIP architecture in `ARCHS`."""
+  a = ARCHS[arch]
+  c = base_config()
+  c.loss = loss
+  c.model.embed_dim = a["embed_dim"]
+  c.model.dtype = "bfloat16"
+  c.model.vision.update(**a["vision"])
+  c.model.text.update(**a["text"])
+  c.model.mask.heads = a["mask_heads"]
+  return c
+
+
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Imports `path`, calls its `get_config()`, applies `a.b=value` overrides, validates."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    apply_override(config, item)
+  validate(config)
+  return config
+
+
+def _parse(text: str, current: object) -> object:
+  """Parses `text` as the type of the field's current value."""
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"{text!r} is not a boolean")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  return ast.literal_eval(text)
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Sets one `a.b.c=value` on `config`; unknown fields and unparsable values are ConfigErrors."""
+  key, sep, text = item.partition("=")
+  if not sep:
+    raise ConfigError(f"override {item!r} must look like field.path=value")
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    if part not in fields:
+      where = ".".join(parts[:depth]) or "the config"
+      close = difflib.get_close_matches(part, fields, n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else f"; fields: {', '.join(fields)}"
+      raise ConfigError(f"unknown config field {key!r}: {where} has no {part!r}{hint}")
+    if depth < len(parts) - 1:
+      node = node[part]
+  current = node[parts[-1]]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"{key!r} is a group of fields; set one of {', '.join(current.keys())}")
+  try:
+    node[parts[-1]] = _parse(text, current)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"cannot set {key}={text!r} ({type(current).__name__} field): {e}") from None
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  paths = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths |= _field_paths(value, f"{prefix}{key}.")
+    else:
+      paths.add(prefix + key)
+  return paths
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without devices; `check_batch` does the mesh part."""
+  unknown = sorted(_field_paths(config) - _field_paths(base_config()))
+  if unknown:
+    raise ConfigError(f"config has fields that base_config() does not define: {unknown}")
+  m = config.model
+  errors = []
+  if config.loss not in LOSSES:
+    errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
+  if config.data.caption_mode not in CAPTION_MODES:
+    errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
+  if m.activation not in ("quick_gelu", "gelu"):
+    errors.append(f"model.activation={m.activation!r}: choose quick_gelu or gelu")
+  if m.vision.image_size % m.vision.patch_size:
+    errors.append(f"model.vision.image_size {m.vision.image_size} is not a multiple of "
+                  f"patch_size {m.vision.patch_size}")
+  for name, width, heads in (("vision", m.vision.width, m.vision.heads),
+                             ("text", m.text.width, m.text.heads),
+                             ("mask", m.text.width, m.mask.heads)):
+    if width % heads:
+      errors.append(f"model.{name}: width {width} is not divisible by {heads} heads")
+  for field in ("batch_size", "total_steps", "log_every", "checkpoint_every"):
+    if config[field] <= 0:
+      errors.append(f"{field}={config[field]} must be positive")
+  if config.optim.frozen_positions >= m.text.context_length:
+    errors.append(f"optim.frozen_positions={config.optim.frozen_positions} freezes every "
+                  f"position of a {m.text.context_length}-token context")
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_batch(config: ml_collections.ConfigDict, data_parallel: int, processes: int) -> None:
+  """The global batch must split evenly over the data axes and over the processes."""
+  for what, n in (("data x fsdp mesh axes", data_parallel), ("processes", processes)):
+    if config.batch_size % n:
+      raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {n} {what}; "
+                        f"use a multiple of {n}")
+  if config.data.eval_batch_size % data_parallel:
+    raise ConfigError(f"data.eval_batch_size={config.data.eval_batch_size} is not divisible by "
+                      f"the {data_parallel} data x fsdp mesh axes")

@@ -1,0 +1,1 @@
+"""Input data: the embedded demo set, caption samplers and Grain pipelines."""

@@ -1,0 +1,1 @@
+"""Flax modules: ViT and text towers, the mask network, and the two-tower model."""

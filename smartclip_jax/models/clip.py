@@ -1,0 +1,79 @@
+"""The two-tower model: image tower, text tower, optional mask network, learned logit scale/bias.
+
+One module serves the CLIP, SigLIP and SmartCLIP losses; `build_model` reads the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from smartclip_jax.models.layers import Dtype
+from smartclip_jax.models.mask import MaskNetwork
+from smartclip_jax.models.text import TextTransformer
+from smartclip_jax.models.vit import VisionTransformer
+
+
+class TwoTowers(nn.Module):
+  """Params: `visual`, `text`, `mask_net` (if `use_mask_net`), `logit_scale` (+ `logit_bias`)."""
+  vision: dict
+  text: dict
+  embed_dim: int
+  activation: str = "quick_gelu"
+  use_mask_net: bool = False
+  mask_heads: int = 8
+  mask_hard: bool = True
+  init_logit_scale: float = math.log(1 / 0.07)
+  init_logit_bias: float | None = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    common = dict(embed_dim=self.embed_dim, activation=self.activation, dtype=self.dtype)
+    self.visual = VisionTransformer(**self.vision, **common)
+    self.text_tower = TextTransformer(**self.text, **common, name="text")
+    if self.use_mask_net:
+      self.mask_net = MaskNetwork(heads=self.mask_heads, hard=self.mask_hard, **common)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale),
+                                  ())
+    if self.init_logit_bias is not None:
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias),
+                                   ())
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """Unnormalised image embeddings [B, D] (float32)."""
+    return self.visual(images).astype(jnp.float32)
+
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    """Unnormalised text embeddings [B, D] (float32)."""
+    return self.text_tower(tokens)[0].astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    """Everything a loss needs: embeddings, masks when present, scale and bias."""
+    txt_emb, txt_tokens = self.text_tower(tokens)
+    out = {"img_emb": self.encode_image(images), "txt_emb": txt_emb.astype(jnp.float32),
+           "logit_scale": self.logit_scale}
+    if self.use_mask_net:
+      out["masks"] = self.mask_net(txt_tokens)
+    if self.init_logit_bias is not None:
+      out["logit_bias"] = self.logit_bias
+    return out
+
+
+def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
+  """The model the config's `loss` trains: SmartCLIP adds the mask net, SigLIP a logit bias."""
+  m = config.model
+  siglip = config.loss == "siglip"
+  return TwoTowers(
+      vision=dict(image_size=m.vision.image_size, patch_size=m.vision.patch_size,
+                  width=m.vision.width, layers=m.vision.layers, heads=m.vision.heads),
+      text=dict(context_length=m.text.context_length, vocab_size=m.text.vocab_size,
+                width=m.text.width, layers=m.text.layers, heads=m.text.heads),
+      embed_dim=m.embed_dim, activation=m.activation,
+      use_mask_net=config.loss == "smartclip", mask_heads=m.mask.heads, mask_hard=m.mask.hard,
+      init_logit_scale=math.log(10.0) if siglip else math.log(1 / 0.07),
+      init_logit_bias=-10.0 if siglip else None,
+      dtype=jnp.dtype(m.dtype))

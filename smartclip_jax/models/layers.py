@@ -1,0 +1,120 @@
+"""The residual attention block CLIP's towers and the mask network share.
+
+Names follow OpenAI CLIP (`ln_1`, `attn.in_proj_*`, `attn.out_proj_*`, `ln_2`, `mlp.c_fc`,
+`mlp.c_proj`) so that weights map 1:1 to PyTorch. Attention kernels are stored head-split
+(`in_proj_kernel` [width, 3, heads, head_dim], `out_proj_kernel` [heads, head_dim, width]) so the
+logical-axis rules can shard heads; PyTorch's fused layout is a reshape + transpose away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+LN_EPS = 1e-5  # PyTorch's LayerNorm default, which CLIP weights were trained with.
+
+
+def param_init(init: Callable, axes: tuple[str | None, ...]) -> Callable:
+  """An initializer tagged with logical axis names (see `sharding.py` for the rules)."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximate=False)}
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=dtype, name=name,
+      scale_init=param_init(nn.initializers.ones, ("embed",)),
+      bias_init=param_init(nn.initializers.zeros, ("embed",)))
+
+
+def constrain(x: jax.Array) -> jax.Array:
+  """Pins a [batch, length, width] activation to the mesh rules (no-op without a mesh)."""
+  return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused q/k/v projection (CLIP's `in_proj_weight`)."""
+  heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+    head_dim = width // self.heads
+    init = nn.initializers.normal(width ** -0.5)
+    zeros = nn.initializers.zeros
+    w_in = self.param("in_proj_kernel", param_init(init, ("embed", None, "heads", "kv")),
+                      (width, 3, self.heads, head_dim))
+    b_in = self.param("in_proj_bias", param_init(zeros, (None, "heads", "kv")),
+                      (3, self.heads, head_dim))
+    w_out = self.param("out_proj_kernel", param_init(init, ("heads", "kv", "embed")),
+                       (self.heads, head_dim, width))
+    b_out = self.param("out_proj_bias", param_init(zeros, ("embed",)), (width,))
+    x, w_in, b_in, w_out, b_out = (a.astype(self.dtype) for a in (x, w_in, b_in, w_out, b_out))
+    qkv = jnp.einsum("bld,dthk->tblhk", x, w_in) + b_in[:, None, None]
+    out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+    return jnp.einsum("blhk,hkd->bld", out, w_out) + b_out
+
+
+class Mlp(nn.Module):
+  """c_fc -> activation -> c_proj, hidden 4x width."""
+  activation: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    init = nn.initializers.normal(width ** -0.5)
+    x = nn.Dense(4 * width, dtype=self.dtype, name="c_fc",
+                 kernel_init=param_init(init, ("embed", "mlp")),
+                 bias_init=param_init(nn.initializers.zeros, ("mlp",)))(x)
+    x = ACTIVATIONS[self.activation](x)
+    return nn.Dense(width, dtype=self.dtype, name="c_proj",
+                    kernel_init=param_init(init, ("mlp", "embed")),
+                    bias_init=param_init(nn.initializers.zeros, ("embed",)))(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  heads: int
+  causal: bool = False
+  activation: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = constrain(x)
+    x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(
+        layer_norm("ln_1", self.dtype)(x))
+    x = x + Mlp(self.activation, self.dtype, name="mlp")(layer_norm("ln_2", self.dtype)(x))
+    return constrain(x)
+
+
+class Transformer(nn.Module):
+  """A stack of residual attention blocks named `resblocks_{i}` (CLIP's `resblocks.{i}`)."""
+  layers: int
+  heads: int
+  causal: bool = False
+  activation: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.layers):
+      x = ResidualAttentionBlock(self.heads, self.causal, self.activation, self.dtype,
+                                 name=f"resblocks_{i}")(x)
+    return x

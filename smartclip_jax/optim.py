@@ -1,0 +1,69 @@
+"""Optimizer: two AdamW groups (towers, mask net) with their own schedules (SMARTCLIP.md §4).
+
+Weight decay applies to matrices only (ndim >= 2), as open_clip does: gains, biases, the class
+token and the logit scale are not decayed. The first `frozen_positions` rows of the text position
+table get no update at all (Long-CLIP keeps CLIP's first 20 positions as trained).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import traverse_util
+
+MASK_GROUP, TOWER_GROUP = "mask_net", "towers"
+
+
+def param_groups(params: Any) -> Any:
+  """A tree of group labels: the mask network's parameters vs everything else."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: MASK_GROUP if k[0] == MASK_GROUP else TOWER_GROUP for k in flat})
+
+
+def schedules(config: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
+  """Learning rate per group: towers warm up then cosine; mask net cosine from the start."""
+  o, steps = config.optim, config.total_steps
+  warmup = min(o.towers.warmup_steps, steps)
+  towers = optax.warmup_cosine_decay_schedule(
+      0.0, o.towers.lr, warmup, max(steps, warmup + 1), end_value=o.towers.lr * o.end_lr_ratio)
+  mask = optax.cosine_decay_schedule(o.mask_net.lr, max(steps, 1), alpha=o.end_lr_ratio)
+  return {TOWER_GROUP: towers, MASK_GROUP: mask}
+
+
+def _decay_mask(params: Any) -> Any:
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def freeze_rows(rows: int) -> optax.GradientTransformation:
+  """Zeroes the update of the first `rows` rows of the text position table."""
+
+  def update(updates, state, params=None):
+    del params
+    if rows <= 0 or "text" not in updates:
+      return updates, state
+    text = dict(updates["text"])
+    pos = text["positional_embedding"]
+    keep = (jnp.arange(pos.shape[0]) >= rows)[:, None]
+    text["positional_embedding"] = jnp.where(keep, pos, 0.0).astype(pos.dtype)
+    return {**updates, "text": text}, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """clip -> per-group AdamW -> frozen position rows."""
+  o, lrs = config.optim, schedules(config)
+  groups = {
+      TOWER_GROUP: optax.adamw(lrs[TOWER_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
+                               weight_decay=o.towers.weight_decay, mask=_decay_mask),
+      MASK_GROUP: optax.adamw(lrs[MASK_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
+                              weight_decay=o.mask_net.weight_decay, mask=_decay_mask),
+  }
+  chain = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+  chain += [optax.multi_transform(groups, param_groups), freeze_rows(o.frozen_positions)]
+  return optax.chain(*chain)

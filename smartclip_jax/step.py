@@ -1,0 +1,131 @@
+"""Train state, its sharded initialisation, and the jit-compiled train step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from smartclip_jax import losses, optim, sharding
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def dummy_batch(config: ml_collections.ConfigDict, size: int = 1) -> Batch:
+  s, length = config.model.vision.image_size, config.model.text.context_length
+  return {"image": jnp.zeros((size, s, s, 3), jnp.float32),
+          "tokens": jnp.zeros((size, length), jnp.int32)}
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
+  """Parameter shapes with their logical axis names (flax Partitioned boxes), nothing computed."""
+  batch = dummy_batch(config)
+  return jax.eval_shape(lambda rng: model.init(rng, batch["image"], batch["tokens"])["params"],
+                        jax.random.key(0))
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """NamedShardings of every state leaf: parameters by the logical rules, and optimizer
+  moments like the parameters they follow; anything else (counts) replicated."""
+  boxed = abstract_params(model, config)
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  params = nn.meta.unbox(boxed)
+  by_path = {_dict_keys(path): (leaf.shape, sh) for (path, leaf), sh in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_sh))}
+
+  def like_param(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):  # optimizer states nest the params tree under their own keys
+      shape, sh = by_path.get(keys[start:], (None, None))
+      if shape == leaf.shape:
+        return sh
+    return sharding.replicated(mesh)
+
+  opt_sh = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
+  return TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _state_factory(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict) -> Callable[[jax.Array], TrainState]:
+  batch = dummy_batch(config)
+
+  def create(rng: jax.Array) -> TrainState:
+    params = nn.meta.unbox(model.init(rng, batch["image"], batch["tokens"])["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return create
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict) -> TrainState:
+  """Shapes and dtypes of the state, nothing allocated (the target of a restore)."""
+  return jax.eval_shape(_state_factory(model, tx, config), jax.random.key(0))
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, mesh: Mesh,
+               shardings: TrainState) -> TrainState:
+  """Random-initialised state from `config.seed`, each leaf created directly in its sharding."""
+  with sharding.activate(mesh):
+    return jax.jit(_state_factory(model, tx, config), out_shardings=shardings)(
+        jax.random.key(config.seed))
+
+
+def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
+                 batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Forward both towers (and the mask net), then the configured loss over the global batch."""
+  out = model.apply({"params": params}, batch["image"], batch["tokens"])
+  if config.loss == "smartclip":
+    s = config.smartclip
+    return losses.smartclip_loss(out["img_emb"], out["txt_emb"], out["masks"],
+                                 temperature=s.temperature, align_weight=s.align_weight,
+                                 sparsity_weight=s.sparsity_weight)
+  if config.loss == "clip":
+    return losses.clip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"])
+  return losses.siglip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"],
+                            out["logit_bias"])
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh,
+                    shardings: TrainState) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """One jit: loss, gradients, update. The state is donated; metrics come back replicated."""
+  lrs = optim.schedules(config)
+
+  def train_step(state: TrainState, batch: Batch):
+    grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "lr": lrs[optim.TOWER_GROUP](state.step),
+               "lr_mask_net": lrs[optim.MASK_GROUP](state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  jitted = jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+
+  def step(state: TrainState, batch: Batch):
+    with sharding.activate(mesh):
+      return jitted(state, batch)
+
+  return step

@@ -1,0 +1,49 @@
+"""Config loading, overrides and the errors a mistyped run must get before compiling."""
+
+import glob
+import os
+
+import pytest
+
+from smartclip_jax import config as config_lib
+from smartclip_jax import train
+from tests.conftest import DEMO, REPO
+
+
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+def test_every_shipped_config_validates(path):
+  config = config_lib.load(path)
+  assert config.loss in config_lib.LOSSES
+
+
+def test_overrides_are_typed():
+  c = config_lib.load(DEMO, ["batch_size=32", "model.mask.hard=false", "optim.towers.lr=2e-4",
+                             "loss=clip"])
+  assert (c.batch_size, c.model.mask.hard, c.optim.towers.lr, c.loss) == (32, False, 2e-4, "clip")
+
+
+def test_unknown_field_names_the_field_and_suggests():
+  with pytest.raises(config_lib.ConfigError, match=r"'model.vision.widht'.*did you mean width"):
+    config_lib.load(DEMO, ["model.vision.widht=3"])
+
+
+def test_bad_value_and_bad_choice():
+  with pytest.raises(config_lib.ConfigError, match="cannot set batch_size='many'"):
+    config_lib.load(DEMO, ["batch_size=many"])
+  with pytest.raises(config_lib.ConfigError, match="loss='softmax'"):
+    config_lib.load(DEMO, ["loss=softmax"])
+
+
+def test_batch_not_divisible_by_data_axes():
+  c = config_lib.load(DEMO, ["batch_size=12"])
+  with pytest.raises(config_lib.ConfigError, match="batch_size=12 is not divisible by the 8"):
+    config_lib.check_batch(c, data_parallel=8, processes=1)
+
+
+def test_cli_reports_unknown_field_and_exits(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.parse_args(["--config", DEMO, "--workdir", "/tmp/x", "--config.bacth_size=8"])
+  assert exit_info.value.code == 2
+  assert "unknown config field 'bacth_size'" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""The losses against direct references: the N×M×D form of SMARTCLIP.md §3 and numpy CE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smartclip_jax import losses
+
+
+def naive_masked_similarity(img, txt, masks):
+  """The reference's form: build z_i * m_j for every pair, then cosine with t_j."""
+  t = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+  masked = img[:, None, :] * masks[None, :, :]  # [N, M, D]
+  norm_sq = jnp.sum(masked * masked, axis=-1)
+  dot = jnp.sum(masked * t[None], axis=-1)
+  ok = norm_sq > 0
+  return jnp.where(ok, dot / jnp.sqrt(jnp.where(ok, norm_sq, 1.0)), 0.0)
+
+
+def _inputs(n=6, m=5, d=16, seed=0):
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(n, d)).astype(np.float32)
+  txt = rng.normal(size=(m, d)).astype(np.float32)
+  masks = rng.uniform(size=(m, d)).astype(np.float32)  # soft masks: gradients are non-trivial
+  masks[1] = 0.0  # all-zero row
+  masks[2] = 1.0  # all-one row
+  masks[3] = (masks[3] > 0.5)  # a hard row
+  return jnp.asarray(img), jnp.asarray(txt), jnp.asarray(masks)
+
+
+def test_masked_similarity_matches_naive_values_and_gradients():
+  img, txt, masks = _inputs()
+  np.testing.assert_allclose(losses.masked_similarity(img, txt, masks),
+                             naive_masked_similarity(img, txt, masks), atol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)), jnp.float32)
+  grads = [jax.grad(lambda *a: jnp.sum(weights * f(*a)), argnums=(0, 1, 2))(img, txt, masks)
+           for f in (losses.masked_similarity, naive_masked_similarity)]
+  for ours, ref in zip(*grads):
+    assert np.all(np.isfinite(ours))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_all_one_mask_is_plain_cosine_and_zero_mask_is_zero():
+  img, txt, masks = _inputs()
+  sim = np.asarray(losses.masked_similarity(img, txt, masks))
+  cosine = (img / jnp.linalg.norm(img, axis=-1, keepdims=True)) @ (
+      txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)).T
+  np.testing.assert_allclose(sim[:, 2], cosine[:, 2], atol=1e-6)
+  np.testing.assert_array_equal(sim[:, 1], 0.0)
+
+
+def _np_ce(logits):
+  """Mean cross-entropy of rows against the diagonal, in float64 numpy."""
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(axis=1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+  return float(np.mean(lse - np.diag(logits)))
+
+
+def test_smartclip_loss_matches_its_equation():
+  img, txt, _ = _inputs(n=5)
+  masks = jnp.asarray(np.random.default_rng(3).uniform(size=(5, 16)) > 0.4, jnp.float32)
+  loss, metrics = losses.smartclip_loss(img, txt, masks, temperature=0.05, align_weight=3.0,
+                                        sparsity_weight=0.5)
+  logits = np.asarray(naive_masked_similarity(img, txt, masks)) / 0.05
+  rows, cols = _np_ce(logits), _np_ce(logits.T)
+  expected = 3.0 * (rows + cols) + 0.5 * float(np.mean(masks))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["ce_i2t"], rows, rtol=1e-5)
+  np.testing.assert_allclose(metrics["ce_t2i"], cols, rtol=1e-5)
+  np.testing.assert_allclose(metrics["mask_density"], np.mean(masks), rtol=1e-6)
+  np.testing.assert_allclose(metrics["i2t_top1"], np.mean(logits.argmax(1) == np.arange(5)))
+
+
+def test_smartclip_loss_finite_with_all_zero_masks():
+  img, txt, _ = _inputs(n=4, m=4)
+  masks = jnp.zeros((4, 16)).at[0].set(1.0)
+  loss, grads = jax.value_and_grad(
+      lambda *a: losses.smartclip_loss(*a)[0], argnums=(0, 1, 2))(img, txt, masks)
+  assert np.isfinite(loss)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_clip_loss_matches_numpy():
+  img, txt, _ = _inputs(n=5)
+  loss, metrics = losses.clip_loss(img, txt, jnp.log(1 / 0.07))
+  i = np.asarray(img, np.float64)
+  t = np.asarray(txt, np.float64)
+  logits = (1 / 0.07) * (i / np.linalg.norm(i, axis=1, keepdims=True)) @ (
+      t / np.linalg.norm(t, axis=1, keepdims=True)).T
+  np.testing.assert_allclose(loss, 0.5 * (_np_ce(logits) + _np_ce(logits.T)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["temperature"], 0.07, rtol=1e-5)
+
+
+def test_clip_loss_caps_the_scale_at_100():
+  img, txt, _ = _inputs(n=5)
+  np.testing.assert_allclose(losses.clip_loss(img, txt, jnp.log(1000.0))[0],
+                             losses.clip_loss(img, txt, jnp.log(100.0))[0], rtol=1e-6)
+
+
+def test_siglip_loss_matches_numpy():
+  img, txt, _ = _inputs(n=5)
+  loss, _ = losses.siglip_loss(img, txt, jnp.log(10.0), jnp.asarray(-3.0))
+  i = np.asarray(img, np.float64)
+  t = np.asarray(txt, np.float64)
+  logits = 10.0 * (i / np.linalg.norm(i, axis=1, keepdims=True)) @ (
+      t / np.linalg.norm(t, axis=1, keepdims=True)).T - 3.0
+  signs = 2 * np.eye(5) - 1
+  expected = np.mean(np.sum(np.log1p(np.exp(-signs * logits)), axis=1))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_non_square_batch_is_rejected():
+  img, txt, masks = _inputs(n=6, m=5)
+  with pytest.raises(ValueError, match="square"):
+    losses.smartclip_loss(img, txt, masks)

@@ -1,0 +1,121 @@
+"""Towers, mask network and position stretch against the behaviour SMARTCLIP.md §2 specifies."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from smartclip_jax.models.clip import build_model
+from smartclip_jax.models.mask import MaskNetwork, straight_through_hard
+from smartclip_jax.models.text import TextTransformer, stretch_positions
+
+
+def test_straight_through_values_and_gradient():
+  x = jnp.linspace(-3, 3, 13)
+  hard = straight_through_hard(jax.nn.sigmoid(x))
+  np.testing.assert_array_equal(hard, (x >= 0).astype(np.float32))
+  w = jnp.arange(13.0)
+  grad = jax.grad(lambda x: jnp.sum(w * straight_through_hard(jax.nn.sigmoid(x))))(x)
+  np.testing.assert_allclose(grad, w * jax.nn.sigmoid(x) * (1 - jax.nn.sigmoid(x)), rtol=1e-6)
+
+
+def _long_clip_stretch(table):
+  """The 77 -> 248 stretch written out row by row, as SMARTCLIP.md §2 describes it."""
+  old = np.asarray(table)
+  rows = [old[p] for p in range(20)]
+  for i in range(20, 76):
+    for r in range(4):
+      rows.append(old[i] + r / 4 * (old[i + 1] - old[i]))
+  for r in range(4):  # past the last row: continue its slope
+    rows.append(old[76] + r / 4 * (old[76] - old[75]))
+  return np.stack(rows)
+
+
+def test_stretch_positions_77_to_248():
+  table = np.random.default_rng(0).normal(size=(77, 8)).astype(np.float32)
+  out = np.asarray(stretch_positions(table, 248))
+  assert out.shape == (248, 8)
+  np.testing.assert_array_equal(out[:20], table[:20])
+  np.testing.assert_array_equal(out[20:244:4], table[20:76])
+  np.testing.assert_allclose(out, _long_clip_stretch(table), atol=1e-6)
+
+
+def test_stretch_positions_rejects_uneven_factor():
+  with pytest.raises(ValueError, match="whole multiple"):
+    stretch_positions(np.zeros((77, 4)), 250)
+
+
+def _tokens(rows, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  out = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    n = rng.integers(3, length)
+    out[r, 0] = 49406
+    out[r, 1:n - 1] = rng.integers(1, 49000, n - 2)
+    out[r, n - 1] = 49407
+  return jnp.asarray(out)
+
+
+def test_text_tower_is_causal_and_pools_end_of_text():
+  tower = TextTransformer(context_length=16, vocab_size=49408, width=32, layers=2, heads=4,
+                          embed_dim=24)
+  tokens = _tokens(3)
+  params = nn.meta.unbox(jax.jit(tower.init)(jax.random.key(0), tokens))
+  apply = jax.jit(tower.apply)
+  emb, seq = apply(params, tokens)
+  assert emb.shape == (3, 24) and seq.shape == (3, 16, 32)
+  eot = np.argmax(np.asarray(tokens), axis=1)
+  proj = params["params"]["text_projection"]
+  np.testing.assert_allclose(emb, seq[np.arange(3), eot] @ proj, atol=1e-5)
+  # Changing a token after the end-of-text changes nothing at or before it (causal mask).
+  assert eot[0] < 15
+  emb2, seq2 = apply(params, tokens.at[0, -1].set(5))
+  np.testing.assert_allclose(emb2[0], emb[0], atol=1e-6)
+  np.testing.assert_allclose(seq2[0, :eot[0] + 1], seq[0, :eot[0] + 1], atol=1e-6)
+  assert not np.allclose(seq2[0, -1], seq[0, -1])
+
+
+@pytest.mark.parametrize("width,embed_dim", [(32, 32), (32, 20)])
+def test_mask_network_shapes_and_stop_gradient(width, embed_dim):
+  net = MaskNetwork(embed_dim=embed_dim, heads=4)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, width)), jnp.float32)
+  params = nn.meta.unbox(net.init(jax.random.key(0), x))
+  masks = net.apply(params, x)
+  assert masks.shape == (3, embed_dim)
+  assert set(np.unique(np.asarray(masks))) <= {0.0, 1.0}
+  assert ("proj" in params["params"]) == (width != embed_dim)
+  np.testing.assert_array_equal(jax.grad(lambda x: net.apply(params, x).sum())(x), 0.0)
+  soft = MaskNetwork(embed_dim=embed_dim, heads=4, hard=False).apply(params, x)
+  assert np.all((soft > 0) & (soft < 1))
+
+
+def test_parameter_names_follow_openai_clip(demo_config):
+  model = build_model(demo_config)
+  c = demo_config.model
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)),
+                         jnp.zeros((1, c.text.context_length), jnp.int32)))["params"]
+  names = {"/".join(k) for k in traverse_util.flatten_dict(shapes)}
+  for name in ["visual/conv1/kernel", "visual/class_embedding", "visual/positional_embedding",
+               "visual/ln_pre/scale", "visual/transformer/resblocks_0/attn/in_proj_kernel",
+               "visual/transformer/resblocks_0/mlp/c_fc/kernel", "visual/ln_post/bias",
+               "visual/proj", "text/token_embedding/embedding", "text/positional_embedding",
+               "text/transformer/resblocks_0/ln_2/scale", "text/ln_final/scale",
+               "text/text_projection", "mask_net/resblocks_0/attn/out_proj_kernel",
+               "mask_net/attn_pool/kernel", "logit_scale"]:
+    assert name in names, name
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs(demo_config):
+  from smartclip_jax import step as step_lib
+  demo_config.model.dtype = "bfloat16"
+  model = build_model(demo_config)
+  batch = step_lib.dummy_batch(demo_config, size=4)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"], batch["tokens"]))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  out = jax.jit(model.apply)(params, batch["image"], batch["tokens"])
+  assert out["img_emb"].dtype == out["txt_emb"].dtype == jnp.float32
+  assert np.all(np.isfinite(out["img_emb"])) and out["masks"].shape == (4, 64)
