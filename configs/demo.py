@@ -6,7 +6,7 @@ from smartclip_jax.config import base_config
 def get_config():
   c = base_config()
   c.batch_size = 64
-  c.total_steps = 300
+  c.total_steps = 600
   c.log_every = 25
   c.checkpoint_every = 100
 
