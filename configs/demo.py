@@ -21,6 +21,8 @@ def get_config():
   c.optim.frozen_positions = 0
   c.optim.grad_clip_norm = 1.0
 
+  c.data.crop_scale = (1.0, 1.0)  # captions name positions: no cropping
+  c.data.crop_ratio = (1.0, 1.0)
   c.data.num_train = 8192
   c.data.num_eval = 512
   c.data.eval_batch_size = 128

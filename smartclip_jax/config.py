@@ -69,10 +69,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the other devices
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "demo"
-  c.data.num_train = 4096
-  c.data.num_eval = 256
+  c.data.name = "demo"  # demo | sharegpt4v | folder | array_record
+  c.data.path = ""  # ShareGPT4V JSON; folder dir / CSV / TSV / JSONL; ArrayRecord dir or glob
+  c.data.image_root = ""  # images are read relative to this (default: beside data.path)
+  c.data.eval_path = ""  # held-out split for folder / array_record (ShareGPT4V: its first 1k)
+  c.data.holdout = 1000  # ShareGPT4V records held out of training (the ShareGPT4V-1k test set)
+  c.data.image_key = "filepath"  # CSV/TSV columns, open_clip's names
+  c.data.caption_key = "title"
+  c.data.num_train = 4096  # demo data only
+  c.data.num_eval = 256  # demo data only
   c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
+  c.data.crop_scale = (0.9, 1.0)  # random resized crop: fraction of the image area
+  c.data.crop_ratio = (3 / 4, 4 / 3)  # and aspect ratio range
+  c.data.min_image_side = 16  # smaller images are skipped as too_small
+  c.data.max_image_pixels = 100_000_000  # larger ones as too_large, before decoding
+  c.data.max_bad_fraction = 0.05  # stop when more records than this fraction are unusable
   c.data.num_workers = 0  # Grain worker processes; 0 decodes in the main process
   c.data.eval_batch_size = 256
   return c
@@ -166,6 +177,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors = []
   if config.loss not in LOSSES:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
+  if config.data.name in ("sharegpt4v", "folder", "array_record") and not config.data.path:
+    errors.append(f"data.name={config.data.name!r} needs data.path")
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
   if m.activation not in ("quick_gelu", "gelu"):

@@ -52,19 +52,6 @@ def retrieval_metrics(sim: np.ndarray, text_to_image: np.ndarray,
   return out
 
 
-def embed(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray, batch_size: int,
-          mesh: Mesh) -> np.ndarray:
-  """Applies a jitted encoder over `inputs` in mesh-sharded batches; the last one is padded."""
-  outs = []
-  for start in range(0, len(inputs), batch_size):
-    chunk = inputs[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
-    outs.append(np.asarray(jax.device_get(out))[:len(chunk)])
-  return np.concatenate(outs)
-
-
 def encoders(model: nn.Module, params, mesh: Mesh) -> tuple[Callable, Callable]:
   """Jitted image and text encoders over fixed params."""
   out = sharding.replicated(mesh)
@@ -75,17 +62,32 @@ def encoders(model: nn.Module, params, mesh: Mesh) -> tuple[Callable, Callable]:
   return image, text
 
 
+def _apply_padded(fn: Callable, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """fn over one mesh-sharded batch, padded to `batch_size` so that shapes never change."""
+  pad = batch_size - len(inputs)
+  padded = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
+  out = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
+  return np.asarray(jax.device_get(out))[:len(inputs)]
+
+
 def evaluate_heldout(config: ml_collections.ConfigDict, model: nn.Module, params,
                      mesh: Mesh) -> dict[str, float]:
-  """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off."""
-  images, tokens = pipeline.eval_records(config)
+  """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off.
+
+  Unusable held-out records are skipped (and reported in `skipped`), never silently.
+  """
   encode_image, encode_text = encoders(model, params, mesh)
   bs = config.data.eval_batch_size
-  img = embed(encode_image, images, bs, mesh)
-  txt = embed(encode_text, tokens, bs, mesh)
+  batches, num_records = pipeline.eval_batches(config)
+  images, texts = [], []
+  for batch in batches:
+    images.append(_apply_padded(encode_image, batch["image"], bs, mesh))
+    texts.append(_apply_padded(encode_text, batch["tokens"], bs, mesh))
+  img, txt = np.concatenate(images), np.concatenate(texts)
   img /= np.linalg.norm(img, axis=-1, keepdims=True)
   txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
-  return retrieval_metrics(img @ txt.T, np.arange(len(txt)))
+  return {**retrieval_metrics(img @ txt.T, np.arange(len(txt))), "num_images": len(img),
+          "skipped": num_records - len(img)}
 
 
 def format_table(results: dict[str, float], title: str) -> str:

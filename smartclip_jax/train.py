@@ -34,9 +34,11 @@ log = logging.getLogger("smartclip_jax")
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's slice into arrays sharded over the mesh's batch axes."""
+  """Assembles each process's slice into arrays sharded over the mesh's batch axes
+  (the host-side bookkeeping fields stay behind)."""
   target = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(target, v) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(target, v) for k, v in local.items()
+          if k not in pipeline.HOST_FIELDS}
 
 
 def run_eval(config: ml_collections.ConfigDict, model: nn.Module, params, mesh: Mesh, step: int,
@@ -48,8 +50,9 @@ def run_eval(config: ml_collections.ConfigDict, model: nn.Module, params, mesh: 
     (workdir / "eval" / f"step_{step}.json").write_text(json.dumps({"step": step, **results},
                                                                    indent=2))
     writer.write(step, results, prefix="eval/")
-    title = (f"held-out {config.data.name}: {config.data.num_eval} images x 1 full caption, "
-             f"step {step}, masks off")
+    skipped = f" ({results['skipped']} unusable skipped)" if results["skipped"] else ""
+    title = (f"held-out {config.data.name}: {results['num_images']} images x 1 full caption"
+             f"{skipped}, step {step}, masks off")
     print(evaluate.format_table(results, title), flush=True)
   return results
 
@@ -81,11 +84,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = MetricWriter(workdir)
   writer.truncate_after(start)
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
+  data_stats = pipeline.DataStats()
   last_time, last_step = time.perf_counter(), start
   for step in range(start + 1, config.total_steps + 1):
-    state, metrics = train_step(state, global_batch(next(data_iter), mesh))
+    batch = next(data_iter)
+    data_stats.update(batch)
+    state, metrics = train_step(state, global_batch(batch, mesh))
     if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)  # the host waits for the device only on log steps
+      metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
+      data_stats.check(config.data.max_bad_fraction)
       now = time.perf_counter()
       metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
       last_time, last_step = now, step

@@ -5,6 +5,7 @@ import pytest
 
 from smartclip_jax.data import demo, pipeline
 from smartclip_jax.data.captions import sample_caption, split_sentences
+from smartclip_jax.data.sources import make_source
 from smartclip_jax.tokenizer import tokenize
 
 
@@ -71,12 +72,16 @@ def test_train_iterator_batches_and_resumes_from_state(demo_config):
     np.testing.assert_array_equal(got["image"], want["image"])
 
 
-def test_one_epoch_sees_every_record_once(demo_config):
+def test_two_processes_read_disjoint_slices_covering_the_data(demo_config):
   demo_config.data.caption_mode = "full"
-  it = pipeline.train_iterator(demo_config)
-  epoch = demo_config.data.num_train // demo_config.batch_size
-  tokens = np.concatenate([next(it)["tokens"] for _ in range(epoch)])
-  source = pipeline.make_source(demo_config, "train")
-  want = tokenize([source[i]["caption"] for i in range(len(source))],
-                  demo_config.model.text.context_length)
-  assert sorted(map(bytes, tokens)) == sorted(map(bytes, want))
+  source = make_source(demo_config, "train")
+  want = sorted(map(bytes, tokenize([source[i]["caption"] for i in range(len(source))],
+                                    demo_config.model.text.context_length)))
+  per_process = []
+  for index in range(2):
+    it = pipeline.train_iterator(demo_config, process_index=index, process_count=2)
+    steps = demo_config.data.num_train // demo_config.batch_size  # an epoch of 8-record batches
+    per_process.append([bytes(t) for _ in range(steps) for t in next(it)["tokens"]])
+  assert sorted(per_process[0] + per_process[1]) == want
+  ids_0 = {i for i in range(len(source)) if i % 2 == 0}
+  assert len(ids_0) == len(per_process[0])

@@ -64,7 +64,7 @@ def render(shapes: list[Shape], size: int, rng: np.random.Generator) -> np.ndarr
 
 
 class DemoSource:
-  """A Grain random-access source of {"image": uint8 [H, W, 3], "caption": str} records."""
+  """A Grain random-access source of {"id", "image": uint8 [H, W, 3], "caption": str} records."""
 
   def __init__(self, num_records: int, image_size: int, seed: int = 0, split: str = "train",
                max_objects: int = 4):
@@ -84,7 +84,7 @@ class DemoSource:
 
   def __getitem__(self, index: int) -> dict:
     shapes, rng = self.scene(int(index))
-    return {"image": render(shapes, self.image_size, rng),
+    return {"id": f"{self.split}-{index}", "image": render(shapes, self.image_size, rng),
             "caption": " ".join(s.sentence() for s in shapes)}
 
   def __repr__(self) -> str:  # Grain logs sources by repr.

@@ -1,75 +1,153 @@
-"""Grain pipelines: records -> (normalised image, tokenised caption) -> per-process batches.
+"""Grain pipelines: raw records -> (normalised image, tokenised caption) -> per-process batches.
 
 Each process reads a disjoint slice of the source; its batches of `batch_size / processes`
-records are assembled into global arrays by the train loop. The train iterator's state is
-checkpointable (Grain's `get_state`), so a resumed run sees exactly the batches it would have.
+records are assembled into global arrays by the train loop. Bad records are dropped before
+batching, so batches stay full; the number dropped (per reason) rides along with the next good
+record as `skipped`, and `DataStats` adds them up and stops a run whose data is mostly broken.
+The iterator's state is checkpointable (Grain's `get_state`), so a resumed run sees exactly the
+batches it would have seen.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator
 
 import grain
 import jax
 import ml_collections
 import numpy as np
 
+from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
-from smartclip_jax.data.demo import DemoSource
+from smartclip_jax.data.sources import make_source
 from smartclip_jax.tokenizer import tokenize
 
-# OpenAI CLIP's image normalisation (RGB in [0, 1]).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+HOST_FIELDS = ("skipped", "bad_example")  # batch fields that stay on the host
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32, CLIP mean/std normalised."""
-  return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mode: str,
+              image_size: int, context_length: int, crop_scale: tuple[float, float],
+              crop_ratio: tuple[float, float], min_side: int, max_pixels: int) -> dict:
+  """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
+  if record.get("error"):
+    return record
+  try:
+    caption = sample_caption(decode.read_caption(record["caption"]), caption_mode, rng)
+    image = decode.decode_image(record["image"], min_side, max_pixels)
+    if train:
+      pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
+    else:
+      pixels = decode.centre_crop(image, image_size)
+  except decode.BadRecord as e:
+    return {"error": e.reason, "id": record.get("id", "?"), "detail": str(e)}
+  return {"image": decode.normalize_image(pixels), "tokens": tokenize(caption, context_length)[0]}
 
 
-def make_source(config: ml_collections.ConfigDict, split: str) -> DemoSource:
+class _SkipBadIterator(grain.DatasetIterator):
+
+  def __next__(self) -> dict:
+    skipped, example = np.zeros(len(decode.REASONS), np.int32), ""
+    while True:
+      record = next(self._parent)
+      if "error" not in record:
+        return {**record, "skipped": skipped, "bad_example": example}
+      skipped[decode.REASONS.index(record["error"])] += 1
+      example = f"{record.get('id', '?')}: {record.get('detail') or record['error']}"
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipBad(grain.IterDataset):
+  """Drops records with `error`, attaching per-reason counts of the dropped to the next one."""
+
+  def __iter__(self) -> _SkipBadIterator:
+    return _SkipBadIterator(self._parent.__iter__())
+
+
+def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.partial:
   d = config.data
-  if d.name != "demo":
-    raise ValueError(f"data.name={d.name!r}: only the embedded 'demo' data exists so far")
-  num = d.num_train if split == "train" else d.num_eval
-  return DemoSource(num, config.model.vision.image_size, seed=config.seed, split=split)
+  return functools.partial(
+      featurize, train=train, caption_mode=d.caption_mode if train else "full",
+      image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
+      crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), min_side=d.min_image_side,
+      max_pixels=d.max_image_pixels)
 
 
-class _Featurize(grain.transforms.RandomMap):
-  """Samples the caption (prefix / first / full), tokenises it and normalises the image."""
+def train_iterator(config: ml_collections.ConfigDict, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+  """Endless, per-epoch reshuffled batches of this process's slice of the train split.
 
-  def __init__(self, mode: str, context_length: int):
-    self.mode, self.context_length = mode, context_length
-
-  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    caption = sample_caption(record["caption"], self.mode, rng)
-    return {"image": normalize_image(record["image"]),
-            "tokens": tokenize(caption, self.context_length)[0]}
-
-
-def local_batch_size(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch {global_batch} does not split over {jax.process_count()} processes")
-  return global_batch // jax.process_count()
-
-
-def train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIterator:
-  """Endless, per-epoch reshuffled, process-sharded batches of the train split."""
+  Process p of P reads records p, p + P, ...: the slices are disjoint and cover the data once
+  per epoch. The process defaults to JAX's; the arguments let tests play several processes.
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if config.batch_size % count:
+    raise ValueError(f"batch_size={config.batch_size} does not split over {count} processes")
   ds = grain.MapDataset.source(make_source(config, "train"))
-  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds[index::count]
   ds = ds.shuffle(seed=config.seed).repeat()
-  ds = ds.random_map(_Featurize(config.data.caption_mode, config.model.text.context_length),
-                     seed=config.seed)
-  ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-  iter_ds = ds.to_iter_dataset()
+  ds = ds.random_map(_featurizer(config, train=True), seed=config.seed)
+  iter_ds = SkipBad(ds.to_iter_dataset())
+  iter_ds = iter_ds.batch(config.batch_size // count, drop_remainder=True)
   if config.data.num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(iter_ds)
 
 
-def eval_records(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """The whole held-out split with full captions: images float32 [N, H, W, 3], tokens [N, L]."""
+def eval_batches(config: ml_collections.ConfigDict) -> tuple[Iterator[dict], int]:
+  """The held-out split in order, full captions, eval transform (the last batch may be short),
+  and the number of records in the split, usable or not."""
   source = make_source(config, "eval")
-  records = [source[i] for i in range(len(source))]
-  images = np.stack([normalize_image(r["image"]) for r in records])
-  tokens = tokenize([r["caption"] for r in records], config.model.text.context_length)
-  return images, tokens
+  ds = grain.MapDataset.source(source).random_map(_featurizer(config, train=False),
+                                                  seed=config.seed)
+  return iter(SkipBad(ds.to_iter_dataset()).batch(config.data.eval_batch_size)), len(source)
+
+
+class DataError(RuntimeError):
+  """Too large a fraction of the input records cannot be used."""
+
+
+@dataclasses.dataclass
+class DataStats:
+  """Running counts of records used and skipped by reason, summed over all processes."""
+  used: int = 0
+  skipped: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(len(decode.REASONS), np.int64))
+  examples: list[str] = dataclasses.field(default_factory=list)
+
+  def update(self, batch: dict) -> None:
+    """Counts a local batch's host fields."""
+    self.used += len(batch["skipped"])
+    self.skipped += batch["skipped"].sum(axis=0)
+    self.examples += [e for e in batch["bad_example"] if e][:5 - len(self.examples)]
+
+  def totals(self) -> tuple[int, np.ndarray]:
+    local = np.concatenate([[self.used], self.skipped]).astype(np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      local = multihost_utils.process_allgather(local).sum(axis=0)
+    return int(local[0]), local[1:]
+
+  def metrics(self) -> dict[str, float]:
+    used, skipped = self.totals()
+    seen = used + skipped.sum()
+    out = {f"data/skipped_{r}": float(n) for r, n in zip(decode.REASONS, skipped)}
+    out["data/skipped_fraction"] = float(skipped.sum() / seen) if seen else 0.0
+    return out
+
+  def check(self, max_fraction: float, min_seen: int = 1000) -> None:
+    """Raises DataError once at least `min_seen` records were read and too many were bad."""
+    used, skipped = self.totals()
+    seen = used + int(skipped.sum())
+    if seen >= min_seen and skipped.sum() > max_fraction * seen:
+      reasons = ", ".join(f"{r}: {n}" for r, n in zip(decode.REASONS, skipped) if n)
+      raise DataError(f"{skipped.sum()} of {seen} records could not be used ({reasons}), more "
+                      f"than data.max_bad_fraction={max_fraction}; for example: "
+                      + "; ".join(self.examples))

@@ -1,0 +1,156 @@
+"""Random-access sources of raw (id, image, caption) records, one per supported format.
+
+Every source is a Grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose records follow
+`decode.py`'s raw layout. A file that cannot be read becomes a record with `error` set, never an
+exception, so that one bad file cannot stop a 256-chip run.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import pathlib
+
+import msgpack
+import ml_collections
+
+from smartclip_jax.data.demo import DemoSource
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _read_file(path: pathlib.Path, record_id: str, caption) -> dict:
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    return {"id": record_id, "error": "missing_file", "detail": f"{path}: {e.strerror}"}
+  return {"id": record_id, "image": data, "caption": caption}
+
+
+class FileListSource:
+  """Records from (id, image path, caption) triples; images are read when a record is asked for."""
+
+  def __init__(self, entries: list[tuple[str, str, object]], image_root: str | pathlib.Path,
+               name: str):
+    self.entries, self.image_root, self.name = entries, pathlib.Path(image_root), name
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def __getitem__(self, index: int) -> dict:
+    record_id, path, caption = self.entries[index]
+    return _read_file(self.image_root / path, record_id, caption)
+
+  def __repr__(self) -> str:
+    return f"{self.name}({len(self)} records under {self.image_root})"
+
+
+def sharegpt4v_entries(json_path: str | pathlib.Path) -> list[tuple[str, str, str]]:
+  """(id, image path, long caption) from a ShareGPT4V captioner JSON, in file order.
+
+  The caption is the first `gpt` turn of `conversations`; a record without one gets an empty
+  caption (skipped and counted as `empty_caption` downstream, not dropped here).
+  """
+  with open(json_path, encoding="utf-8") as f:
+    items = json.load(f)
+  entries = []
+  for i, item in enumerate(items):
+    turns = item.get("conversations") or []
+    caption = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
+    entries.append((str(item.get("id", i)), str(item.get("image", "")), caption))
+  return entries
+
+
+def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int) -> FileListSource:
+  """`train`: records after the first `holdout` (ShareGPT4V-1k); `eval`: the first `holdout`."""
+  entries = sharegpt4v_entries(json_path)
+  entries = entries[holdout:] if split == "train" else entries[:holdout]
+  return FileListSource(entries, image_root, "ShareGPT4V")
+
+
+def folder_entries(path: str | pathlib.Path, image_key: str = "filepath",
+                   caption_key: str = "title") -> tuple[list[tuple[str, str, str]], pathlib.Path]:
+  """(id, image path, caption) of an image folder, and the root the paths are relative to.
+
+  `path` is a CSV/TSV with `image_key`/`caption_key` columns (open_clip's `filepath`/`title`),
+  a JSONL of {"image": ..., "caption": ...}, or a directory where each image has a `.txt` with
+  the same stem. Images without a caption file are listed with an empty caption (counted later).
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    entries = []
+    for image in images:
+      text = image.with_suffix(".txt")
+      caption = text.read_bytes() if text.exists() else ""
+      rel = str(image.relative_to(path))
+      entries.append((rel, rel, caption))
+    return entries, path
+  if path.suffix == ".jsonl":
+    entries = []
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes -> invalid_text
+      for i, line in enumerate(f):
+        if line.strip():
+          row = json.loads(line)
+          entries.append((str(row.get("id", i)), str(row["image"]), row.get("caption", "")))
+    return entries, path.parent
+  if path.suffix in (".csv", ".tsv"):
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+      rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    missing = {image_key, caption_key} - set(rows[0] if rows else ())
+    if missing:
+      raise ValueError(f"{path} has no column(s) {sorted(missing)}; set data.image_key / "
+                       "data.caption_key to its column names")
+    return [(str(i), r[image_key], r[caption_key]) for i, r in enumerate(rows)], path.parent
+  raise ValueError(f"{path}: give a directory, a .csv/.tsv or a .jsonl of captions")
+
+
+class ArrayRecordSource:
+  """Records written by `smartclip_jax.data.prepare`: msgpack {id, caption, image bytes}."""
+
+  def __init__(self, pattern: str):
+    import grain  # deferred: keeps `prepare`'s writer processes light
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    if pathlib.Path(pattern).is_dir():
+      paths = sorted(str(p) for p in pathlib.Path(pattern).glob("*.array_record"))
+    if not paths:
+      raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r}")
+    self.paths = paths
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return unpack(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def pack(record_id: str, caption: str, image: bytes) -> bytes:
+  return msgpack.packb({"id": record_id, "caption": caption, "image": image}, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+  return msgpack.unpackb(data, raw=False)
+
+
+def make_source(config: ml_collections.ConfigDict, split: str):
+  """The source `config.data` names, for `split` (`train` or `eval`)."""
+  d = config.data
+  if d.name == "demo":
+    num = d.num_train if split == "train" else d.num_eval
+    return DemoSource(num, config.model.vision.image_size, seed=config.seed, split=split)
+  if d.name == "sharegpt4v":
+    return sharegpt4v_source(d.path, d.image_root, split, d.holdout)
+  path = d.path if split == "train" else d.eval_path
+  if not path:
+    raise ValueError(f"data.name={d.name!r} has no held-out split: set data.eval_path")
+  if d.name == "folder":
+    entries, root = folder_entries(path, d.image_key, d.caption_key)
+    return FileListSource(entries, d.image_root or root, "ImageFolder")
+  if d.name == "array_record":
+    return ArrayRecordSource(path)
+  raise ValueError(f"unknown data.name={d.name!r}")

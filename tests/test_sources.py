@@ -1,0 +1,208 @@
+"""Real-format sources, bad-record handling and the prepare round trip, on files written here."""
+
+import csv
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from smartclip_jax.data import decode, pipeline, prepare, sources
+
+
+def image_bytes(mode: str = "RGB", size=(40, 30), fmt: str = "JPEG", seed: int = 0) -> bytes:
+  rng = np.random.default_rng(seed)
+  pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+  pixels = np.repeat(np.repeat(pixels[::8, ::8], 8, 0), 8, 1)[:size[1], :size[0]]  # blocky
+  image = PIL.Image.fromarray(pixels)
+  if mode == "P":
+    image = image.quantize(16)
+    image.info["transparency"] = 0
+  elif mode != "RGB":
+    image = image.convert(mode)
+  out = io.BytesIO()
+  image.save(out, format=fmt)
+  return out.getvalue()
+
+
+def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
+  """A PNG whose header claims width x height: no pixel data needs to exist to reject it."""
+  data = bytearray(image_bytes(size=(8, 8), fmt="PNG"))
+  ihdr = bytearray(data[16:29])
+  ihdr[0:8] = struct.pack(">II", width, height)
+  data[16:29] = ihdr
+  data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+  return bytes(data)
+
+
+GOOD = {  # name -> (bytes, caption)
+    "rgb.jpg": (image_bytes(), "A red fox. It jumps over a log."),
+    "gray.png": (image_bytes("L", fmt="PNG", seed=1), "A grey cat."),
+    "cmyk.jpg": (image_bytes("CMYK", seed=2), "A printed poster."),
+    "palette.png": (image_bytes("P", fmt="PNG", seed=3), "A pixel-art tree."),
+    "alpha.png": (image_bytes("RGBA", fmt="PNG", seed=4), "A logo. On white."),
+    "photo.webp": (image_bytes(fmt="WEBP", seed=5), "A bird in flight."),
+}
+BAD = {  # name -> (bytes or None for a missing file, caption, reason)
+    "truncated.jpg": (image_bytes(size=(64, 64), seed=6)[:300], "Cut off.", "undecodable_image"),
+    "empty.jpg": (b"", "Nothing here.", "undecodable_image"),
+    "missing.jpg": (None, "Gone.", "missing_file"),
+    "nocaption.jpg": (image_bytes(seed=7), "   ", "empty_caption"),
+    "badtext.jpg": (image_bytes(seed=8), b"caf\xe9 \xff", "invalid_text"),
+    "tiny.png": (image_bytes(size=(1, 1), fmt="PNG"), "A dot.", "too_small"),
+    "huge.png": (huge_png_header(), "A giant.", "too_large"),
+}
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """An image folder with one .txt caption per image, good and bad records mixed."""
+  for name, (data, caption) in GOOD.items():
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / name).with_suffix(".txt").write_text(caption)
+  for name, (data, caption, _) in BAD.items():
+    if data is not None:
+      (tmp_path / name).write_bytes(data)
+    raw = caption if isinstance(caption, bytes) else caption.encode()
+    (tmp_path / name).with_suffix(".txt").write_bytes(raw)
+  return tmp_path
+
+
+def test_decode_converts_every_mode_to_rgb():
+  for name, (data, _) in GOOD.items():
+    image = decode.decode_image(data, min_side=4, max_pixels=10**8)
+    assert image.mode == "RGB" and image.size == (40, 30), name
+  alpha = np.asarray(decode.decode_image(image_bytes("RGBA", fmt="PNG"), 4, 10**8))
+  assert alpha.shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_each_bad_record_gets_its_reason(name):
+  data, caption, reason = BAD[name]
+  record = ({"id": name, "error": "missing_file"} if data is None
+            else {"id": name, "image": data, "caption": caption})
+  out = pipeline.featurize(record, np.random.default_rng(0), train=True, caption_mode="prefix",
+                           image_size=16, context_length=32, crop_scale=(0.9, 1.0),
+                           crop_ratio=(0.75, 1.33), min_side=8, max_pixels=10**8)
+  assert out["error"] == reason, out
+
+
+def test_folder_sources_in_every_caption_format(folder):
+  entries, root = sources.folder_entries(folder)
+  by_id = {e[0]: e for e in entries}
+  assert set(by_id) == set(GOOD) | set(BAD) - {"missing.jpg"}
+  rows = [(name, caption) for name, (_, caption) in GOOD.items()]
+  with open(folder / "captions.csv", "w", newline="") as f:
+    csv.writer(f).writerows([("filepath", "title"), *rows])
+  with open(folder / "captions.tsv", "w", newline="") as f:
+    csv.writer(f, delimiter="\t").writerows([("path", "text"), *rows])
+  (folder / "captions.jsonl").write_text(
+      "\n".join(json.dumps({"image": n, "caption": c}) for n, c in rows))
+  for path, keys in (("captions.csv", ()), ("captions.tsv", ("path", "text")),
+                     ("captions.jsonl", ())):
+    entries, root = sources.folder_entries(folder / path, *keys)
+    source = sources.FileListSource(entries, root, "test")
+    got = {e[1]: e[2] for e in entries}
+    assert got == dict(rows), path
+    assert source[0]["image"] == GOOD["rgb.jpg"][0]
+  with pytest.raises(ValueError, match="no column"):
+    sources.folder_entries(folder / "captions.tsv")
+
+
+def test_sharegpt4v_json_holds_out_the_first_records(tmp_path):
+  items = [{"id": f"img{i}", "image": f"sub/{i}.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                              {"from": "gpt", "value": f"Caption {i}. More."}]}
+           for i in range(12)]
+  (tmp_path / "sub").mkdir()
+  for i in range(12):
+    (tmp_path / "sub" / f"{i}.jpg").write_bytes(image_bytes(seed=i))
+  (tmp_path / "share.json").write_text(json.dumps(items))
+  train = sources.sharegpt4v_source(str(tmp_path / "share.json"), str(tmp_path), "train", 5)
+  held = sources.sharegpt4v_source(str(tmp_path / "share.json"), str(tmp_path), "eval", 5)
+  assert (len(train), len(held)) == (7, 5)
+  assert train[0]["id"] == "img5" and train[0]["caption"] == "Caption 5. More."
+  assert held[4]["image"] == image_bytes(seed=4)
+
+
+def test_pipeline_skips_and_counts_bad_records_in_full_batches(folder, demo_config):
+  # A caption list names every record, the missing file included; raw bytes keep bad UTF-8.
+  lines = [b"filepath\ttitle"]
+  for name, (_, caption, *_) in {**GOOD, **BAD}.items():
+    lines.append(name.encode() + b"\t" + (caption if isinstance(caption, bytes)
+                                          else caption.encode()))
+  (folder / "all.tsv").write_bytes(b"\n".join(lines) + b"\n")
+  demo_config.data.update(name="folder", path=str(folder / "all.tsv"), eval_path=str(folder))
+  demo_config.batch_size = 2
+  it = pipeline.train_iterator(demo_config)
+  stats = pipeline.DataStats()
+  for _ in range(9):  # 18 good records: three epochs of the 6 good ones
+    batch = next(it)
+    assert batch["image"].shape[0] == 2
+    stats.update(batch)
+  used, skipped = stats.totals()
+  assert used == 18
+  want = {r: 0 for r in decode.REASONS}
+  for _, _, reason in BAD.values():
+    want[reason] += 1
+  # Three epochs were read, minus bad records that trail the last good one.
+  counted = dict(zip(decode.REASONS, skipped))
+  assert all(2 * want[r] <= counted[r] <= 3 * want[r] for r in decode.REASONS), counted
+  assert stats.examples and ":" in stats.examples[0]
+  with pytest.raises(pipeline.DataError, match="could not be used.*for example"):
+    stats.check(max_fraction=0.05, min_seen=10)
+  stats.check(max_fraction=0.9, min_seen=10)
+
+
+def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_config):
+  out = tmp_path / "shards"
+  entries, root = sources.folder_entries(folder)
+  summary = prepare.prepare(entries, str(root), out, holdout=0, num_shards=3, max_side=512,
+                            min_side=8, max_pixels=10**8, quality=95, workers=2,
+                            progress=False)
+  assert summary["written"] == len(GOOD)
+  missing_from_listing = {"missing.jpg"}  # a folder only lists files that exist
+  want = {r: 0 for r in decode.REASONS}
+  for name, (_, _, reason) in BAD.items():
+    if name not in missing_from_listing:
+      want[reason] += 1
+  assert summary["skipped"] == want
+  assert json.loads((out / "summary.json").read_text())["written"] == len(GOOD)
+  source = sources.ArrayRecordSource(str(out / "train"))
+  records = {r["id"]: r for r in (source[i] for i in range(len(source)))}
+  assert set(records) == set(GOOD)
+  for name, (data, caption) in GOOD.items():
+    assert records[name]["caption"] == caption
+    want_px = np.asarray(decode.decode_image(data, 1, 10**8), np.float32)
+    got_px = np.asarray(decode.decode_image(records[name]["image"], 1, 10**8), np.float32)
+    # JPEG at quality 95 with 4:2:0 chroma, on random colour blocks (its worst case).
+    assert np.abs(got_px - want_px).mean() < 10, name
+  # A rerun finds every shard done and rewrites nothing.
+  stamps = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.array_record")}
+  prepare.prepare(entries, str(root), out, holdout=0, num_shards=3, max_side=512, min_side=8,
+                  max_pixels=10**8, quality=95, workers=1, progress=False)
+  assert stamps == {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.array_record")}
+  # ...and the shards train: the pipeline reads them like any source.
+  demo_config.data.update(name="array_record", path=str(out / "train"),
+                          eval_path=str(out / "train"))
+  demo_config.batch_size = 2
+  assert next(pipeline.train_iterator(demo_config))["tokens"].shape == (2, 32)
+
+
+def test_prepare_resumes_an_interrupted_run(folder, tmp_path):
+  out = tmp_path / "shards"
+  entries, root = sources.folder_entries(folder)
+  kwargs = dict(holdout=0, num_shards=4, max_side=64, min_side=8, max_pixels=10**8,
+                quality=90, workers=1, progress=False)
+  first = prepare.prepare(entries, str(root), out, **kwargs)
+  # Interrupted: one shard never finished (no summary), another left a partial .tmp.
+  shards = sorted((out / "train").glob("*.array_record"))
+  (shards[1].parent / (shards[1].name + ".json")).unlink()
+  shards[1].rename(str(shards[1]) + ".tmp")
+  untouched = shards[2].stat().st_mtime_ns
+  second = prepare.prepare(entries, str(root), out, **kwargs)
+  assert second == first
+  assert shards[1].exists() and shards[2].stat().st_mtime_ns == untouched
