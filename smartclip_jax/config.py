@@ -69,13 +69,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the other devices
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "demo"  # demo | sharegpt4v | folder | array_record
-  c.data.path = ""  # ShareGPT4V JSON; folder dir / CSV / TSV / JSONL; ArrayRecord dir or glob
+  c.data.name = "demo"  # demo | sharegpt4v | folder | array_record | tfds
+  # ShareGPT4V JSON; folder dir / CSV / TSV / JSONL; ArrayRecord dir or glob; TFDS name.
+  c.data.path = ""
   c.data.image_root = ""  # images are read relative to this (default: beside data.path)
   c.data.eval_path = ""  # held-out split for folder / array_record (ShareGPT4V: its first 1k)
   c.data.holdout = 1000  # ShareGPT4V records held out of training (the ShareGPT4V-1k test set)
   c.data.image_key = "filepath"  # CSV/TSV columns, open_clip's names
   c.data.caption_key = "title"
+  c.data.tfds_data_dir = ""  # TFDS: where the prepared data set lives (TFDS's default if "")
+  c.data.tfds_train_split = "train"
+  c.data.tfds_eval_split = "validation"
+  c.data.tfds_image_key = "image"  # '/'-separated paths into a TFDS example
+  c.data.tfds_caption_key = "captions/text"
   c.data.num_train = 4096  # demo data only
   c.data.num_eval = 256  # demo data only
   c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
@@ -177,7 +183,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors = []
   if config.loss not in LOSSES:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
-  if config.data.name in ("sharegpt4v", "folder", "array_record") and not config.data.path:
+  if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")

@@ -104,10 +104,12 @@ def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: An
                             out["logit_bias"])
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mesh: Mesh,
-                    shardings: TrainState) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """One jit: loss, gradients, update. The state is donated; metrics come back replicated."""
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState):
+  """One jit: loss, gradients, update. The state is donated; metrics come back replicated.
+
+  Trace, lower or call it inside `sharding.activate(mesh)` (`make_train_step` does that).
+  """
   lrs = optim.schedules(config)
 
   def train_step(state: TrainState, batch: Batch):
@@ -120,9 +122,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                "lr_mask_net": lrs[optim.MASK_GROUP](state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  jitted = jax.jit(train_step, donate_argnums=0,
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)))
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh,
+                    shardings: TrainState) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The train step as a plain function of (state, batch) -> (state, metrics)."""
+  jitted = jit_train_step(model, tx, config, mesh, shardings)
 
   def step(state: TrainState, batch: Batch):
     with sharding.activate(mesh):

@@ -85,3 +85,15 @@ def test_two_processes_read_disjoint_slices_covering_the_data(demo_config):
   assert sorted(per_process[0] + per_process[1]) == want
   ids_0 = {i for i in range(len(source)) if i % 2 == 0}
   assert len(ids_0) == len(per_process[0])
+
+
+def test_worker_processes_resume_from_state(demo_config):
+  demo_config.data.num_workers = 2
+  it = pipeline.train_iterator(demo_config)
+  next(it)
+  state = it.get_state()
+  expected = [next(it)["tokens"] for _ in range(3)]
+  resumed = pipeline.train_iterator(demo_config)
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["tokens"], want)

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Iterator
 
 import grain
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -34,7 +35,12 @@ def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mo
   if record.get("error"):
     return record
   try:
-    caption = sample_caption(decode.read_caption(record["caption"]), caption_mode, rng)
+    caption = record["caption"]
+    if isinstance(caption, (list, tuple, np.ndarray)):  # several captions: draw one (eval: first)
+      if not len(caption):
+        raise decode.BadRecord("empty_caption", "no captions")
+      caption = caption[int(rng.integers(len(caption))) if train else 0]
+    caption = sample_caption(decode.read_caption(caption), caption_mode, rng)
     image = decode.decode_image(record["image"], min_side, max_pixels)
     if train:
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
@@ -97,6 +103,8 @@ def train_iterator(config: ml_collections.ConfigDict, process_index: int | None 
   iter_ds = SkipBad(ds.to_iter_dataset())
   iter_ds = iter_ds.batch(config.batch_size // count, drop_remainder=True)
   if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; we do not use absl.app
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(iter_ds)
 

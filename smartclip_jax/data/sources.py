@@ -75,7 +75,8 @@ def folder_entries(path: str | pathlib.Path, image_key: str = "filepath",
 
   `path` is a CSV/TSV with `image_key`/`caption_key` columns (open_clip's `filepath`/`title`),
   a JSONL of {"image": ..., "caption": ...}, or a directory where each image has a `.txt` with
-  the same stem. Images without a caption file are listed with an empty caption (counted later).
+  the same stem. An image without a caption file gets an empty caption, and a caption without
+  an image a missing one, so both are counted downstream rather than silently left out.
   """
   path = pathlib.Path(path)
   if path.is_dir():
@@ -86,6 +87,12 @@ def folder_entries(path: str | pathlib.Path, image_key: str = "filepath",
       caption = text.read_bytes() if text.exists() else ""
       rel = str(image.relative_to(path))
       entries.append((rel, rel, caption))
+    # A caption whose image is gone is a record too (counted as missing_file, not ignored).
+    stems = {image.with_suffix("") for image in images}
+    for text in sorted(path.rglob("*.txt")):
+      if text.with_suffix("") not in stems:
+        rel = str(text.with_suffix("").relative_to(path))
+        entries.append((rel, rel + ".<image missing>", text.read_bytes()))
     return entries, path
   if path.suffix == ".jsonl":
     entries = []
@@ -129,6 +136,41 @@ class ArrayRecordSource:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
 
 
+class TfdsSource:
+  """Any TFDS data set prepared in ArrayRecord format, through `tfds.data_source`.
+
+  `image_key` and `caption_key` are '/'-separated paths into the example (COCO captions:
+  `image` and `captions/text`); a caption field holding several captions is passed on whole
+  and one is drawn per load.
+  """
+
+  def __init__(self, name: str, split: str, image_key: str, caption_key: str,
+               data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # deferred: heavy, and only this source needs it
+    self.name, self.split = name, split
+    self.image_key, self.caption_key = image_key.split("/"), caption_key.split("/")
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                    download=False)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    example = self._source[index]
+    return {"id": f"{self.name}/{self.split}/{index}",
+            "image": _lookup(example, self.image_key),
+            "caption": _lookup(example, self.caption_key)}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name}, {self.split}, {len(self)} records)"
+
+
+def _lookup(example: dict, path: list[str]):
+  for key in path:
+    example = example[key]
+  return example
+
+
 def pack(record_id: str, caption: str, image: bytes) -> bytes:
   return msgpack.packb({"id": record_id, "caption": caption, "image": image}, use_bin_type=True)
 
@@ -145,6 +187,9 @@ def make_source(config: ml_collections.ConfigDict, split: str):
     return DemoSource(num, config.model.vision.image_size, seed=config.seed, split=split)
   if d.name == "sharegpt4v":
     return sharegpt4v_source(d.path, d.image_root, split, d.holdout)
+  if d.name == "tfds":
+    return TfdsSource(d.path, d.tfds_train_split if split == "train" else d.tfds_eval_split,
+                      d.tfds_image_key, d.tfds_caption_key, d.tfds_data_dir)
   path = d.path if split == "train" else d.eval_path
   if not path:
     raise ValueError(f"data.name={d.name!r} has no held-out split: set data.eval_path")
