@@ -73,7 +73,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   data_iter = pipeline.train_iterator(config)
   checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-  state = checkpointer.restore(shardings, step_lib.abstract_state(model, tx, config), data_iter)
+  state, data_stats = checkpointer.restore(shardings, step_lib.abstract_state(model, tx, config),
+                                           data_iter)
   if state is None:
     state = step_lib.init_state(model, tx, config, mesh, shardings)
   start = int(jax.device_get(state.step))
@@ -84,7 +85,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = MetricWriter(workdir)
   writer.truncate_after(start)
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
-  data_stats = pipeline.DataStats()
   last_time, last_step = time.perf_counter(), start
   for step in range(start + 1, config.total_steps + 1):
     batch = next(data_iter)
@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.block_until_ready(metrics)
       last_time, last_step = time.perf_counter(), step
     if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpointer.save(state, data_iter)
+      checkpointer.save(state, data_iter, data_stats)
     if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
       run_eval(config, model, state.params, mesh, step, workdir, writer)
   results = run_eval(config, model, state.params, mesh, config.total_steps, workdir, writer)

@@ -54,6 +54,7 @@ def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path):
   assert [m["step"] for m in read_metrics(cut)] == list(range(1, 51))
   for a, b in zip(read_metrics(full), read_metrics(cut)):
     assert a["loss"] == b["loss"], a["step"]
+    assert a["data/used"] == b["data/used"] == a["step"] * config.batch_size  # counts resumed
   assert sorted(int(p.name) for p in (cut / "checkpoints").iterdir()) == [25, 50]
 
 
@@ -74,7 +75,7 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   _, want = train_step(state, train.global_batch(batch, mesh))
 
   fresh_data = pipeline.train_iterator(demo_config)
-  restored = Checkpointer(tmp_path, keep=2).restore(
+  restored, _ = Checkpointer(tmp_path, keep=2).restore(
       shardings, step_lib.abstract_state(model, tx, demo_config), fresh_data)
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)

@@ -124,11 +124,16 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass
 class DataStats:
-  """Running counts of records used and skipped by reason, summed over all processes."""
+  """Running counts of records used and skipped by reason, summed over all processes.
+
+  `restored` holds the global totals a checkpoint carried, so counts survive a resume.
+  """
   used: int = 0
   skipped: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros(len(decode.REASONS), np.int64))
   examples: list[str] = dataclasses.field(default_factory=list)
+  restored: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(1 + len(decode.REASONS), np.int64))
 
   def update(self, batch: dict) -> None:
     """Counts a local batch's host fields."""
@@ -137,17 +142,33 @@ class DataStats:
     self.examples += [e for e in batch["bad_example"] if e][:5 - len(self.examples)]
 
   def totals(self) -> tuple[int, np.ndarray]:
+    """(used, skipped per reason) over all processes; every process must call it together."""
     local = np.concatenate([[self.used], self.skipped]).astype(np.int64)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       local = multihost_utils.process_allgather(local).sum(axis=0)
-    return int(local[0]), local[1:]
+    total = local + self.restored
+    return int(total[0]), total[1:]
+
+  def state_dict(self) -> dict:
+    """Global totals, for a checkpoint (a collective, like `totals`)."""
+    used, skipped = self.totals()
+    return {"used": used, "skipped": dict(zip(decode.REASONS, map(int, skipped)))}
+
+  @classmethod
+  def from_state_dict(cls, state: dict | None) -> DataStats:
+    stats = cls()
+    if state:
+      stats.restored = np.array([state["used"], *(state["skipped"].get(r, 0)
+                                                 for r in decode.REASONS)], np.int64)
+    return stats
 
   def metrics(self) -> dict[str, float]:
     used, skipped = self.totals()
     seen = used + skipped.sum()
     out = {f"data/skipped_{r}": float(n) for r, n in zip(decode.REASONS, skipped)}
     out["data/skipped_fraction"] = float(skipped.sum() / seen) if seen else 0.0
+    out["data/used"] = float(used)
     return out
 
   def check(self, max_fraction: float, min_seen: int = 1000) -> None:
