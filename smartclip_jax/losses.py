@@ -30,7 +30,7 @@ def masked_similarity(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array) 
   hp = jax.lax.Precision.HIGHEST
   numerator = jnp.matmul(z, (m * t).T, precision=hp)
   norm_sq = jnp.matmul(z * z, (m * m).T, precision=hp)
-  nonzero = norm_sq > 0
+  nonzero = norm_sq != 0  # not `> 0`: a NaN must reach the loss, not become similarity 0
   return jnp.where(nonzero, numerator * jax.lax.rsqrt(jnp.where(nonzero, norm_sq, 1.0)), 0.0)
 
 

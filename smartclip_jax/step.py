@@ -19,9 +19,14 @@ Batch = dict[str, jax.Array]
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """Everything a step changes. Steps with a non-finite loss or gradient are counted, not
+  applied: `skipped` in all, `skip_streak` in a row now, `max_skip_streak` the longest run."""
   step: jax.Array
   params: Any
   opt_state: Any
+  skipped: jax.Array
+  skip_streak: jax.Array
+  max_skip_streak: jax.Array
 
 
 def dummy_batch(config: ml_collections.ConfigDict, size: int = 1) -> Batch:
@@ -56,7 +61,9 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
     return sharding.replicated(mesh)
 
   opt_sh = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
-  return TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+  rep = sharding.replicated(mesh)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, skip_streak=rep,
+                    max_skip_streak=rep)
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -69,7 +76,9 @@ def _state_factory(model: nn.Module, tx: optax.GradientTransformation,
 
   def create(rng: jax.Array) -> TrainState:
     params = nn.meta.unbox(model.init(rng, batch["image"], batch["tokens"])["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
+                      skip_streak=zero, max_skip_streak=zero)
 
   return create
 
@@ -114,13 +123,22 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params)
+    (loss, metrics), grads = grad_fn(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-               "lr": lrs[optim.TOWER_GROUP](state.step),
-               "lr_mask_net": lrs[optim.MASK_GROUP](state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.skip_streak + 1)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32), skip_streak=streak,
+        max_skip_streak=jnp.maximum(state.max_skip_streak, streak))
+    metrics = {**metrics, "grad_norm": grad_norm, "lr": lrs[optim.TOWER_GROUP](state.step),
+               "lr_mask_net": lrs[optim.MASK_GROUP](state.step),
+               "skipped_steps": new_state.skipped, "max_skip_streak": new_state.max_skip_streak}
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -93,6 +93,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if step % config.log_every == 0 or step == config.total_steps:
       metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
       data_stats.check(config.data.max_bad_fraction)
+      if metrics["max_skip_streak"] >= config.max_nonfinite_steps:
+        checkpointer.close()  # finishes pending saves; every saved state has finite params
+        raise FloatingPointError(
+            f"loss or gradients were non-finite for {int(metrics['max_skip_streak'])} steps in "
+            f"a row by step {step} (max_nonfinite_steps={config.max_nonfinite_steps}); those "
+            f"steps were not applied. Checkpoints (all with finite parameters) are in "
+            f"{workdir / 'checkpoints'}")
       now = time.perf_counter()
       metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
       last_time, last_step = now, step

@@ -115,3 +115,10 @@ def test_non_square_batch_is_rejected():
   img, txt, masks = _inputs(n=6, m=5)
   with pytest.raises(ValueError, match="square"):
     losses.smartclip_loss(img, txt, masks)
+
+
+def test_nan_embeddings_are_not_hidden_by_the_zero_mask_guard():
+  img, txt, masks = _inputs()
+  img = img.at[0].set(jnp.nan)
+  sim = np.asarray(losses.masked_similarity(img, txt, masks))
+  assert np.isnan(sim[0, 0]) and np.isfinite(sim[1:]).all()

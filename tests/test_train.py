@@ -82,3 +82,43 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   np.testing.assert_array_equal(next(fresh_data)["tokens"], batch["tokens"])
   _, got = train_step(restored, train.global_batch(batch, mesh))
   assert float(got["loss"]) == float(want["loss"])
+
+
+def test_nonfinite_steps_are_skipped_and_counted(demo_config):
+  mesh = sharding.make_mesh(demo_config)
+  model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
+  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
+  train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
+  batch = next(pipeline.train_iterator(demo_config))
+  bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
+  before = jax.device_get(state.params)
+  state, metrics = train_step(state, train.global_batch(bad, mesh))
+  assert not np.isfinite(metrics["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  assert (int(state.step), int(state.skipped), int(state.skip_streak)) == (1, 1, 1)
+  state, metrics = train_step(state, train.global_batch(bad, mesh))
+  state, metrics = train_step(state, train.global_batch(batch, mesh))
+  assert np.isfinite(metrics["loss"]) and int(metrics["skipped_steps"]) == 2
+  assert (int(state.skip_streak), int(state.max_skip_streak)) == (0, 2)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+  assert any(jax.tree.leaves(changed))  # the finite step was applied
+
+
+def test_run_stops_after_too_many_nonfinite_steps(demo_config, tmp_path, monkeypatch):
+  real = pipeline.train_iterator
+
+  def poisoned(config):
+    it = real(config)
+    class Poisoned:
+      def __next__(self):
+        batch = next(it)
+        return {**batch, "image": np.full_like(batch["image"], np.nan)}
+      def get_state(self):
+        return it.get_state()
+    return Poisoned()
+
+  monkeypatch.setattr(pipeline, "train_iterator", poisoned)
+  demo_config.update(log_every=1, max_nonfinite_steps=3)
+  with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row by step 3"):
+    train.train_and_evaluate(demo_config, tmp_path)
