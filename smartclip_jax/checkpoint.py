@@ -1,31 +1,53 @@
 """Orbax checkpoints of the train state and the Grain iterator, saved together per step.
 
-Items: `state` (parameters, optimizer state, step; restored straight into the mesh's
-shardings), `data` (each process's Grain iterator position), so a resumed run continues
-with exactly the batches it would have seen, and `data_stats` (records used and skipped so far).
+Items: `state` (parameters, optimizer state, step, skip counters; restored straight into the
+mesh's shardings, whatever mesh saved them), `data` (each process's Grain iterator position, so
+a resumed run sees exactly the batches it would have seen; the data augmentation's randomness
+is keyed by that position and the seed, and the model has no other RNG), `data_stats` (records
+used and skipped so far) and `config` (the run's config, for `init_from` and for people).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
+from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from smartclip_jax.data.pipeline import DataStats
 from smartclip_jax.step import TrainState
 
+log = logging.getLogger("smartclip_jax")
+
+ITEMS = ("state", "data", "data_stats", "config")
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory can be restored."""
+
 
 class Checkpointer:
-  """Async CheckpointManager under `<workdir>/checkpoints`, keeping the last `keep` steps."""
+  """Async CheckpointManager under `directory`, keeping the last `keep` steps.
 
-  def __init__(self, directory: str | pathlib.Path, keep: int):
+  A checkpoint that fails to restore while an older one restores (a truncated file, a missing
+  item) is reported and moved to `<directory>.unusable/<step>`, so that later saves are not
+  shadowed by it; Orbax itself never lists a save that did not finish.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, keep: int,
+               config: ml_collections.ConfigDict | None = None):
+    self.directory = epath.Path(directory).absolute()
+    self.config = config
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data", "data_stats"))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -35,27 +57,136 @@ class Checkpointer:
     """Starts an async save at the state's step; returns once device arrays are copied."""
     step = int(jax.device_get(state.step))
     stats = (data_stats or DataStats()).state_dict()
+    config = json.loads(self.config.to_json_best_effort()) if self.config else {}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        data_stats=ocp.args.JsonSave(stats)))
+        data_stats=ocp.args.JsonSave(stats), config=ocp.args.JsonSave(config)))
 
   def restore(self, shardings: TrainState, abstract: TrainState,
               data_iter: grain.DatasetIterator) -> tuple[TrainState | None, DataStats]:
-    """The latest checkpoint's state, in `shardings`, with `data_iter` moved to its position,
-    and the data counts so far; (None, empty counts) when there is no checkpoint."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None, DataStats()
+    """The newest restorable checkpoint's state, in `shardings`, with `data_iter` moved to its
+    position, and the data counts so far; (None, empty counts) when there is no checkpoint."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        data_stats=ocp.args.JsonRestore()))
-    logging.info("restored checkpoint at step %d from %s", step, self.manager.directory)
-    return restored["state"], DataStats.from_state_dict(restored["data_stats"])
+    failed: list[tuple[int, Exception]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            data_stats=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001  Orbax and TensorStore raise many kinds
+        log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
+                    "previous one", step, self.directory, type(e).__name__, e)
+        failed.append((step, e))
+        continue
+      self._set_aside([s for s, _ in failed])
+      log.info("restored checkpoint at step %d from %s", step, self.directory)
+      return restored["state"], DataStats.from_state_dict(restored["data_stats"])
+    if failed:  # nothing restores: more likely a config that does not match than corruption
+      step, error = failed[0]
+      raise CheckpointError(
+          f"none of the checkpoints {[s for s, _ in failed]} in {self.directory} can be "
+          f"restored; the newest (step {step}) failed with {type(error).__name__}: {error}. "
+          "Was the run started with a different model config?") from error
+    return None, DataStats()
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.parent / f"{self.directory.name}.unusable"
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        (self.directory / str(step)).rename(aside / str(step))
+        log.warning("moved the unusable checkpoint of step %d to %s", step, aside / str(step))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("smartclip_jax: unusable checkpoints set aside")
+    self.manager.reload()
 
   def close(self) -> None:
     """Waits for pending saves to be committed."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
+  """A workdir, a checkpoints directory (its latest step) or one step's directory."""
+  path = epath.Path(path)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if (path / "state").is_dir():
+    return path
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
+  if not steps:
+    raise CheckpointError(f"{path} is not a workdir, a checkpoints directory or a step of one")
+  return path / str(max(steps))
+
+
+def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], list[str]]:
+  """Parameters from another run's checkpoint (no optimizer state, no step), for `init_from`.
+
+  `target` is a tree of sharded arrays (a fresh initialisation): leaves that the checkpoint
+  has are restored into their shardings, the others keep their fresh values (e.g. a mask
+  network added for fine-tuning). A text position table of a different length is stretched
+  the Long-CLIP way. Returns (params, names kept fresh, checkpoint names not used).
+  """
+  from smartclip_jax.models.text import stretch_positions  # the models import nothing of ours
+
+  state_dir = resolve_step_dir(path) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
+  saved_flat = {_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+  target_flat = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+
+  def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
+    shape = tuple(saved_flat[name].shape)
+    if shape != like.shape and not name.endswith("text/positional_embedding"):
+      raise CheckpointError(f"init_from {path}: {name} has shape {shape} there and "
+                            f"{like.shape} here")
+    sh = like.sharding if shape == like.shape else jax.sharding.NamedSharding(
+        like.sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
+
+  wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
+  item = {"params": _unflatten(wanted)}
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))["params"]
+  loaded = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+
+  def pick(path, fresh):
+    name = _name(path)
+    if name not in loaded:
+      return fresh
+    value = loaded[name]
+    if value.shape != fresh.shape:  # position table: 77 -> 248 and the like
+      value = jax.device_put(stretch_positions(value, fresh.shape[0]), fresh.sharding)
+    return value
+
+  params = jax.tree_util.tree_map_with_path(pick, target)
+  fresh = sorted(set(target_flat) - set(saved_flat))
+  unused = sorted(set(saved_flat) - set(target_flat))
+  return params, fresh, unused
+
+
+def _name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def describe(values: list[str], limit: int = 6) -> str:
+  """A short list for log lines: the first few names and how many more."""
+  more = f" and {len(values) - limit} more" if len(values) > limit else ""
+  return ", ".join(values[:limit]) + more if values else "none"
+

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.eval_every = 0  # 0: evaluate once, at the end
   c.keep_checkpoints = 3
+  c.init_from = ""  # a workdir or checkpoint: start from its parameters (fresh optimizer, step 0)
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
 
   c.smartclip = ml_collections.ConfigDict(

@@ -4,7 +4,9 @@
 
 Writes `config.json`, `metrics.jsonl`, TensorBoard events, Orbax checkpoints under
 `checkpoints/` and `eval/step_<N>.json`; rerunning the same command resumes from the latest
-checkpoint.
+checkpoint. SIGTERM or Ctrl-C saves at the next step and exits 0. Multi-process runs join with
+`--coordinator_address/--num_processes/--process_id`, or on their own under SLURM and on Cloud
+TPU (see `distributed.py`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
+from smartclip_jax import checkpoint, distributed, evaluate, optim, preemption, sharding
 from smartclip_jax import config as config_lib
-from smartclip_jax import evaluate, optim, sharding, step as step_lib
-from smartclip_jax.checkpoint import Checkpointer
+from smartclip_jax import step as step_lib
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
@@ -57,9 +60,23 @@ def run_eval(config: ml_collections.ConfigDict, model: nn.Module, params, mesh: 
   return results
 
 
+def initial_state(config: ml_collections.ConfigDict, model: nn.Module,
+                  tx: optax.GradientTransformation, mesh: Mesh,
+                  shardings: step_lib.TrainState) -> step_lib.TrainState:
+  """A fresh state, with parameters from `config.init_from` when it names a checkpoint."""
+  state = step_lib.init_state(model, tx, config, mesh, shardings)
+  if not config.init_from:
+    return state
+  params, fresh, unused = checkpoint.load_params(config.init_from, state.params)
+  log.info("parameters from %s; kept at initialisation: %s; not used from there: %s",
+           config.init_from, checkpoint.describe(fresh), checkpoint.describe(unused))
+  return state.replace(params=params)  # AdamW's initial moments do not depend on the values
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains to `config.total_steps` (resuming if checkpoints exist), then evaluates."""
+                       workdir: str | pathlib.Path) -> dict[str, float] | None:
+  """Trains to `config.total_steps` (resuming if checkpoints exist), then evaluates; returns
+  the evaluation, or None when a stop notice (SIGTERM, Ctrl-C) ended the run early."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -72,11 +89,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   data_iter = pipeline.train_iterator(config)
-  checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
+                                         config)
   state, data_stats = checkpointer.restore(shardings, step_lib.abstract_state(model, tx, config),
                                            data_iter)
   if state is None:
-    state = step_lib.init_state(model, tx, config, mesh, shardings)
+    state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("%s model, %.2fM parameters, %s at step %d of %d", config.loss, n_params / 1e6,
@@ -86,67 +104,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.truncate_after(start)
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
   last_time, last_step = time.perf_counter(), start
-  for step in range(start + 1, config.total_steps + 1):
-    batch = next(data_iter)
-    data_stats.update(batch)
-    state, metrics = train_step(state, global_batch(batch, mesh))
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
-      data_stats.check(config.data.max_bad_fraction)
-      if metrics["max_skip_streak"] >= config.max_nonfinite_steps:
-        checkpointer.close()  # finishes pending saves; every saved state has finite params
-        raise FloatingPointError(
-            f"loss or gradients were non-finite for {int(metrics['max_skip_streak'])} steps in "
-            f"a row by step {step} (max_nonfinite_steps={config.max_nonfinite_steps}); those "
-            f"steps were not applied. Checkpoints (all with finite parameters) are in "
-            f"{workdir / 'checkpoints'}")
-      now = time.perf_counter()
-      metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
-      last_time, last_step = now, step
-      writer.write(step, metrics)
-      density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
-      log.info("step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s", step, config.total_steps,
-               metrics["loss"], metrics["lr"], density, metrics["images_per_sec"])
-    if step == start + 1:  # later throughput figures leave compilation out
-      jax.block_until_ready(metrics)
-      last_time, last_step = time.perf_counter(), step
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpointer.save(state, data_iter, data_stats)
-    if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-      run_eval(config, model, state.params, mesh, step, workdir, writer)
+  stop = preemption.StopRequest()
+  if distributed.detect() == "tpu":
+    stop.watch_maintenance()
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = next(data_iter)
+      data_stats.update(batch)
+      state, metrics = train_step(state, global_batch(batch, mesh))
+      stopping = stop.reached(step)
+      if step % config.log_every == 0 or step == config.total_steps or stopping:
+        metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
+        data_stats.check(config.data.max_bad_fraction)
+        if metrics["max_skip_streak"] >= config.max_nonfinite_steps:
+          checkpointer.close()  # finishes pending saves; every saved state has finite params
+          raise FloatingPointError(
+              f"loss or gradients were non-finite for {int(metrics['max_skip_streak'])} steps "
+              f"in a row by step {step} (max_nonfinite_steps={config.max_nonfinite_steps}); "
+              f"those steps were not applied. Checkpoints (all with finite parameters) are in "
+              f"{workdir / 'checkpoints'}")
+        now = time.perf_counter()
+        metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
+        last_time, last_step = now, step
+        writer.write(step, metrics)
+        density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
+        log.info("step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s", step, config.total_steps,
+                 metrics["loss"], metrics["lr"], density, metrics["images_per_sec"])
+      if step == start + 1:  # later throughput figures leave compilation out
+        jax.block_until_ready(metrics)
+        last_time, last_step = time.perf_counter(), step
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+        checkpointer.save(state, data_iter, data_stats)
+      if stopping:
+        checkpointer.close()
+        writer.close()
+        log.warning("stopped by %s after step %d of %d; checkpoint saved in %s; rerun the same "
+                    "command to resume", stop.reason, step, config.total_steps,
+                    workdir / "checkpoints")
+        return None
+      if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+        run_eval(config, model, state.params, mesh, step, workdir, writer)
+  finally:
+    stop.close()
   results = run_eval(config, model, state.params, mesh, config.total_steps, workdir, writer)
   checkpointer.close()
   writer.close()
   return results
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
-  """`--config FILE --workdir DIR` plus any number of `--config.a.b=value` overrides."""
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """`--config FILE --workdir DIR`, the multi-process flags, and any number of
+  `--config.a.b=value` overrides."""
   parser = argparse.ArgumentParser(prog="python -m smartclip_jax.train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    allow_abbrev=False)
   parser.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
   parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+  group = parser.add_argument_group("multi-process (all three, or none: SLURM and Cloud TPU "
+                                    "are detected)")
+  group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+  group.add_argument("--num_processes", type=int)
+  group.add_argument("--process_id", type=int)
   args, rest = parser.parse_known_args(argv)
+  if "://" in args.workdir:
+    parser.error(f"--workdir {args.workdir}: give a file system path that every process sees "
+                 "(on Cloud TPU, mount the bucket with gcsfuse)")
   overrides = []
   for item in rest:
     if not item.startswith("--config."):
       parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
     overrides.append(item[len("--config."):])
   try:
-    return config_lib.load(args.config, overrides), args.workdir
+    return config_lib.load(args.config, overrides), args
   except config_lib.ConfigError as e:
     parser.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+  config, args = parse_args(sys.argv[1:] if argv is None else argv)
+  how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
                       format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  if how != "single":
+    log.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), how)
   start = time.perf_counter()
-  train_and_evaluate(config, workdir)
-  log.info("done in %.0f s; outputs in %s", time.perf_counter() - start, workdir)
+  if train_and_evaluate(config, args.workdir) is not None:
+    log.info("done in %.0f s; outputs in %s", time.perf_counter() - start, args.workdir)
 
 
 if __name__ == "__main__":

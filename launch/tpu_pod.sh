@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice: one process per TPU worker, all started at once.
+#
+# Usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE --config FILE --workdir DIR
+#            [--version RUNTIME] [--spot] [--python BIN] [--dry-run] [-- TRAIN_ARGS...]
+#
+#   --name NAME          the TPU VM: created if missing, reused if it exists, recreated if preempted
+#   --zone ZONE          e.g. us-east5-a
+#   --accelerator TYPE   e.g. v5p-64 (used when the slice is created)
+#   --version RUNTIME    TPU software version for the accelerator (default v2-alpha-tpuv5)
+#   --spot               create a Spot slice (cheaper; may be preempted: rerun to resume)
+#   --config FILE        a configs/*.py file, relative to the repository root
+#   --workdir DIR        an absolute path that every worker shares (e.g. a gcsfuse-mounted bucket)
+#   --python BIN         the workers' Python for the venv (default python3; the pins need 3.11)
+#   --dry-run            print every command, one per line after `+ `, and run none
+#   -- TRAIN_ARGS...     passed to the train command as they are: --config.a.b=value overrides,
+#                        which may also come before `--`
+#
+# Steps: (1) create or reuse the slice; (2) pack the committed HEAD with `git archive`
+# (uncommitted changes stay behind) and scp it to every worker; (3) unpack it into ~/smartclip_jax
+# and install requirements.txt and requirements-tpu.txt into ~/smartclip_venv; (4) run the train
+# command on all workers at once (ssh --worker=all); the processes find each other by themselves
+# (jax.distributed on a TPU slice). The ssh session lasts as long as the run: start this inside
+# tmux or screen. Rerun the same command to resume from the latest checkpoint in --workdir.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+name='' zone='' accelerator='' version=v2-alpha-tpuv5 spot=() config='' workdir=''
+python=python3 dry_run=0 train_args=()
+while (($#)); do
+  case $1 in
+    --name|--zone|--accelerator|--version|--config|--workdir|--python)
+      (($# >= 2)) || die "$1 needs a value"
+      declare "${1#--}=$2"; shift 2 ;;  # --name VALUE sets $name, and so on
+    --spot) spot=(--spot); shift ;;
+    --) shift; train_args+=("$@"); break ;;
+    *) common_option "$1"; shift ;;
+  esac
+done
+for option in name zone accelerator config workdir; do
+  [[ -n ${!option} ]] || die "--$option is required"
+done
+[[ $workdir == /* ]] ||
+  die "--workdir must be an absolute path that every worker shares (mount a bucket with gcsfuse)"
+[[ $dry_run == 1 ]] || command -v gcloud >/dev/null ||
+  fail "gcloud not found on PATH: install the Google Cloud SDK, or use --dry-run"
+
+tpu=(gcloud compute tpus tpu-vm)
+where=("$name" --zone "$zone")
+
+# (1) The slice. `describe` tells whether it exists; --dry-run cannot know, so it shows `create`.
+create=("${tpu[@]}" create "${where[@]}" --accelerator-type "$accelerator" --version "$version"
+        "${spot[@]}")
+show "${tpu[@]}" describe "${where[@]}" --format='value(state)'
+if [[ $dry_run == 1 ]]; then
+  show "${create[@]}"
+else
+  state=$("${tpu[@]}" describe "${where[@]}" --format='value(state)' 2>/dev/null || true)
+  case $state in
+    '') run "${create[@]}" ;;
+    PREEMPTED) run "${tpu[@]}" delete "${where[@]}" --quiet; run "${create[@]}" ;;
+    *) echo "# $name exists ($state): reusing it" ;;
+  esac
+fi
+
+# (2) The code, as committed.
+repo=$(cd "$(dirname "$0")/.." && pwd)
+tarball=${TMPDIR:-/tmp}/smartclip_jax-$name.tar.gz
+run git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD
+run "${tpu[@]}" scp "$tarball" "$name:smartclip_jax.tar.gz" --zone "$zone" --worker=all
+
+# (3) Unpack and install on every worker; ssh commands start in the home directory.
+setup="rm -rf smartclip_jax && mkdir smartclip_jax"
+setup+=" && tar -xzf smartclip_jax.tar.gz -C smartclip_jax"
+setup+=" && $(quote "$python") -m venv smartclip_venv"
+setup+=" && smartclip_venv/bin/pip install -q"
+setup+=" -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt"
+run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$setup"
+
+# (4) Train on every worker at once.
+train=(../smartclip_venv/bin/python -m smartclip_jax.train --config "$config"
+       --workdir "$workdir" "${train_args[@]}")
+run "${tpu[@]}" ssh "${where[@]}" --worker=all \
+  --command "cd smartclip_jax && $(quote "${train[@]}")"

@@ -1,0 +1,86 @@
+"""Stopping cleanly: save at the next step boundary and exit 0 when asked to stop.
+
+Asked means SIGTERM (what schedulers and Cloud TPU preemption send), SIGINT (Ctrl-C) or, on a
+Google Cloud VM, a maintenance notice in the metadata server. With one process a handler
+raises a flag. With several, all must save the same step: SIGTERM then goes to JAX's
+preemption service (started by `jax.distributed.initialize`), which tells every process the
+step to stop at, and the other notices are turned into a SIGTERM to this process. A second
+Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import urllib.request
+
+import jax
+from jax.experimental import multihost_utils
+
+log = logging.getLogger("smartclip_jax")
+
+MAINTENANCE_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/"
+                   "maintenance-event")
+
+
+class StopRequest:
+  """Watches for stop notices; `reached(step)` says whether to save and stop after `step`."""
+
+  def __init__(self) -> None:
+    self.reason: str | None = None
+    self._multi = jax.process_count() > 1
+    self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+    if not self._multi:  # with several processes JAX's preemption service owns SIGTERM
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum: int, frame) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts
+    self.notice(signal.Signals(signum).name)
+
+  def notice(self, reason: str) -> None:
+    """Asks for a stop (any thread, any process)."""
+    if self.reason is None:
+      self.reason = reason
+    if self._multi and reason != "SIGTERM":
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether the run should save after `step` and stop; every process must call it at
+    every step (the multi-process agreement counts them)."""
+    if not self._multi:
+      return self.reason is not None
+    try:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      return False
+    if stop and self.reason is None:
+      self.reason = "SIGTERM"
+    return stop
+
+  def watch_maintenance(self, url: str = MAINTENANCE_URL, timeout: float = 3600.0) -> None:
+    """Polls the metadata server's maintenance event in a daemon thread; anything but NONE
+    (e.g. TERMINATE_ON_HOST_MAINTENANCE) is a stop notice."""
+
+    def watch() -> None:
+      query = ""  # the first read returns the current event, later ones wait for a change
+      while self.reason is None:
+        request = urllib.request.Request(url + query, headers={"Metadata-Flavor": "Google"})
+        try:
+          with urllib.request.urlopen(request, timeout=timeout) as response:
+            event = response.read().decode().strip()
+        except OSError as e:
+          log.warning("maintenance watch stopped: %s", e)
+          return
+        if event and event != "NONE":
+          log.warning("maintenance notice %s: saving and stopping at the next step", event)
+          self.notice(f"maintenance event {event}")
+        query = "?wait_for_change=true"
+
+    threading.Thread(target=watch, name="maintenance-watch", daemon=True).start()
+
+  def close(self) -> None:
+    """Puts the previous signal handlers back."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

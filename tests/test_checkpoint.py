@@ -1,0 +1,173 @@
+"""Checkpoints: unusable ones are skipped, restores reshard, `init_from` takes parameters only,
+and a stop notice saves at the next step."""
+
+import http.server
+import os
+import signal
+import threading
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smartclip_jax import checkpoint, config as config_lib, optim, preemption, sharding
+from smartclip_jax import step as step_lib, train
+from smartclip_jax.data import pipeline
+from smartclip_jax.models.clip import build_model
+from smartclip_jax.models.text import stretch_positions
+from tests.conftest import DEMO, TINY
+from tests.test_train import read_metrics
+
+
+def fresh_state(config, devices=None):
+  mesh = sharding.make_mesh(config, devices)
+  model, tx = build_model(config), optim.make_optimizer(config)
+  shardings = step_lib.state_shardings(model, tx, config, mesh)
+  return model, tx, shardings, step_lib.init_state(model, tx, config, mesh, shardings)
+
+
+def save_steps(config, directory, steps):
+  """Checkpoints of one state under several step numbers; returns it (on the host)."""
+  _, _, _, state = fresh_state(config)
+  ckpt = checkpoint.Checkpointer(directory, keep=5, config=config)
+  data = pipeline.train_iterator(config)
+  for s in steps:
+    ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)), data)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def restore(config, directory, devices=None):
+  model, tx, shardings, _ = fresh_state(config, devices)
+  return checkpoint.Checkpointer(directory, keep=5).restore(
+      shardings, step_lib.abstract_state(model, tx, config), pipeline.train_iterator(config))
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(demo_config, tmp_path):
+  saved = save_steps(demo_config, tmp_path / "ckpt", [10, 20])
+  files = [p for p in (tmp_path / "ckpt" / "20" / "state").rglob("*") if p.is_file()
+           and p.stat().st_size > 1000]
+  for f in files:  # a save cut short by a dying disk, not one Orbax left unfinished
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  state, _ = restore(demo_config, tmp_path / "ckpt")
+  assert int(state.step) == 10
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved.params)
+  assert (tmp_path / "ckpt.unusable" / "20").is_dir()  # out of the way of the next save
+  assert not (tmp_path / "ckpt" / "20").exists()
+
+
+def test_latest_checkpoint_missing_an_item_falls_back(demo_config, tmp_path):
+  save_steps(demo_config, tmp_path / "ckpt", [10, 20])
+  for p in sorted((tmp_path / "ckpt" / "20" / "data").rglob("*"), reverse=True):
+    p.unlink() if p.is_file() else p.rmdir()
+  (tmp_path / "ckpt" / "20" / "data").rmdir()
+  state, _ = restore(demo_config, tmp_path / "ckpt")
+  assert int(state.step) == 10
+
+
+def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(demo_config, tmp_path):
+  save_steps(demo_config, tmp_path / "ckpt", [10])
+  other = config_lib.load(DEMO, TINY + ["model.embed_dim=32"])  # a different model
+  with pytest.raises(checkpoint.CheckpointError, match="different model config"):
+    restore(other, tmp_path / "ckpt")
+  assert (tmp_path / "ckpt" / "10").is_dir()
+
+
+@pytest.mark.parametrize("devices,mesh", [(4, "mesh.fsdp=2"), (1, "mesh.data=1")])
+def test_restore_reshards_onto_a_smaller_mesh(tmp_path, devices, mesh):
+  saved_on = config_lib.load(DEMO, TINY + ["mesh.fsdp=4", "mesh.tensor=2", "mesh.data=1"])
+  saved = save_steps(saved_on, tmp_path / "ckpt", [7])
+  config = config_lib.load(DEMO, TINY + [mesh])
+  state, _ = restore(config, tmp_path / "ckpt", jax.devices()[:devices])
+  assert int(state.step) == 7
+  leaves = jax.tree.leaves(state)
+  assert all(len(x.sharding.device_set) == devices for x in leaves)
+  got = jax.device_get(state)
+  jax.tree.map(np.testing.assert_array_equal, (got.params, got.opt_state),
+               (saved.params, saved.opt_state))
+
+
+def test_init_from_takes_parameters_only_and_fills_in_the_rest(tmp_path):
+  clip = config_lib.load(DEMO, TINY + ["loss=clip"])  # no mask network, 32 positions
+  saved = save_steps(clip, tmp_path / "pretrained", [40])
+  smart = config_lib.load(DEMO, TINY + ["model.text.context_length=68"])
+  _, _, _, state = fresh_state(smart)
+  params, fresh, unused = checkpoint.load_params(tmp_path / "pretrained", state.params)
+  assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []
+  got, want = jax.device_get(params), saved.params
+  np.testing.assert_array_equal(got["visual"]["proj"], want["visual"]["proj"])
+  np.testing.assert_array_equal(  # 32 -> 68 positions, Long-CLIP's stretch (x4 after 20)
+      got["text"]["positional_embedding"],
+      stretch_positions(want["text"]["positional_embedding"], 68))
+  np.testing.assert_array_equal(got["mask_net"]["attn_pool"]["kernel"],
+                                jax.device_get(state.params)["mask_net"]["attn_pool"]["kernel"])
+  bad = config_lib.load(DEMO, TINY + ["model.embed_dim=32"])
+  with pytest.raises(checkpoint.CheckpointError, match="shape"):
+    checkpoint.load_params(tmp_path / "pretrained", fresh_state(bad)[3].params)
+
+
+def test_init_from_in_a_run_starts_at_step_zero(demo_config, tmp_path):
+  save_steps(demo_config, tmp_path / "pretrained", [40])
+  demo_config.update(init_from=str(tmp_path / "pretrained"), total_steps=2, log_every=1)
+  train.train_and_evaluate(demo_config, tmp_path / "run")
+  assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_path, monkeypatch):
+  real = pipeline.train_iterator
+
+  class SignalAtFifthBatch(grain.DatasetIterator):
+    n = 0
+    def __next__(self):
+      self.n += 1
+      if self.n == 5:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return next(self._parent)
+    def get_state(self):
+      return self._parent.get_state()
+    def set_state(self, state):
+      self._parent.set_state(state)
+
+  monkeypatch.setattr(pipeline, "train_iterator", lambda c: SignalAtFifthBatch(real(c)))
+  demo_config.update(total_steps=12, log_every=4, checkpoint_every=100)
+  assert train.train_and_evaluate(demo_config, tmp_path) is None
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [5]
+  assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+  monkeypatch.setattr(pipeline, "train_iterator", real)
+  assert train.train_and_evaluate(demo_config, tmp_path) is not None
+  assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5, 8, 12]
+
+
+def test_a_maintenance_notice_is_a_stop_request():
+  events = iter([b"NONE", b"TERMINATE_ON_HOST_MAINTENANCE"])
+  queries = []
+
+  class Metadata(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      queries.append((self.path, self.headers["Metadata-Flavor"]))
+      body = next(events)
+      self.send_response(200)
+      self.end_headers()
+      self.wfile.write(body)
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  stop = preemption.StopRequest()
+  try:
+    assert not stop.reached(1)
+    stop.watch_maintenance(f"http://127.0.0.1:{server.server_port}/maintenance-event")
+    deadline = time.time() + 10
+    while not stop.reached(2) and time.time() < deadline:
+      time.sleep(0.05)
+    assert stop.reason == "maintenance event TERMINATE_ON_HOST_MAINTENANCE"
+    assert queries == [("/maintenance-event", "Google"),
+                       ("/maintenance-event?wait_for_change=true", "Google")]
+  finally:
+    stop.close()
+    server.shutdown()
