@@ -22,6 +22,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from smartclip_jax.data.pipeline import DataStats
+from smartclip_jax.interop import layout
+from smartclip_jax.models.text import stretch_positions
 from smartclip_jax.step import TrainState
 
 log = logging.getLogger("smartclip_jax")
@@ -131,13 +133,10 @@ def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], 
   network added for fine-tuning). A text position table of a different length is stretched
   the Long-CLIP way. Returns (params, names kept fresh, checkpoint names not used).
   """
-  from smartclip_jax.models.text import stretch_positions  # the models import nothing of ours
-
   state_dir = resolve_step_dir(path) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
-  saved_flat = {_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
-  target_flat = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  saved_flat, target_flat = layout.flatten(saved), layout.flatten(target)
 
   def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
     shape = tuple(saved_flat[name].shape)
@@ -149,14 +148,13 @@ def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], 
     return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
 
   wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
-  item = {"params": _unflatten(wanted)}
+  item = {"params": layout.unflatten(wanted)}
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))["params"]
-  loaded = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+  loaded = layout.flatten(restored)
 
-  def pick(path, fresh):
-    name = _name(path)
+  def pick(name, fresh):
     if name not in loaded:
       return fresh
     value = loaded[name]
@@ -164,25 +162,10 @@ def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], 
       value = jax.device_put(stretch_positions(value, fresh.shape[0]), fresh.sharding)
     return value
 
-  params = jax.tree_util.tree_map_with_path(pick, target)
+  params = layout.unflatten({n: pick(n, x) for n, x in target_flat.items()})
   fresh = sorted(set(target_flat) - set(saved_flat))
   unused = sorted(set(saved_flat) - set(target_flat))
   return params, fresh, unused
-
-
-def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def describe(values: list[str], limit: int = 6) -> str:
@@ -190,3 +173,19 @@ def describe(values: list[str], limit: int = 6) -> str:
   more = f" and {len(values) - limit} more" if len(values) > limit else ""
   return ", ".join(values[:limit]) + more if values else "none"
 
+
+
+def saved_config(step_dir: str | pathlib.Path) -> dict:
+  """The config a checkpoint was saved with: its `config` item, else the run's config.json."""
+  step_dir = epath.Path(step_dir)
+  item = step_dir / "config"
+  if item.is_dir():
+    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item,
+                                                                  args=ocp.args.JsonRestore())
+    if saved:
+      return saved
+  run_config = step_dir.parent.parent / "config.json"
+  if run_config.is_file():
+    return json.loads(run_config.read_text())
+  raise CheckpointError(f"{step_dir} has no saved config (no config item, no "
+                        f"{run_config}); load it with the config it was trained with")

@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.eval_every = 0  # 0: evaluate once, at the end
   c.keep_checkpoints = 3
-  c.init_from = ""  # a workdir or checkpoint: start from its parameters (fresh optimizer, step 0)
+  # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
+  # checkpoint, a PyTorch file or a transformers directory (anything smartclip_jax.load reads).
+  c.init_from = ""
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
 
   c.smartclip = ml_collections.ConfigDict(
@@ -121,6 +123,26 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collecti
   config = module.get_config()
   for item in overrides:
     apply_override(config, item)
+  validate(config)
+  return config
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """A config from a saved one's values (`config.json`, a checkpoint's `config` item): the
+  fields of `base_config()` it names take its values; fields it lacks (an older run) keep their
+  defaults, and names that are no longer fields are ConfigErrors."""
+  config = base_config()
+
+  def put(node: ml_collections.ConfigDict, tree: dict, prefix: str) -> None:
+    for key, value in tree.items():
+      if key not in node:
+        raise ConfigError(f"saved config has {prefix}{key}, which is not a config field")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        put(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+
+  put(config, values, "")
   validate(config)
   return config
 

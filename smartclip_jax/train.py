@@ -30,6 +30,7 @@ from smartclip_jax import checkpoint, distributed, evaluate, optim, preemption, 
 from smartclip_jax import config as config_lib
 from smartclip_jax import step as step_lib
 from smartclip_jax.data import pipeline
+from smartclip_jax.interop import loading
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
 
@@ -67,7 +68,10 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module,
   state = step_lib.init_state(model, tx, config, mesh, shardings)
   if not config.init_from:
     return state
-  params, fresh, unused = checkpoint.load_params(config.init_from, state.params)
+  if loading.is_torch_path(config.init_from):
+    params, fresh, unused = loading.params_from_torch(config.init_from, state.params)
+  else:
+    params, fresh, unused = checkpoint.load_params(config.init_from, state.params)
   log.info("parameters from %s; kept at initialisation: %s; not used from there: %s",
            config.init_from, checkpoint.describe(fresh), checkpoint.describe(unused))
   return state.replace(params=params)  # AdamW's initial moments do not depend on the values

@@ -1,0 +1,1 @@
+"""PyTorch interop: the parameter-name mapping (`layout`), loading (`loading`), conversion."""

@@ -1,0 +1,230 @@
+"""PyTorch interop, proven by parity: random torch models in each layout, loaded by
+`smartclip_jax.load`, give the same embeddings (and masks) on the same inputs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import smartclip_jax
+from smartclip_jax.interop import layout
+
+torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
+from tests.torch_reference import ReferenceCLIP  # noqa: E402
+
+CAPTIONS = ["a red square.", "two blue circles above a small green triangle. " * 3,
+            "nothing", "a long caption " * 40]
+
+
+def inputs(model, n=4, seed=0):
+  size = model.config.model.vision.image_size
+  images = np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+  return images, model.tokenize(CAPTIONS[:n])
+
+
+def max_diff(got, want: "torch.Tensor") -> float:
+  return float(np.max(np.abs(np.asarray(got) - want.detach().numpy())))
+
+
+def save(state_dict, path):
+  if path.suffix == ".safetensors":
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+  else:
+    torch.save(state_dict, path)
+  return path
+
+
+@pytest.mark.parametrize("context,quick_gelu,long_clip,mask_net,suffix,half", [
+    (77, True, False, False, ".pt", False),  # OpenAI
+    (77, False, False, False, ".safetensors", True),  # open_clip GELU, fp16
+    (248, True, True, False, ".pth", False),  # Long-CLIP
+    (248, True, True, True, ".safetensors", True),  # SmartCLIP reference, fp16
+    (248, False, True, True, ".bin", False),
+])
+def test_reference_layout_embeddings_match(tmp_path, context, quick_gelu, long_clip, mask_net,
+                                           suffix, half):
+  torch.manual_seed(context + quick_gelu + 2 * mask_net)
+  ref = ReferenceCLIP(context=context, quick_gelu=quick_gelu, long_clip=long_clip,
+                      mask_net=mask_net).eval()
+  if half:  # saved in fp16, like the reference; compare with the fp16 weights in fp32
+    ref = ref.half().float()
+  state = ref.state_dict()
+  path = save({k: v.half() if half else v for k, v in state.items()}, tmp_path / f"w{suffix}")
+  model = smartclip_jax.load(path, activation="quick_gelu" if quick_gelu else "gelu")
+  m = model.config.model
+  assert (m.text.context_length, m.vision.width, m.vision.layers, m.embed_dim) == \
+      (context, 128, 2, 64)
+  assert model.config.loss == ("smartclip" if mask_net else "clip")
+  images, tokens = inputs(model)
+  with torch.no_grad():
+    want_img = ref.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    want_txt = ref.encode_text(torch.from_numpy(tokens).long())
+  assert max_diff(model.encode_image(images), want_img) <= 1e-4
+  assert max_diff(model.encode_text(tokens), want_txt) <= 1e-4
+  if mask_net:
+    got = model.model.apply({"params": model.params}, images, tokens)["masks"]
+    with torch.no_grad():
+      want = ref.masks(torch.from_numpy(tokens).long())
+    np.testing.assert_array_equal(np.asarray(got), want.numpy())
+
+
+@pytest.mark.parametrize("context,act", [(77, "quick_gelu"), (248, "gelu")])
+def test_hf_clipmodel_embeddings_match(tmp_path, context, act):
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=context, hidden_act=act),
+      vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
+      projection_dim=64)
+  ref = transformers.CLIPModel(config).eval()
+  ref.save_pretrained(tmp_path / "hf")
+  model = smartclip_jax.load(tmp_path / "hf")
+  assert (model.config.model.text.heads, model.config.model.text.context_length) == (4, context)
+  assert model.config.model.activation == act
+  images, tokens = inputs(model)
+  with torch.no_grad():
+    want_img = ref.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    want_txt = ref.get_text_features(input_ids=torch.from_numpy(tokens).long())
+  want_img = getattr(want_img, "pooler_output", want_img)
+  want_txt = getattr(want_txt, "pooler_output", want_txt)
+  assert max_diff(model.encode_image(images), want_img) <= 1e-4
+  assert max_diff(model.encode_text(tokens), want_txt) <= 1e-4
+
+
+def test_layout_round_trips_are_bit_identical(demo_config):
+  from smartclip_jax.models.clip import build_model
+  model = build_model(demo_config)
+  params = jax.tree.map(np.asarray, jax.device_get(
+      model.init(jax.random.key(3), np.zeros((1, 32, 32, 3)), np.zeros((1, 32), np.int32))))
+  params = jax.tree.map(lambda b: b.unbox() if hasattr(b, "unbox") else b, params["params"],
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  state = layout.to_openai(params)
+  assert "mask_net.attn_pool.attention.weight" in state and "ln_final.weight" in state
+  assert state["logit_scale"].shape == ()  # a 0-d parameter in every PyTorch layout
+  back = layout.from_openai(state, params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  no_mask = {k: v for k, v in state.items() if not k.startswith("mask_net.")}
+  again = layout.hf_to_openai(layout.openai_to_hf(no_mask))
+  assert sorted(again) == sorted(no_mask)
+  for k in no_mask:
+    np.testing.assert_array_equal(again[k], no_mask[k])
+
+
+class Payload:
+  def __reduce__(self):  # unpickling would call json.loads: code the loader must not run
+    return (json.loads, ("1",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+  path = tmp_path / "evil.pt"
+  torch.save({"visual.conv1.weight": torch.zeros(1), "payload": Payload()}, path)
+  with pytest.raises(ValueError, match="without running pickled code"):
+    smartclip_jax.load(path)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """A 2-step TINY demo run (SmartCLIP: with a mask network, 32 positions, 4 heads of 16)."""
+  from smartclip_jax import config as config_lib, train
+  from tests.conftest import DEMO, TINY
+  workdir = tmp_path_factory.mktemp("demo_run")
+  train.train_and_evaluate(config_lib.load(DEMO, TINY + ["total_steps=2", "log_every=1"]),
+                           workdir)
+  return workdir, smartclip_jax.load(workdir)
+
+
+def reference_for(model, **kw):
+  m = model.config.model
+  return ReferenceCLIP(
+      embed_dim=m.embed_dim, image_size=m.vision.image_size, patch=m.vision.patch_size,
+      vision_width=m.vision.width, vision_layers=m.vision.layers, vision_heads=m.vision.heads,
+      context=m.text.context_length, text_width=m.text.width, text_layers=m.text.layers,
+      text_heads=m.text.heads, **kw).eval()
+
+
+def assert_same_embeddings(model, encode_image, encode_text):
+  images, tokens = inputs(model)
+  with torch.no_grad():
+    img = encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    txt = encode_text(torch.from_numpy(tokens).long())
+  assert max_diff(model.encode_image(images), getattr(img, "pooler_output", img)) <= 1e-4
+  assert max_diff(model.encode_text(tokens), getattr(txt, "pooler_output", txt)) <= 1e-4
+
+
+def test_orbax_workdir_loads_like_the_run_left_it(demo_run):
+  workdir, model = demo_run
+  assert model.config.model.text.context_length == 32 and model.config.loss == "smartclip"
+  images, tokens = inputs(model)
+  assert model.encode_image(images).shape == (4, 64)
+  assert np.isfinite(np.asarray(model.encode_text(tokens))).all()
+
+
+def test_export_openai_layout_loads_in_the_reference_with_masks(demo_run, tmp_path):
+  from smartclip_jax import convert
+  workdir, model = demo_run
+  convert.main(["--checkpoint", str(workdir), "--to", "openai", "--out", str(tmp_path / "m.pt")])
+  ref = reference_for(model, mask_net=True)
+  ref.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
+  assert_same_embeddings(model, ref.encode_image, ref.encode_text)
+  images, tokens = inputs(model)
+  got = model.model.apply({"params": model.params}, images, tokens)["masks"]
+  np.testing.assert_array_equal(np.asarray(got), ref.masks(torch.from_numpy(tokens).long()))
+  # And back: the exported file as an Orbax checkpoint has the run's parameters, bit for bit.
+  convert.main(["--from", str(tmp_path / "m.pt"), "--out", str(tmp_path / "back")])
+  back = smartclip_jax.load(tmp_path / "back")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params),
+               jax.device_get(model.params))
+
+
+def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_path, capsys):
+  from smartclip_jax import convert
+  workdir, model = demo_run
+  convert.main(["--checkpoint", str(workdir), "--to", "open_clip", "--out",
+                str(tmp_path / "oc.safetensors")])
+  assert "left out" in capsys.readouterr().out
+  spec = json.loads((tmp_path / "oc.json").read_text())
+  assert spec["text_cfg"]["context_length"] == 32 and spec["quick_gelu"]
+  assert spec["vision_cfg"]["width"] // spec["vision_cfg"]["head_width"] == 4
+  ref = reference_for(model)  # open_clip's CLIP has exactly these names (SMARTCLIP.md §7)
+  from safetensors.torch import load_file
+  ref.load_state_dict(load_file(str(tmp_path / "oc.safetensors")), strict=True)
+  assert_same_embeddings(model, ref.encode_image, ref.encode_text)
+
+
+def test_export_hf_loads_in_transformers_without_missing_or_unexpected_keys(demo_run, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from smartclip_jax import convert
+  workdir, model = demo_run
+  convert.main(["--checkpoint", str(workdir), "--to", "hf", "--out", str(tmp_path / "hf")])
+  ref, info = transformers.CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert_same_embeddings(model, lambda x: ref.eval().get_image_features(pixel_values=x),
+                         lambda t: ref.get_text_features(input_ids=t))
+
+
+def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
+  from smartclip_jax import config as config_lib, optim, sharding, step as step_lib
+  from smartclip_jax.interop import loading
+  from smartclip_jax.models.clip import build_model
+  from tests.conftest import DEMO, TINY
+  torch.manual_seed(0)
+  config = config_lib.load(DEMO, TINY + ["model.text.context_length=68"])
+  ref = ReferenceCLIP(embed_dim=64, vision_width=64, vision_layers=1, vision_heads=4,
+                      context=32, text_width=64, text_layers=1, text_heads=4)
+  torch.save(ref.state_dict(), tmp_path / "clip.pt")
+  mesh = sharding.make_mesh(config)
+  model, tx = build_model(config), optim.make_optimizer(config)
+  state = step_lib.init_state(model, tx, config, mesh,
+                              step_lib.state_shardings(model, tx, config, mesh))
+  params, fresh, unused = loading.params_from_torch(tmp_path / "clip.pt", state.params)
+  assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []
+  got = jax.device_get(params)
+  np.testing.assert_array_equal(got["visual"]["proj"], ref.visual.proj.detach().numpy())
+  assert got["text"]["positional_embedding"].shape == (68, 64)  # 32 -> 68, Long-CLIP's stretch
+  np.testing.assert_array_equal(got["text"]["positional_embedding"][:20],
+                                ref.positional_embedding.detach().numpy()[:20])
