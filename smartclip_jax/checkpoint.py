@@ -47,6 +47,7 @@ class Checkpointer:
                config: ml_collections.ConfigDict | None = None):
     self.directory = epath.Path(directory).absolute()
     self.config = config
+    self.best: ocp.CheckpointManager | None = None  # created by the first save_best
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=ITEMS)
@@ -106,10 +107,26 @@ class Checkpointer:
       multihost_utils.sync_global_devices("smartclip_jax: unusable checkpoints set aside")
     self.manager.reload()
 
+  def save_best(self, state: TrainState, metric: str, value: float) -> None:
+    """Saves the state (and config) under `<directory>_best/` when `value` of `metric` is the
+    highest seen so far; Orbax keeps only the best one, across resumes."""
+    if self.best is None:
+      self.best = ocp.CheckpointManager(
+          self.directory.parent / f"{self.directory.name}_best",
+          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
+                                               best_fn=lambda m: m[metric]),
+          item_names=("state", "config"))
+    config = json.loads(self.config.to_json_best_effort()) if self.config else {}
+    self.best.save(int(jax.device_get(state.step)), metrics={metric: value},
+                   args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           config=ocp.args.JsonSave(config)))
+
   def close(self) -> None:
     """Waits for pending saves to be committed."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    for manager in (self.manager, self.best):
+      if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:

@@ -43,6 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 500
   c.eval_every = 0  # 0: evaluate once, at the end
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = c.get_ref("eval_every")  # the same field, under the eval group's name
+  # During training, besides the held-out split: `--tasks` of smartclip_jax.evaluate, e.g.
+  # "urban1k:/data/Urban1k,cifar10"; results in eval/step_<N>.json and TensorBoard.
+  c.eval.tasks = ""
+  # Keep the best checkpoint by this eval metric (under checkpoints_best/): "i2t_r1" of the
+  # held-out split, or "<task>/<metric>" such as "urban1k/t2i_r1"; "" keeps none.
+  c.eval.best_metric = ""
   c.keep_checkpoints = 3
   # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
   # checkpoint, a PyTorch file or a transformers directory (anything smartclip_jax.load reads).

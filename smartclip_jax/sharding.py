@@ -61,6 +61,13 @@ def make_mesh(config: ml_collections.ConfigDict,
                        devices=devices)
 
 
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Every device on `data`: for evaluation, which splits batches and replicates the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices), 1, 1), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -45,20 +45,44 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
           if k not in pipeline.HOST_FIELDS}
 
 
-def run_eval(config: ml_collections.ConfigDict, model: nn.Module, params, mesh: Mesh, step: int,
-             workdir: pathlib.Path, writer: MetricWriter) -> dict[str, float]:
-  """Held-out retrieval: eval/step_<N>.json, TensorBoard `eval/*`, a printed table."""
-  results = evaluate.evaluate_heldout(config, model, params, mesh)
+def run_eval(config: ml_collections.ConfigDict, model: nn.Module, state: step_lib.TrainState,
+             mesh: Mesh, step: int, workdir: pathlib.Path, writer: MetricWriter,
+             checkpointer: checkpoint.Checkpointer) -> dict:
+  """Held-out retrieval and the `eval.tasks`: eval/step_<N>.json, TensorBoard `eval/*`,
+  printed tables, and the best checkpoint by `eval.best_metric`."""
+  results = evaluate.evaluate_heldout(config, model, state.params, mesh)
+  if config.eval.tasks:
+    results["tasks"] = evaluate.evaluate_loaded(
+        loading.Loaded(config, state.params, model), f"{workdir}@{step}",
+        evaluate.parse_tasks(config.eval.tasks), workdir / "eval" / f"step_{step}", mesh,
+        batch_size=config.data.eval_batch_size)
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / f"step_{step}.json").write_text(json.dumps({"step": step, **results},
                                                                    indent=2))
-    writer.write(step, results, prefix="eval/")
+    writer.write(step, {k: v for k, v in results.items() if k != "tasks"}, prefix="eval/")
+    for task, metrics in results.get("tasks", {}).items():
+      writer.write(step, {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                   prefix=f"eval/{task}/")
     skipped = f" ({results['skipped']} unusable skipped)" if results["skipped"] else ""
     title = (f"held-out {config.data.name}: {results['num_images']} images x 1 full caption"
              f"{skipped}, step {step}, masks off")
     print(evaluate.format_table(results, title), flush=True)
+    if "tasks" in results:
+      print(evaluate.results_table({f"step {step}": results["tasks"]}), flush=True)
+  if config.eval.best_metric:
+    checkpointer.save_best(state, config.eval.best_metric,
+                           metric_value(results, config.eval.best_metric))
   return results
+
+
+def metric_value(results: dict, name: str) -> float:
+  """`i2t_r1` of the held-out split, or `<task>/<metric>` of an `eval.tasks` task."""
+  task, _, metric = name.rpartition("/")
+  values = results.get("tasks", {}).get(task, {}) if task else results
+  if metric not in values:
+    raise KeyError(f"eval.best_metric={name!r} is not among this evaluation's metrics")
+  return float(values[metric])
 
 
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -84,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
+  evaluate.parse_tasks(config.eval.tasks)  # a mistyped task fails now, not at the first eval
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -147,10 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                     workdir / "checkpoints")
         return None
       if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-        run_eval(config, model, state.params, mesh, step, workdir, writer)
+        run_eval(config, model, state, mesh, step, workdir, writer, checkpointer)
   finally:
     stop.close()
-  results = run_eval(config, model, state.params, mesh, config.total_steps, workdir, writer)
+  results = run_eval(config, model, state, mesh, config.total_steps, workdir, writer,
+                     checkpointer)
   checkpointer.close()
   writer.close()
   return results

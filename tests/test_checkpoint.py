@@ -76,7 +76,8 @@ def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(demo_config, tm
   assert (tmp_path / "ckpt" / "10").is_dir()
 
 
-@pytest.mark.parametrize("devices,mesh", [(4, "mesh.fsdp=2"), (1, "mesh.data=1")])
+@pytest.mark.parametrize("devices,mesh", [(4, "mesh.fsdp=2"),
+                                          pytest.param(1, "mesh.data=1", marks=pytest.mark.slow)])
 def test_restore_reshards_onto_a_smaller_mesh(tmp_path, devices, mesh):
   saved_on = config_lib.load(DEMO, TINY + ["mesh.fsdp=4", "mesh.tensor=2", "mesh.data=1"])
   saved = save_steps(saved_on, tmp_path / "ckpt", [7])
@@ -109,6 +110,7 @@ def test_init_from_takes_parameters_only_and_fills_in_the_rest(tmp_path):
     checkpoint.load_params(tmp_path / "pretrained", fresh_state(bad)[3].params)
 
 
+@pytest.mark.slow
 def test_init_from_in_a_run_starts_at_step_zero(demo_config, tmp_path):
   save_steps(demo_config, tmp_path / "pretrained", [40])
   demo_config.update(init_from=str(tmp_path / "pretrained"), total_steps=2, log_every=1)

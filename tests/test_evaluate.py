@@ -1,8 +1,12 @@
-"""Recall@K against a brute-force oracle built on a stable sort."""
+"""Recall@K against a brute-force numpy oracle built on a stable sort: exact, with ties,
+several captions per image, chunked or not, sharded over 8 devices or on one."""
 
+import jax
 import numpy as np
+import pytest
 
-from smartclip_jax.evaluate import retrieval_metrics
+from smartclip_jax import sharding
+from smartclip_jax.evals import retrieval
 
 
 def oracle(sim, text_to_image, ks=(1, 5, 10)):
@@ -19,16 +23,52 @@ def oracle(sim, text_to_image, ks=(1, 5, 10)):
   return out
 
 
-def test_recall_matches_oracle_with_ties_and_several_captions_per_image():
-  rng = np.random.default_rng(0)
-  n_img, per = 30, 3
+def tied_embeddings(n_img=30, per=3, dim=6, seed=0):
+  """Small integer embeddings: float32 dot products are exact and many of them tie."""
+  rng = np.random.default_rng(seed)
   text_to_image = np.repeat(np.arange(n_img), per)
   rng.shuffle(text_to_image)
-  sim = rng.integers(0, 4, size=(n_img, n_img * per)).astype(np.float32)  # many ties
-  assert retrieval_metrics(sim, text_to_image) == oracle(sim, text_to_image)
+  img = rng.integers(-1, 2, size=(n_img, dim)).astype(np.float32)
+  txt = rng.integers(-1, 2, size=(n_img * per, dim)).astype(np.float32)
+  return img, txt, text_to_image
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_recall_matches_oracle_with_ties_and_several_captions_per_image(chunk):
+  img, txt, text_to_image = tied_embeddings()
+  rank = retrieval.retrieval_ranks(img, txt, text_to_image, chunk=chunk)
+  got = retrieval.recalls(rank)
+  want = oracle(img @ txt.T, text_to_image)
+  assert {k: got[k] for k in want} == want
+  assert got["mean_recall"] == pytest.approx(np.mean(list(want.values())))
+  assert rank["t2i"].shape == (90,) and rank["i2t"].shape == (30,)
+
+
+def test_ranks_are_the_same_on_one_device_and_sharded_over_eight():
+  img, txt, text_to_image = tied_embeddings(n_img=50, per=5, seed=1)
+  one = retrieval.retrieval_ranks(img, txt, text_to_image, sharding.data_mesh(jax.devices()[:1]),
+                                  chunk=16)
+  eight = retrieval.retrieval_ranks(img, txt, text_to_image, sharding.data_mesh(), chunk=40)
+  for d in ("i2t", "t2i"):
+    np.testing.assert_array_equal(one[d], eight[d])
+
+
+def test_ranks_of_a_stable_sort():
+  rng = np.random.default_rng(2)
+  queries, keys = rng.integers(0, 2, (20, 3)).astype(np.float32), rng.integers(0, 2, (9, 3))
+  targets = rng.integers(0, 9, 20)
+  got = retrieval.ranks(queries, keys, targets, chunk=8)
+  order = [np.argsort(-(q @ keys.T), kind="stable") for q in queries]
+  np.testing.assert_array_equal(got, [list(o).index(t) for o, t in zip(order, targets)])
 
 
 def test_perfect_and_reversed_embeddings():
-  sim = np.eye(12)
-  assert all(v == 100.0 for v in retrieval_metrics(sim, np.arange(12)).values())
-  assert retrieval_metrics(-sim, np.arange(12))["t2i_r10"] == 0.0
+  eye = np.eye(12, dtype=np.float32)
+  assert all(v == 100.0 for v in retrieval.recalls(
+      retrieval.retrieval_ranks(eye, eye, np.arange(12))).values())
+  assert retrieval.recalls(retrieval.retrieval_ranks(eye, -eye, np.arange(12)))["t2i_r10"] == 0.0
+
+
+def test_an_image_without_captions_is_an_error():
+  with pytest.raises(ValueError, match="at least one caption"):
+    retrieval.retrieval_ranks(np.eye(3), np.eye(3)[:2], [0, 1])

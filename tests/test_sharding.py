@@ -21,7 +21,8 @@ def loss_and_grads(config, mesh, params, batch):
   return jax.device_get((loss, metrics, grads))
 
 
-@pytest.mark.parametrize("loss", ["smartclip", "clip", "siglip"])
+@pytest.mark.parametrize("loss", ["smartclip", pytest.param("clip", marks=pytest.mark.slow),
+                                  pytest.param("siglip", marks=pytest.mark.slow)])
 def test_one_device_equals_eight_devices(demo_config, loss):
   demo_config.loss = loss
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)

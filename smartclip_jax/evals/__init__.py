@@ -1,0 +1,1 @@
+"""Evaluation suites: the paper's retrieval and zero-shot classification benchmarks."""
