@@ -108,19 +108,23 @@ ZEROSHOT_TASKS = ("cifar10", "cifar100", "imagenet2012", "folder", "tfds")
 
 
 def evaluate_model(path: str, tasks: Sequence[Task], out: pathlib.Path, mesh: Mesh | None = None,
-                   batch_size: int = 256, chunk: int = 1024, **overrides) -> dict[str, dict]:
+                   batch_size: int = 256, chunk: int = 1024, masks: bool = False,
+                   **overrides) -> dict[str, dict]:
   """Every task on the model at `path` (see `evaluate_loaded`), embeddings cached under
   `out/cache/` while the checkpoint and the set stay the same."""
   from smartclip_jax.interop.loading import load
   return evaluate_loaded(load(path, **overrides), embed.model_key(path), tasks, out, mesh,
-                         batch_size, chunk, cache_dir=out / "cache")
+                         batch_size, chunk, cache_dir=out / "cache", masks=masks)
 
 
 def evaluate_loaded(model: Loaded, model_id: str, tasks: Sequence[Task], out: pathlib.Path,
                     mesh: Mesh | None = None, batch_size: int = 256, chunk: int = 1024,
-                    cache_dir: pathlib.Path | None = None) -> dict[str, dict]:
+                    cache_dir: pathlib.Path | None = None,
+                    masks: bool = False) -> dict[str, dict]:
   """Every task on one model: {task: metrics}; the rank of every query goes to
-  `out/ranks/<task>.npz`."""
+  `out/ranks/<task>.npz`. With `masks`, retrieval scores each pair with the caption's
+  SmartCLIP mask on the image embedding (analysis only: the paper evaluates without; such
+  results carry `"masks": true`, and zero-shot tasks are left out)."""
   encoder = embed.Encoder(model, mesh, batch_size)
   base = {"model": model_id, "image_size": model.config.model.vision.image_size,
           "context": model.config.model.text.context_length}
@@ -129,15 +133,19 @@ def evaluate_loaded(model: Loaded, model_id: str, tasks: Sequence[Task], out: pa
   for task in tasks:
     if task.name in datasets.RETRIEVAL_TASKS:
       data = datasets.load_retrieval(task.name, task.path, task.image_root)
-      emb = embed.cached(cache_dir, {**base, "task": task.label, "images": _fingerprint(
-          data.images), "captions": _fingerprint(data.captions)}, lambda: _embed_pairs(
-              encoder, data))
+      emb = embed.cached(cache_dir, {**base, "task": task.label, "masks": masks,
+                                     "images": _fingerprint(data.images),
+                                     "captions": _fingerprint(data.captions)},
+                         lambda: _embed_pairs(encoder, data, masks))
       rank = retrieval.retrieval_ranks(retrieval.normalize(emb["img"]),
                                        retrieval.normalize(emb["txt"]), data.text_to_image,
-                                       encoder.mesh, chunk)
+                                       encoder.mesh, chunk, emb.get("masks"))
       metrics = {**retrieval.recalls(rank), "num_images": len(data.images),
                  "num_captions": len(data.captions), "truncated_captions": int(emb["truncated"]),
-                 "skipped": data.skipped}
+                 "skipped": data.skipped, **({"masks": True} if masks else {})}
+    elif masks:
+      log.info("%s: zero-shot has no captions to mask; left out with --masks", task.label)
+      continue
     else:
       data = (datasets.load_classification(f"tfds:{task.path}", task.image_root)
               if task.name == "tfds" else datasets.load_classification(task.name, task.path))
@@ -155,12 +163,15 @@ def evaluate_loaded(model: Loaded, model_id: str, tasks: Sequence[Task], out: pa
   return results
 
 
-def _embed_pairs(encoder: embed.Encoder, data: datasets.RetrievalSet) -> dict:
+def _embed_pairs(encoder: embed.Encoder, data: datasets.RetrievalSet, masks: bool) -> dict:
   txt, truncated = encoder.texts(data.captions)
   if truncated:
     log.info("%d of %d captions truncated to %d tokens", truncated, len(data.captions),
              encoder.model.config.model.text.context_length)
-  return {"img": encoder.images(data.images), "txt": txt, "truncated": truncated}
+  out = {"img": encoder.images(data.images), "txt": txt, "truncated": truncated}
+  if masks:
+    out["masks"] = encoder.masks(data.captions)
+  return out
 
 
 def _fingerprint(items: Sequence) -> str:
@@ -224,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", required=True, type=pathlib.Path)
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block")
+  parser.add_argument("--masks", action="store_true", help=(
+      "analysis: score retrieval pairs with the caption's SmartCLIP mask on the image "
+      "embedding (the paper evaluates without)"))
   parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                       help="for state_dicts that do not say (default QuickGELU)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -242,8 +256,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   for label, path in zip(labels, args.model):
     out = args.out / label if len(args.model) > 1 else args.out
     results[label] = evaluate_model(path, tasks, out, batch_size=args.batch_size,
-                                    chunk=args.chunk, **overrides)
+                                    chunk=args.chunk, masks=args.masks, **overrides)
     (out / "results.json").write_text(json.dumps(results[label], indent=2))
+  if args.masks:
+    print("MASKS ON: each caption's SmartCLIP mask applied to the image embedding (analysis; "
+          "the paper's numbers are with masks off)")
   print(results_table(results))
   print(f"results.json and recall@K plot {plot_recall(args.out, labels)} in {args.out}")
 

@@ -72,3 +72,17 @@ def test_perfect_and_reversed_embeddings():
 def test_an_image_without_captions_is_an_error():
   with pytest.raises(ValueError, match="at least one caption"):
     retrieval.retrieval_ranks(np.eye(3), np.eye(3)[:2], [0, 1])
+
+
+def test_masked_ranks_match_the_full_masked_similarity_matrix():
+  from smartclip_jax import losses
+  img, txt, text_to_image = tied_embeddings(n_img=20, per=2, dim=8, seed=3)
+  masks = np.random.default_rng(3).integers(0, 2, size=txt.shape).astype(np.float32)
+  sim = np.asarray(losses.masked_similarity(img, txt, masks))  # [images, captions]
+  got = retrieval.retrieval_ranks(img, txt, text_to_image, chunk=6, masks=masks)
+  t2i = [list(np.argsort(-sim[:, t], kind="stable")).index(text_to_image[t])
+         for t in range(len(txt))]
+  i2t = [min(list(np.argsort(-sim[i], kind="stable")).index(t)
+             for t in np.flatnonzero(text_to_image == i)) for i in range(len(img))]
+  np.testing.assert_array_equal(got["t2i"], t2i)
+  np.testing.assert_array_equal(got["i2t"], i2t)

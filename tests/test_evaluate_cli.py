@@ -88,6 +88,23 @@ def test_cli_matches_a_plain_torch_and_numpy_evaluation(tmp_path, capsys):
   assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
 
 
+def test_masks_on_is_labelled_and_needs_a_mask_network(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  from tests.torch_reference import ReferenceCLIP
+  torch.manual_seed(1)
+  urban = urban1k_folder(tmp_path / "urban", n=6)
+  for name, mask_net in (("smart.pt", True), ("plain.pt", False)):
+    torch.save(ReferenceCLIP(image_size=32, context=77, mask_net=mask_net).state_dict(),
+               tmp_path / name)
+  evaluate.main(["--model", str(tmp_path / "smart.pt"), "--tasks", f"urban1k:{urban}",
+                 "--out", str(tmp_path / "out"), "--masks"])
+  assert "MASKS ON" in capsys.readouterr().out
+  assert json.loads((tmp_path / "out" / "results.json").read_text())["urban1k"]["masks"]
+  with pytest.raises(ValueError, match="no mask network"):
+    evaluate.main(["--model", str(tmp_path / "plain.pt"), "--tasks", f"urban1k:{urban}",
+                   "--out", str(tmp_path / "out2"), "--masks"])
+
+
 def test_zero_shot_is_perfect_when_images_sit_on_their_class():
   rng = np.random.default_rng(0)
   classes = retrieval.normalize(rng.standard_normal((10, 16)))

@@ -51,6 +51,7 @@ class Encoder:
       return lambda x: fn(params, x)
 
     self._image, self._text = jit("encode_image"), jit("encode_text")
+    self._masks = jit("text_masks") if model.config.loss == "smartclip" else None
 
   def _batched(self, fn: Callable, items: Sequence, prepare: Callable) -> np.ndarray:
     out = []
@@ -81,6 +82,13 @@ class Encoder:
     tokenizer = get_tokenizer()
     truncated = sum(len(tokenizer.encode(c)) + 2 > length for c in captions)
     return self._batched(self._text, captions, lambda c: self.model.tokenize(c)[0]), truncated
+
+
+  def masks(self, captions: Sequence[str]) -> np.ndarray:
+    """Each caption's SmartCLIP mask over the image embedding [N, D] (for analysis)."""
+    if self._masks is None:
+      raise ValueError("this model has no mask network (it was not trained as SmartCLIP)")
+    return self._batched(self._masks, captions, lambda c: self.model.tokenize(c)[0])
 
 
 def cached(cache_dir: pathlib.Path | None, parts: dict, compute: Callable[[], dict]) -> dict:

@@ -8,6 +8,7 @@ scores the lower index ranks first, exactly as a stable sort by descending score
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -15,14 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from smartclip_jax import sharding
+from smartclip_jax import losses, sharding
 
 KS = (1, 5, 10)
 
 
-@jax.jit
-def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array) -> jax.Array:
-  scores = jnp.matmul(queries, keys.T, precision=jax.lax.Precision.HIGHEST)
+@functools.partial(jax.jit, static_argnames="masked")
+def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array,
+                 masks: jax.Array | None, masked: str) -> jax.Array:
+  if masked == "queries":  # queries are captions with their masks, keys images
+    scores = losses.masked_similarity(keys, queries, masks).T
+  elif masked == "keys":  # keys are captions with their masks, queries images
+    scores = losses.masked_similarity(queries, keys, masks)
+  else:
+    scores = jnp.matmul(queries, keys.T, precision=jax.lax.Precision.HIGHEST)
   target = jnp.take_along_axis(scores, targets[:, None], axis=1)
   index = jnp.arange(keys.shape[0])[None]
   ahead = (scores > target) | ((scores == target) & (index < targets[:, None]))
@@ -30,37 +37,47 @@ def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array) -> jax
 
 
 def ranks(queries: np.ndarray, keys: np.ndarray, targets: np.ndarray, mesh: Mesh | None = None,
-          chunk: int = 1024) -> np.ndarray:
+          chunk: int = 1024, query_masks: np.ndarray | None = None,
+          key_masks: np.ndarray | None = None) -> np.ndarray:
   """0-based rank of `keys[targets[q]]` among all keys by score with `queries[q]` (ties: the
-  lower key index first), for every query q."""
+  lower key index first), for every query q. Scores are dot products, or SmartCLIP's masked
+  similarity when the caption side (queries or keys) comes with its masks."""
   queries, keys = np.asarray(queries, np.float32), np.asarray(keys, np.float32)
   targets = np.asarray(targets, np.int32)
   mesh = mesh or sharding.data_mesh()
   parts = sharding.data_parallel_size(mesh)
   chunk = -(-min(chunk, max(len(queries), 1)) // parts) * parts  # whole rows per device
-  keys_dev = jax.device_put(keys, sharding.replicated(mesh))
-  rows = sharding.batch_sharding(mesh)
+  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  keys_dev = jax.device_put(keys, rep)
+  masked = "queries" if query_masks is not None else "keys" if key_masks is not None else ""
+  key_masks_dev = None if key_masks is None else jax.device_put(
+      np.asarray(key_masks, np.float32), rep)
   out = np.empty(len(queries), np.int64)
   for start in range(0, len(queries), chunk):
-    q, t = queries[start:start + chunk], targets[start:start + chunk]
-    pad = chunk - len(q)  # one shape for every chunk: one compilation
-    q = np.concatenate([q, np.zeros((pad, q.shape[1]), q.dtype)])
-    t = np.concatenate([t, np.zeros(pad, t.dtype)])
-    got = _chunk_ranks(jax.device_put(q, rows), keys_dev, jax.device_put(t, rows))
-    out[start:start + chunk - pad] = np.asarray(got)[:chunk - pad]
+    stop = min(start + chunk, len(queries))
+    pad = chunk - (stop - start)  # one shape for every chunk: one compilation
+    padded = lambda x: jax.device_put(np.concatenate(
+        [x[start:stop], np.zeros((pad, *x.shape[1:]), x.dtype)]), rows)
+    masks = (padded(np.asarray(query_masks, np.float32)) if masked == "queries"
+             else key_masks_dev)
+    got = _chunk_ranks(padded(queries), keys_dev, padded(targets), masks, masked)
+    out[start:stop] = np.asarray(got)[:stop - start]
   return out
 
 
 def retrieval_ranks(img_emb: np.ndarray, txt_emb: np.ndarray, text_to_image: Sequence[int],
-                    mesh: Mesh | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
+                    mesh: Mesh | None = None, chunk: int = 1024,
+                    masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Per-query ranks. `t2i`: of each caption's image among all images. `i2t`: of each image's
-  best-ranked caption among all captions (any of its captions counts as a hit)."""
+  best-ranked caption among all captions (any of its captions counts as a hit). With `masks`
+  (one per caption), pairs are scored with the caption's mask on the image embedding."""
   text_to_image = np.asarray(text_to_image, np.int64)
   if len(img_emb) and np.bincount(text_to_image, minlength=len(img_emb)).min() == 0:
     raise ValueError("every image needs at least one caption")
   img_emb, txt_emb = np.asarray(img_emb, np.float32), np.asarray(txt_emb, np.float32)
-  t2i = ranks(txt_emb, img_emb, text_to_image, mesh, chunk)
-  each = ranks(img_emb[text_to_image], txt_emb, np.arange(len(txt_emb)), mesh, chunk)
+  t2i = ranks(txt_emb, img_emb, text_to_image, mesh, chunk, query_masks=masks)
+  each = ranks(img_emb[text_to_image], txt_emb, np.arange(len(txt_emb)), mesh, chunk,
+               key_masks=masks)
   i2t = np.full(len(img_emb), np.iinfo(np.int64).max)
   np.minimum.at(i2t, text_to_image, each)
   return {"i2t": i2t, "t2i": t2i}

@@ -51,6 +51,10 @@ class TwoTowers(nn.Module):
     """Unnormalised text embeddings [B, D] (float32)."""
     return self.text_tower(tokens)[0].astype(jnp.float32)
 
+  def text_masks(self, tokens: jax.Array) -> jax.Array:
+    """Each caption's mask over the image embedding [B, D] (SmartCLIP models only)."""
+    return self.mask_net(self.text_tower(tokens)[1])
+
   def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
     """Everything a loss needs: embeddings, masks when present, scale and bias."""
     txt_emb, txt_tokens = self.text_tower(tokens)
