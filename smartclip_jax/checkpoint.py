@@ -130,8 +130,9 @@ class Checkpointer:
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
-  """A workdir, a checkpoints directory (its latest step) or one step's directory."""
-  path = epath.Path(path)
+  """A workdir, a checkpoints directory (its latest step) or one step's directory (absolute:
+  Orbax's metadata readers do not resolve relative paths)."""
+  path = epath.Path(path).absolute()
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "state").is_dir():

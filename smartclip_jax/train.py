@@ -70,6 +70,10 @@ def run_eval(config: ml_collections.ConfigDict, model: nn.Module, state: step_li
     print(evaluate.format_table(results, title), flush=True)
     if "tasks" in results:
       print(evaluate.results_table({f"step {step}": results["tasks"]}), flush=True)
+  summary = [f"held-out {results['i2t_r1']:.1f}/{results['t2i_r1']:.1f}"] + [
+      f"{t} " + (f"{m['i2t_r1']:.1f}/{m['t2i_r1']:.1f}" if "i2t_r1" in m else f"{m['top1']:.1f}")
+      for t, m in results.get("tasks", {}).items()]
+  log.info("eval at step %d (I2T/T2I R@1, zero-shot top-1): %s", step, "; ".join(summary))
   if config.eval.best_metric:
     checkpointer.save_best(state, config.eval.best_metric,
                            metric_value(results, config.eval.best_metric))

@@ -59,6 +59,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(demo_config,
   assert not (tmp_path / "ckpt" / "20").exists()
 
 
+@pytest.mark.slow
 def test_latest_checkpoint_missing_an_item_falls_back(demo_config, tmp_path):
   save_steps(demo_config, tmp_path / "ckpt", [10, 20])
   for p in sorted((tmp_path / "ckpt" / "20" / "data").rglob("*"), reverse=True):

@@ -38,10 +38,11 @@ def save(state_dict, path):
 
 @pytest.mark.parametrize("context,quick_gelu,long_clip,mask_net,suffix,half", [
     (77, True, False, False, ".pt", False),  # OpenAI
-    (77, False, False, False, ".safetensors", True),  # open_clip GELU, fp16
+    pytest.param(77, False, False, False, ".safetensors", True,  # open_clip GELU, fp16
+                 marks=pytest.mark.slow),
     (248, True, True, False, ".pth", False),  # Long-CLIP
     (248, True, True, True, ".safetensors", True),  # SmartCLIP reference, fp16
-    (248, False, True, True, ".bin", False),
+    pytest.param(248, False, True, True, ".bin", False, marks=pytest.mark.slow),
 ])
 def test_reference_layout_embeddings_match(tmp_path, context, quick_gelu, long_clip, mask_net,
                                            suffix, half):
@@ -156,8 +157,12 @@ def assert_same_embeddings(model, encode_image, encode_text):
   assert max_diff(model.encode_text(tokens), getattr(txt, "pooler_output", txt)) <= 1e-4
 
 
-def test_orbax_workdir_loads_like_the_run_left_it(demo_run):
+def test_orbax_workdir_loads_like_the_run_left_it(demo_run, monkeypatch):
   workdir, model = demo_run
+  monkeypatch.chdir(workdir.parent)  # a relative path, as users type it
+  relative = smartclip_jax.load(workdir.name)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(relative.params),
+               jax.device_get(model.params))
   assert model.config.model.text.context_length == 32 and model.config.loss == "smartclip"
   images, tokens = inputs(model)
   assert model.encode_image(images).shape == (4, 64)
