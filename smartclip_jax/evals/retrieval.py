@@ -8,7 +8,6 @@ scores the lower index ranks first, exactly as a stable sort by descending score
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -21,7 +20,6 @@ from smartclip_jax import losses, sharding
 KS = (1, 5, 10)
 
 
-@functools.partial(jax.jit, static_argnames="masked")
 def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array,
                  masks: jax.Array | None, masked: str) -> jax.Array:
   if masked == "queries":  # queries are captions with their masks, keys images
@@ -48,6 +46,8 @@ def ranks(queries: np.ndarray, keys: np.ndarray, targets: np.ndarray, mesh: Mesh
   parts = sharding.data_parallel_size(mesh)
   chunk = -(-min(chunk, max(len(queries), 1)) // parts) * parts  # whole rows per device
   rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  # Ranks come back replicated: every process can read them (a multi-process run included).
+  chunk_ranks = jax.jit(_chunk_ranks, static_argnames="masked", out_shardings=rep)
   keys_dev = jax.device_put(keys, rep)
   masked = "queries" if query_masks is not None else "keys" if key_masks is not None else ""
   key_masks_dev = None if key_masks is None else jax.device_put(
@@ -60,7 +60,7 @@ def ranks(queries: np.ndarray, keys: np.ndarray, targets: np.ndarray, mesh: Mesh
         [x[start:stop], np.zeros((pad, *x.shape[1:]), x.dtype)]), rows)
     masks = (padded(np.asarray(query_masks, np.float32)) if masked == "queries"
              else key_masks_dev)
-    got = _chunk_ranks(padded(queries), keys_dev, padded(targets), masks, masked)
+    got = chunk_ranks(padded(queries), keys_dev, padded(targets), masks, masked)
     out[start:stop] = np.asarray(got)[:stop - start]
   return out
 
