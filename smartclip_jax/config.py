@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import ml_collections
 
 LOSSES = ("smartclip", "clip", "siglip")
+LOSS_IMPLS = ("global", "ring")
+REMATS = ("none", "full", "dots")  # models.layers.REMAT_POLICIES, and none
 CAPTION_MODES = ("prefix", "full", "first")
 
 
@@ -38,7 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.loss = "smartclip"
+  # global: logits of the whole batch on every device; ring: blockwise around the data axes,
+  # memory O(B_local) per device (ring.py). Equal values and gradients.
+  c.loss_impl = "global"
   c.batch_size = 1024  # global, over all devices and processes
+  # Split each batch into this many micro-batches for memory; the loss and its gradients are
+  # still those of the whole batch (step.accumulated_loss_and_grads), at ~4/3 the compute.
+  c.accum_steps = 1
   c.total_steps = 3650
   c.log_every = 50
   c.checkpoint_every = 500
@@ -55,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
   # checkpoint, a PyTorch file or a transformers directory (anything smartclip_jax.load reads).
   c.init_from = ""
+  c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
 
   c.smartclip = ml_collections.ConfigDict(
@@ -65,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = arch["embed_dim"]
   c.model.activation = "quick_gelu"
   c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+  c.model.remat = "none"  # none | full | dots: what each tower block keeps for the backward pass
   c.model.vision = ml_collections.ConfigDict(arch["vision"])
   c.model.text = ml_collections.ConfigDict(dict(context_length=248, vocab_size=49408,
                                                 **arch["text"]))
@@ -215,10 +225,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors = []
   if config.loss not in LOSSES:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
+  if config.loss_impl not in LOSS_IMPLS:
+    errors.append(f"loss_impl={config.loss_impl!r}: choose one of {LOSS_IMPLS}")
   if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
+  if m.remat not in REMATS:
+    errors.append(f"model.remat={m.remat!r}: choose one of {REMATS}")
   if m.activation not in ("quick_gelu", "gelu"):
     errors.append(f"model.activation={m.activation!r}: choose quick_gelu or gelu")
   if m.vision.image_size % m.vision.patch_size:
@@ -229,7 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              ("mask", m.text.width, m.mask.heads)):
     if width % heads:
       errors.append(f"model.{name}: width {width} is not divisible by {heads} heads")
-  for field in ("batch_size", "total_steps", "log_every", "checkpoint_every"):
+  for field in ("batch_size", "accum_steps", "total_steps", "log_every", "checkpoint_every"):
     if config[field] <= 0:
       errors.append(f"{field}={config[field]} must be positive")
   if config.optim.frozen_positions >= m.text.context_length:
@@ -245,6 +259,10 @@ def check_batch(config: ml_collections.ConfigDict, data_parallel: int, processes
     if config.batch_size % n:
       raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {n} {what}; "
                         f"use a multiple of {n}")
+  per_device = config.batch_size // data_parallel
+  if per_device % config.accum_steps:
+    raise ConfigError(f"accum_steps={config.accum_steps} does not divide the {per_device} "
+                      f"examples per data-parallel device (batch_size={config.batch_size})")
   if config.data.eval_batch_size % data_parallel:
     raise ConfigError(f"data.eval_batch_size={config.data.eval_batch_size} is not divisible by "
                       f"the {data_parallel} data x fsdp mesh axes")

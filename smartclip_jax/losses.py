@@ -1,14 +1,18 @@
 """Contrastive losses as pure functions over global arrays (SMARTCLIP.md §3).
 
-Called under jit with the batch sharded over the mesh, XLA inserts the gathers; nothing here
-knows about devices. All math is float32.
+Each loss is written once, on per-example statistics of its logits matrix (log-sum-exps, the
+matching pair's logit, top-1 hits). `impl="global"` computes them from the whole matrix, and XLA
+inserts the gathers when the batch is sharded; `impl="ring"` computes the same statistics
+blockwise around the mesh (ring.py) in memory that does not grow with the global batch.
+All math is float32.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from smartclip_jax import ring
 
 Metrics = dict[str, jax.Array]
 
@@ -34,57 +38,86 @@ def masked_similarity(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array) 
   return jnp.where(nonzero, numerator * jax.lax.rsqrt(jnp.where(nonzero, norm_sq, 1.0)), 0.0)
 
 
-def _cross_entropies(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean CE of rows (image -> text) and of columns (text -> image), targets on the diagonal."""
+def softmax_stats(logits: jax.Array) -> Metrics:
+  """Per example of a square logits matrix: row (image -> text) and column log-sum-exps, the
+  matching pair's logit, and whether it is the top-1 (first maximum) of its row / column."""
   n = logits.shape[0]
-  if logits.shape != (n, n):
-    raise ValueError(f"contrastive logits must be square, got {logits.shape}")
   labels = jnp.arange(n)
-  rows = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  cols = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
-  return rows, cols
+  return {"row_lse": jax.nn.logsumexp(logits, axis=1), "col_lse": jax.nn.logsumexp(logits, axis=0),
+          "diag": jnp.diagonal(logits), "i2t_correct": jnp.argmax(logits, axis=1) == labels,
+          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
 
 
-def _accuracies(logits: jax.Array) -> Metrics:
+def sigmoid_stats(logits: jax.Array) -> Metrics:
+  """Per image, SigLIP's loss summed over every caption (positive on the diagonal); top-1 hits."""
   labels = jnp.arange(logits.shape[0])
-  return {"i2t_top1": jnp.mean(jnp.argmax(logits, axis=1) == labels),
-          "t2i_top1": jnp.mean(jnp.argmax(logits, axis=0) == labels)}
+  signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+  return {"row_loss": -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=-1),
+          "i2t_correct": jnp.argmax(logits, axis=1) == labels,
+          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
+
+
+def _stats(fn, img: jax.Array, txt, theta, *, sigmoid: bool, impl: str) -> Metrics:
+  """The statistics of logits fn(img, txt, theta) over the global batch: from the full matrix
+  (`global`), or blockwise around the mesh's batch axes (`ring`, see ring.py)."""
+  if img.shape[0] != jax.tree.leaves(txt)[0].shape[0]:
+    raise ValueError(f"contrastive losses pair images and captions one to one, got "
+                     f"{img.shape[0]} images and {jax.tree.leaves(txt)[0].shape[0]} captions")
+  if impl == "ring":
+    return (ring.sigmoid_stats if sigmoid else ring.softmax_stats)(fn, img, txt, theta)
+  if impl != "global":
+    raise ValueError(f"loss impl {impl!r}: choose global or ring")
+  logits = fn(img, txt, theta)
+  return sigmoid_stats(logits) if sigmoid else softmax_stats(logits)
+
+
+def _hits(stats: Metrics) -> Metrics:
+  return {"i2t_top1": jnp.mean(stats["i2t_correct"]), "t2i_top1": jnp.mean(stats["t2i_correct"])}
 
 
 def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
                    temperature: float = 0.01, align_weight: float = 10.0,
-                   sparsity_weight: float = 2.0) -> tuple[jax.Array, Metrics]:
+                   sparsity_weight: float = 2.0, impl: str = "global") -> tuple[jax.Array, Metrics]:
   """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean(mask)."""
-  logits = masked_similarity(img_emb, txt_emb, masks) / temperature
-  ce_rows, ce_cols = _cross_entropies(logits)
+  logits = lambda z, text, _: masked_similarity(z, *text) / temperature
+  stats = _stats(logits, img_emb, (txt_emb, masks), (), sigmoid=False, impl=impl)
+  ce_rows = jnp.mean(stats["row_lse"] - stats["diag"])
+  ce_cols = jnp.mean(stats["col_lse"] - stats["diag"])
   active = jnp.sum(masks.astype(jnp.float32), axis=-1)
   density = jnp.mean(masks.astype(jnp.float32))
   loss = align_weight * (ce_rows + ce_cols) + sparsity_weight * density
   return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols, "mask_density": density,
                 "mask_active_mean": jnp.mean(active), "mask_active_min": jnp.min(active),
-                "mask_active_max": jnp.max(active), **_accuracies(logits)}
+                "mask_active_max": jnp.max(active), **_hits(stats)}
 
 
-def clip_loss(img_emb: jax.Array, txt_emb: jax.Array,
-              logit_scale: jax.Array) -> tuple[jax.Array, Metrics]:
+def _cosines(img_emb: jax.Array, txt_emb: jax.Array) -> jax.Array:
+  return jnp.matmul(l2_normalize(img_emb.astype(jnp.float32)),
+                    l2_normalize(txt_emb.astype(jnp.float32)).T,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _clip_scale(logit_scale: jax.Array) -> jax.Array:
+  return jnp.minimum(jnp.exp(logit_scale), 100.0)
+
+
+def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array, *,
+              impl: str = "global") -> tuple[jax.Array, Metrics]:
   """CLIP's symmetric InfoNCE; `logit_scale` is the log of the scale, capped at 100 as CLIP does."""
-  scale = jnp.minimum(jnp.exp(logit_scale), 100.0)
-  logits = scale * jnp.matmul(l2_normalize(img_emb.astype(jnp.float32)),
-                              l2_normalize(txt_emb.astype(jnp.float32)).T,
-                              precision=jax.lax.Precision.HIGHEST)
-  ce_rows, ce_cols = _cross_entropies(logits)
+  logits = lambda img, txt, ls: _clip_scale(ls) * _cosines(img, txt)
+  stats = _stats(logits, img_emb, txt_emb, logit_scale, sigmoid=False, impl=impl)
+  ce_rows = jnp.mean(stats["row_lse"] - stats["diag"])
+  ce_cols = jnp.mean(stats["col_lse"] - stats["diag"])
   loss = 0.5 * (ce_rows + ce_cols)
-  return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols, "temperature": 1 / scale,
-                **_accuracies(logits)}
+  return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols,
+                "temperature": 1 / _clip_scale(logit_scale), **_hits(stats)}
 
 
 def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array,
-                logit_bias: jax.Array) -> tuple[jax.Array, Metrics]:
+                logit_bias: jax.Array, *, impl: str = "global") -> tuple[jax.Array, Metrics]:
   """SigLIP's pairwise sigmoid loss, summed over texts and averaged over images."""
-  logits = jnp.exp(logit_scale) * jnp.matmul(
-      l2_normalize(img_emb.astype(jnp.float32)), l2_normalize(txt_emb.astype(jnp.float32)).T,
-      precision=jax.lax.Precision.HIGHEST) + logit_bias
-  signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
-  loss = -jnp.mean(jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=-1))
+  logits = lambda img, txt, sb: jnp.exp(sb[0]) * _cosines(img, txt) + sb[1]
+  stats = _stats(logits, img_emb, txt_emb, (logit_scale, logit_bias), sigmoid=True, impl=impl)
+  loss = jnp.mean(stats["row_loss"])
   return loss, {"loss": loss, "temperature": jnp.exp(-logit_scale), "bias": logit_bias,
-                **_accuracies(logits)}
+                **_hits(stats)}

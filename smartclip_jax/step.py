@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from smartclip_jax import losses, optim, sharding
 
@@ -98,19 +98,77 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
         jax.random.key(config.seed))
 
 
-def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
-                 batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Forward both towers (and the mask net), then the configured loss over the global batch."""
-  out = model.apply({"params": params}, batch["image"], batch["tokens"])
+def loss_of_outputs(config: ml_collections.ConfigDict,
+                    out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The configured loss over the global batch, from the model's outputs."""
   if config.loss == "smartclip":
     s = config.smartclip
     return losses.smartclip_loss(out["img_emb"], out["txt_emb"], out["masks"],
                                  temperature=s.temperature, align_weight=s.align_weight,
-                                 sparsity_weight=s.sparsity_weight)
+                                 sparsity_weight=s.sparsity_weight, impl=config.loss_impl)
   if config.loss == "clip":
-    return losses.clip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"])
+    return losses.clip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"],
+                            impl=config.loss_impl)
   return losses.siglip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"],
-                            out["logit_bias"])
+                            out["logit_bias"], impl=config.loss_impl)
+
+
+def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
+                 batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Forward both towers (and the mask net), then the configured loss over the global batch."""
+  return loss_of_outputs(config, model.apply({"params": params}, batch["image"], batch["tokens"]))
+
+
+def _split(tree: Any, k: int, groups: int) -> Any:
+  """[B, ...] -> [k, B/k, ...], micro-batch i taking the i-th k-th of every device's rows, so
+  no example changes device (the batch is split into `groups` contiguous device blocks)."""
+  def split(x):
+    x = x.reshape(groups, k, x.shape[0] // (groups * k), *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x.reshape(k, -1, *x.shape[3:]), P(None, sharding.BATCH_AXES))
+  return jax.tree.map(split, tree)
+
+
+def _merge(tree: Any, groups: int) -> Any:
+  """The inverse of `_split`: [k, B/k, ...] -> [B, ...] in the batch's own order."""
+  def merge(x):
+    k = x.shape[0]
+    x = x.reshape(k, groups, -1, *x.shape[2:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x.reshape(-1, *x.shape[3:]), P(sharding.BATCH_AXES))
+  return jax.tree.map(merge, tree)
+
+
+def accumulated_loss_and_grads(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
+                               batch: Batch, groups: int):
+  """The loss over the whole batch and its exact gradients, at one micro-batch's activations.
+
+  A contrastive loss couples every pair, so summing micro-batch losses would change it. Instead
+  (a feature cache): embed all `config.accum_steps` micro-batches without keeping activations,
+  take the loss and its gradient with respect to the embeddings over the full batch, then run
+  each micro-batch again and pull its slice of that gradient back to the parameters.
+  """
+  k = config.accum_steps
+  embed = lambda p, mb: model.apply({"params": p}, mb["image"], mb["tokens"])
+  micro = _split(batch, k, groups)
+  outs = jax.lax.map(lambda mb: embed(params, mb), micro)
+  per_example = {key: v for key, v in outs.items() if v.ndim > 1}
+  full = {**{key: v[0] for key, v in outs.items() if v.ndim == 1}, **_merge(per_example, groups)}
+  (loss, metrics), d_full = jax.value_and_grad(
+      lambda o: loss_of_outputs(config, o), has_aux=True)(full)
+  d_micro = _split({key: d_full[key] for key in per_example}, k, groups)
+  d_scalars = {key: v for key, v in d_full.items() if key not in per_example}
+
+  def pull(grads, xs):
+    i, mb, d_mb = xs
+    _, back = jax.vjp(lambda p: embed(p, mb), params)
+    # Scale and bias enter the loss once: their cotangent goes with the first micro-batch.
+    scalars = jax.tree.map(lambda d: jnp.where(i == 0, d, jnp.zeros_like(d)), d_scalars)
+    (g,) = back({**d_mb, **scalars})
+    return jax.tree.map(jnp.add, grads, g), None
+
+  grads, _ = jax.lax.scan(pull, jax.tree.map(jnp.zeros_like, params),
+                          (jnp.arange(k), micro, d_micro))
+  return (loss, metrics), grads
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -121,9 +179,15 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   lrs = optim.schedules(config)
 
+  groups = sharding.data_parallel_size(mesh)
+
   def train_step(state: TrainState, batch: Batch):
-    grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params)
+    if config.accum_steps > 1:
+      (loss, metrics), grads = accumulated_loss_and_grads(model, config, state.params, batch,
+                                                          groups)
+    else:
+      grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
+      (loss, metrics), grads = grad_fn(state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -140,11 +140,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   stop = preemption.StopRequest()
   if distributed.detect() == "tpu":
     stop.watch_maintenance()
+  # A trace of `profile_steps` steps after the first (compiling) one, beside the TensorBoard
+  # scalars: `tensorboard --logdir WORKDIR/tensorboard`, Profile tab.
+  profile = range(start + 2, min(start + 2 + config.profile_steps, config.total_steps + 1))
+  tracing = False
   try:
     for step in range(start + 1, config.total_steps + 1):
+      if step == profile.start and len(profile):
+        jax.profiler.start_trace(str(workdir / "tensorboard"))
+        tracing = True
       batch = next(data_iter)
       data_stats.update(batch)
       state, metrics = train_step(state, global_batch(batch, mesh))
+      if tracing and step == profile[-1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        log.info("profile of steps %d-%d written under %s (tensorboard --logdir %s, Profile tab)",
+                 profile.start, step, workdir / "tensorboard/plugins/profile",
+                 workdir / "tensorboard")
       stopping = stop.reached(step)
       if step % config.log_every == 0 or step == config.total_steps or stopping:
         metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
@@ -179,6 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         run_eval(config, model, state, mesh, step, workdir, writer, checkpointer)
   finally:
     stop.close()
+    if tracing:
+      jax.profiler.stop_trace()
   results = run_eval(config, model, state, mesh, config.total_steps, workdir, writer,
                      checkpointer)
   checkpointer.close()

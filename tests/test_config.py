@@ -42,6 +42,13 @@ def test_batch_not_divisible_by_data_axes():
     config_lib.check_batch(c, data_parallel=8, processes=1)
 
 
+def test_accum_steps_must_divide_each_devices_rows():
+  c = config_lib.load(DEMO, ["batch_size=48", "accum_steps=4"])
+  with pytest.raises(config_lib.ConfigError, match="accum_steps=4 does not divide the 6"):
+    config_lib.check_batch(c, data_parallel=8, processes=1)
+  config_lib.check_batch(config_lib.load(DEMO, ["batch_size=64", "accum_steps=4"]), 8, 1)
+
+
 def test_cli_reports_unknown_field_and_exits(capsys):
   with pytest.raises(SystemExit) as exit_info:
     train.parse_args(["--config", DEMO, "--workdir", "/tmp/x", "--config.bacth_size=8"])

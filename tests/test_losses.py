@@ -113,7 +113,7 @@ def test_siglip_loss_matches_numpy():
 
 def test_non_square_batch_is_rejected():
   img, txt, masks = _inputs(n=6, m=5)
-  with pytest.raises(ValueError, match="square"):
+  with pytest.raises(ValueError, match="one to one"):
     losses.smartclip_loss(img, txt, masks)
 
 

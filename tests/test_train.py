@@ -20,8 +20,8 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="module")
 def fifty_step_run(tmp_path_factory):
-  """One 50-step demo run, logging every step and checkpointing at 25 and 50."""
-  config = config_lib.load(DEMO, TINY + ["log_every=1"])
+  """One 50-step demo run, logging every step, checkpointing at 25 and 50, tracing 3 steps."""
+  config = config_lib.load(DEMO, TINY + ["log_every=1", "profile_steps=3"])
   workdir = tmp_path_factory.mktemp("run")
   return config, workdir, train.train_and_evaluate(config, workdir)
 
@@ -39,6 +39,7 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
       results["t2i_r1"]
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == config.batch_size
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [25, 50]
 
 
@@ -58,6 +59,7 @@ def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path):
   assert sorted(int(p.name) for p in (cut / "checkpoints").iterdir()) == [25, 50]
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_path):
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
@@ -105,6 +107,7 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config):
   assert any(jax.tree.leaves(changed))  # the finite step was applied
 
 
+@pytest.mark.slow
 def test_run_stops_after_too_many_nonfinite_steps(demo_config, tmp_path, monkeypatch):
   real = pipeline.train_iterator
 

@@ -104,6 +104,15 @@ class ResidualAttentionBlock(nn.Module):
     return constrain(x)
 
 
+# What a block keeps for the backward pass (`model.remat`): everything (none), only its input
+# (full: the block is recomputed), or its input and the outputs of its weight matmuls (dots:
+# attention scores, softmax and activations are recomputed).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
   """A stack of residual attention blocks named `resblocks_{i}` (CLIP's `resblocks.{i}`)."""
   layers: int
@@ -111,10 +120,13 @@ class Transformer(nn.Module):
   causal: bool = False
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    block = ResidualAttentionBlock
+    if self.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
     for i in range(self.layers):
-      x = ResidualAttentionBlock(self.heads, self.causal, self.activation, self.dtype,
-                                 name=f"resblocks_{i}")(x)
+      x = block(self.heads, self.causal, self.activation, self.dtype, name=f"resblocks_{i}")(x)
     return x

@@ -46,6 +46,7 @@ class TextTransformer(nn.Module):
   embed_dim: int
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # layers.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -58,7 +59,7 @@ class TextTransformer(nn.Module):
                      (self.context_length, self.width))
     x = x + pos.astype(x.dtype)
     x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
-                    dtype=self.dtype, name="transformer")(x)
+                    dtype=self.dtype, remat=self.remat, name="transformer")(x)
     x = layer_norm("ln_final", self.dtype)(x)
     pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
     proj = self.param("text_projection",
