@@ -38,23 +38,30 @@ def masked_similarity(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array) 
   return jnp.where(nonzero, numerator * jax.lax.rsqrt(jnp.where(nonzero, norm_sq, 1.0)), 0.0)
 
 
+def _top1(logits: jax.Array) -> Metrics:
+  """Whether the matching pair is the first maximum of its row (image) and column (caption)."""
+  labels = jnp.arange(logits.shape[0])
+  return {"i2t_correct": jnp.argmax(logits, axis=1) == labels,
+          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
+
+
 def softmax_stats(logits: jax.Array) -> Metrics:
   """Per example of a square logits matrix: row (image -> text) and column log-sum-exps, the
   matching pair's logit, and whether it is the top-1 (first maximum) of its row / column."""
-  n = logits.shape[0]
-  labels = jnp.arange(n)
   return {"row_lse": jax.nn.logsumexp(logits, axis=1), "col_lse": jax.nn.logsumexp(logits, axis=0),
-          "diag": jnp.diagonal(logits), "i2t_correct": jnp.argmax(logits, axis=1) == labels,
-          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
+          "diag": jnp.diagonal(logits), **_top1(logits)}
 
 
 def sigmoid_stats(logits: jax.Array) -> Metrics:
   """Per image, SigLIP's loss summed over every caption (positive on the diagonal); top-1 hits."""
-  labels = jnp.arange(logits.shape[0])
   signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
-  return {"row_loss": -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=-1),
-          "i2t_correct": jnp.argmax(logits, axis=1) == labels,
-          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
+  return {"row_loss": -jnp.sum(jax.nn.log_sigmoid(signs * logits), axis=-1), **_top1(logits)}
+
+
+def cross_entropies(stats: Metrics) -> tuple[jax.Array, jax.Array]:
+  """Mean CE of rows (image -> text) and of columns (text -> image) from `softmax_stats`."""
+  return (jnp.mean(stats["row_lse"] - stats["diag"]),
+          jnp.mean(stats["col_lse"] - stats["diag"]))
 
 
 def _stats(fn, img: jax.Array, txt, theta, *, sigmoid: bool, impl: str) -> Metrics:
@@ -81,8 +88,7 @@ def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
   """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean(mask)."""
   logits = lambda z, text, _: masked_similarity(z, *text) / temperature
   stats = _stats(logits, img_emb, (txt_emb, masks), (), sigmoid=False, impl=impl)
-  ce_rows = jnp.mean(stats["row_lse"] - stats["diag"])
-  ce_cols = jnp.mean(stats["col_lse"] - stats["diag"])
+  ce_rows, ce_cols = cross_entropies(stats)
   active = jnp.sum(masks.astype(jnp.float32), axis=-1)
   density = jnp.mean(masks.astype(jnp.float32))
   loss = align_weight * (ce_rows + ce_cols) + sparsity_weight * density
@@ -106,8 +112,7 @@ def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array, *,
   """CLIP's symmetric InfoNCE; `logit_scale` is the log of the scale, capped at 100 as CLIP does."""
   logits = lambda img, txt, ls: _clip_scale(ls) * _cosines(img, txt)
   stats = _stats(logits, img_emb, txt_emb, logit_scale, sigmoid=False, impl=impl)
-  ce_rows = jnp.mean(stats["row_lse"] - stats["diag"])
-  ce_cols = jnp.mean(stats["col_lse"] - stats["diag"])
+  ce_rows, ce_cols = cross_entropies(stats)
   loss = 0.5 * (ce_rows + ce_cols)
   return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols,
                 "temperature": 1 / _clip_scale(logit_scale), **_hits(stats)}

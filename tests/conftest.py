@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after the flags)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # No persistent compilation cache: on XLA:CPU (jax 0.10.2) a train step read back from it
@@ -27,6 +28,16 @@ TINY = ["batch_size=16", "total_steps=50", "log_every=10", "checkpoint_every=25"
 @pytest.fixture
 def demo_config():
   return config_lib.load(DEMO, TINY)
+
+
+def assert_gradients_close(got, ref, what: str = "") -> None:
+  """Gradient trees equal up to summation order: 1e-5 of each leaf's own scale, floored at 1e-3
+  of the largest leaf, since some leaves are zero up to rounding (the attention pooling's bias
+  cannot change a softmax) and hold only that rounding noise."""
+  floor = 1e-3 * max(np.abs(r).max() for r in jax.tree.leaves(ref))
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(np.abs(r).max(), floor),
+                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
 def pytest_report_header(config):

@@ -8,6 +8,7 @@ import pytest
 from smartclip_jax import optim, sharding, step as step_lib
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
+from tests.conftest import assert_gradients_close
 
 
 def _setup(config):
@@ -37,10 +38,7 @@ def _assert_same(got, ref):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for key in ref_metrics:
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  floor = 1e-3 * max(np.abs(r).max() for r in jax.tree.leaves(ref_grads))
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(np.abs(r).max(), floor),
-                               err_msg=jax.tree_util.keystr(path))
+  assert_gradients_close(grads, ref_grads)
 
 
 @pytest.mark.parametrize("loss,impl,mesh", [

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartclip_jax import losses, ring, sharding, step as step_lib
+from smartclip_jax import losses, ring, sharding
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
+from tests.conftest import assert_gradients_close
+from tests.test_sharding import loss_and_grads
 
 
 def _mesh(data, fsdp, tensor):
@@ -115,17 +117,11 @@ def test_train_loss_ring_equals_global(demo_config):
   batch = {"image": batch["image"], "tokens": batch["tokens"]}
   params = jax.jit(lambda r: model.init(r, batch["image"][:1], batch["tokens"][:1]))(
       jax.random.key(0))["params"]
-  mesh = _mesh(4, 2, 1)
+  demo_config.mesh.update(data=4, fsdp=2, tensor=1)
+  mesh = sharding.make_mesh(demo_config)
   out = {}
   for impl in ("global", "ring"):
     demo_config.loss_impl = impl
-    fn = jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, demo_config, p, b),
-                            has_aux=True)
-    with sharding.activate(mesh):
-      out[impl] = jax.device_get(jax.jit(fn)(params, batch))
-  np.testing.assert_allclose(out["ring"][0][0], out["global"][0][0], rtol=1e-5)
-  floor = 1e-3 * max(np.abs(g).max() for g in jax.tree.leaves(out["global"][1]))
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(out["ring"][1]),
-                          jax.tree.leaves(out["global"][1])):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(np.abs(r).max(), floor),
-                               err_msg=jax.tree_util.keystr(path))
+    out[impl] = loss_and_grads(demo_config, mesh, params, batch)
+  np.testing.assert_allclose(out["ring"][0], out["global"][0], rtol=1e-5)
+  assert_gradients_close(out["ring"][2], out["global"][2])

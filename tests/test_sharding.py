@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from smartclip_jax import optim, sharding, step as step_lib
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
+from tests.conftest import assert_gradients_close
 
 
 def loss_and_grads(config, mesh, params, batch):
@@ -42,13 +43,7 @@ def test_one_device_equals_eight_devices(demo_config, loss):
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=str(shape))
     for key in ref[1]:
       np.testing.assert_allclose(got[1][key], ref[1][key], rtol=1e-5, err_msg=key)
-    # Summation order differs across devices, so compare at 1e-5 of each gradient's own scale,
-    # floored at 1e-3 of the largest one: some leaves are zero up to rounding (the attention
-    # pooling's bias cannot change a softmax) and hold only that rounding noise.
-    floor = 1e-3 * max(np.abs(r).max() for r in jax.tree.leaves(ref[2]))
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got[2]), jax.tree.leaves(ref[2])):
-      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(np.abs(r).max(), floor),
-                                 err_msg=f"{shape} {jax.tree_util.keystr(path)}")
+    assert_gradients_close(got[2], ref[2], str(shape))
 
 
 def test_fsdp_and_tensor_rules_shard_parameters(demo_config):
