@@ -2,14 +2,16 @@
 the same architecture, and MFU against this machine's measured matmul peak.
 
   python benchmarks/train_step.py [--arch vit_b16] [--batches 8 32] [--context 77]
-      [--dtype float32] [--repeats 3] [--no-torch]
+      [--caption-tokens 20] [--dtype float32] [--repeats 3] [--no-torch]
 
 Every step is loss + backward + AdamW on one device (all host cores), fp32 unless --dtype says.
 Ours: `step.make_train_step` (the code the trainer runs). PyTorch: transformers' `CLIPModel`
 configured to the same sizes (QuickGELU, the context length given), `return_loss=True`,
 `backward()`, `torch.optim.AdamW`. FLOPs per step are XLA's cost analysis of our compiled step;
 MFU divides them by the step time and by the peak of a large jitted fp32 matmul measured in the
-same run. The last line is one JSON object with every figure.
+same run. The steps of one batch size are timed in turns, so load from elsewhere falls on all
+of them alike, and each keeps its best time (the least disturbed); `clip_again`, a second copy
+of the CLIP step, shows what difference noise alone makes. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -25,25 +28,34 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from smartclip_jax import config as config_lib, optim, sharding, step as step_lib  # noqa: E402
+from smartclip_jax import config as config_lib, optim, sharding, step as step_lib, train  # noqa: E402
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
 
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (compilation, allocations)
-  times = []
+def seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+  """Best seconds of each callable, timed in turns (a, b, c, a, b, c, ...) after one warm-up
+  each, so that load from elsewhere on a shared machine falls on all of them alike."""
+  for fn in runs.values():
+    fn()  # compilation, allocations
+  times: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, fn in runs.items():
+      times[name].append(seconds(fn))
+  return {name: min(t) for name, t in times.items()}
 
 
 def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
   """FLOP/s of an n x n x n float32 matmul, the best this machine does on dense math."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / median_seconds(lambda: f(a).block_until_ready(), repeats)
+  return 2 * n ** 3 / interleaved_best({"matmul": lambda: f(a).block_until_ready()},
+                                       repeats)["matmul"]
 
 
 def make_config(arch: str, loss: str, batch: int, context: int, dtype: str):
@@ -54,22 +66,27 @@ def make_config(arch: str, loss: str, batch: int, context: int, dtype: str):
   return c
 
 
-def inputs(c, seed: int = 0) -> dict[str, np.ndarray]:
+def inputs(c, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random images; captions of `caption_tokens` tokens (all positions if 0), padded with 0."""
   rng = np.random.default_rng(seed)
   size, length = c.model.vision.image_size, c.model.text.context_length
-  tokens = rng.integers(1, 49406, (c.batch_size, length)).astype(np.int32)
-  tokens[:, -1] = 49407  # end of text, the highest id, where CLIP pools
+  n = caption_tokens or length
+  tokens = np.zeros((c.batch_size, length), np.int32)
+  tokens[:, :n] = rng.integers(1, 49406, (c.batch_size, n))
+  tokens[:, n - 1] = 49407  # end of text, the highest id, where CLIP pools
   return {"image": rng.standard_normal((c.batch_size, size, size, 3)).astype(np.float32),
           "tokens": tokens}
 
 
-def ours(c, repeats: int) -> dict:
-  """Our jitted train step on one device: seconds per step and XLA's FLOPs per step."""
+def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
+  """Our jitted train step on one device: one step to time, and XLA's FLOPs per step. The
+  batch goes through the trainer's `global_batch`, which cuts padding if the config says so."""
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   model, tx = build_model(c), optim.make_optimizer(c)
   shardings = step_lib.state_shardings(model, tx, c, mesh)
   state = step_lib.init_state(model, tx, c, mesh, shardings)
-  batch = jax.device_put(inputs(c), sharding.batch_sharding(mesh))
+  data = inputs(c, caption_tokens)
+  batch = train.global_batch(data, mesh, train.text_length(data["tokens"], c))
   jitted = step_lib.jit_train_step(model, tx, c, mesh, shardings)
   with sharding.activate(mesh):
     compiled = jitted.lower(state, batch).compile()
@@ -80,10 +97,10 @@ def ours(c, repeats: int) -> dict:
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  return {"seconds": median_seconds(run, repeats), "flops": flops}
+  return run, flops
 
 
-def torch_step(c, repeats: int, threads: int) -> dict:
+def torch_step(c, caption_tokens: int, threads: int) -> Callable[[], None]:
   """transformers' CLIPModel of the same sizes: loss, backward, AdamW (fp32 or bf16 autocast)."""
   import torch
   import transformers
@@ -104,7 +121,7 @@ def torch_step(c, repeats: int, threads: int) -> dict:
   model = transformers.CLIPModel(config).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6,
                           weight_decay=0.01)
-  data = inputs(c)
+  data = inputs(c, caption_tokens)
   pixels = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous()
   tokens = torch.from_numpy(data["tokens"]).long()
   bf16 = c.model.dtype == "bfloat16"
@@ -116,7 +133,7 @@ def torch_step(c, repeats: int, threads: int) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return {"seconds": median_seconds(run, repeats)}
+  return run
 
 
 def main() -> None:
@@ -126,6 +143,9 @@ def main() -> None:
   parser.add_argument("--batches", type=int, nargs="+", default=[8])
   parser.add_argument("--context", type=int, default=77,
                       help="text tokens (77: CLIP's, which transformers' CLIP takes as is)")
+  parser.add_argument("--caption-tokens", type=int, default=0,
+                      help="caption length in tokens (0: all of --context); > 0 adds a CLIP row "
+                           "with model.text.trim_padding=16")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
@@ -138,29 +158,40 @@ def main() -> None:
   print(f"{'step':>16} {'batch':>6} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'MFU':>6}")
   rows = []
   for batch in args.batches:
+    configs = {name: make_config(args.arch, name.removesuffix("_again"), batch, args.context,
+                                 args.dtype)
+               for name in ("smartclip", "clip", "clip_again")}
+    if args.caption_tokens:
+      configs["clip_trim"] = make_config(args.arch, "clip", batch, args.context, args.dtype)
+      configs["clip_trim"].model.text.trim_padding = 16
+    runs, flops = {}, {}
+    for name, c in configs.items():
+      runs[name], flops[name] = ours(c, args.caption_tokens)
+    if args.torch:
+      runs["torch_clip"] = torch_step(configs["clip"], args.caption_tokens, threads)
+      flops["torch_clip"] = flops["clip"]  # the same model's work
+    times = interleaved_best(runs, args.repeats)
     found = {}
-    for name in ("smartclip", "clip", "torch_clip"):
-      if name == "torch_clip" and not args.torch:
-        continue
-      c = make_config(args.arch, "clip" if name == "torch_clip" else name, batch, args.context,
-                      args.dtype)
-      r = torch_step(c, args.repeats, threads) if name == "torch_clip" else ours(c, args.repeats)
-      r["flops"] = r.get("flops", found.get("clip", {}).get("flops"))  # the same model's work
-      row = {"step": name, "batch": batch, **r, "images_per_sec": batch / r["seconds"],
-             "mfu": r["flops"] / r["seconds"] / peak}
-      found[name] = row
+    for name, t in times.items():
+      row = found[name] = {"step": name, "batch": batch, "seconds": t, "flops": flops[name],
+                           "images_per_sec": batch / t, "mfu": flops[name] / t / peak}
       rows.append(row)
-      print(f"{name:>16} {batch:>6} {r['seconds']:>8.2f} {row['images_per_sec']:>7.2f} "
-            f"{r['flops'] / 1e9:>11.1f} {row['mfu']:>6.1%}", flush=True)
+      print(f"{name:>16} {batch:>6} {t:>8.2f} {row['images_per_sec']:>7.2f} "
+            f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%}", flush=True)
     overhead = found["smartclip"]["seconds"] / found["clip"]["seconds"] - 1
-    line = f"batch {batch}: SmartCLIP step {overhead:+.1%} vs CLIP"
-    if "torch_clip" in found:
-      speedup = found["torch_clip"]["seconds"] / found["clip"]["seconds"]
-      line += f"; ours {speedup:.2f}x the speed of transformers' CLIPModel"
-      found["clip"]["speedup_vs_torch"] = speedup
     found["smartclip"]["overhead_vs_clip"] = overhead
+    noise = found["clip_again"]["vs_clip"] = times["clip_again"] / times["clip"] - 1
+    line = f"batch {batch}: SmartCLIP step {overhead:+.1%} vs CLIP (the same CLIP step again: " \
+           f"{noise:+.1%})"
+    if "torch_clip" in found:
+      speedup = found["clip"]["speedup_vs_torch"] = times["torch_clip"] / times["clip"]
+      line += f"; ours {speedup:.2f}x the speed of transformers' CLIPModel"
+    if "clip_trim" in found:
+      trim = found["clip_trim"]["speedup_vs_clip"] = times["clip"] / times["clip_trim"]
+      line += f"; padding cut: {trim:.2f}x"
     print(line, flush=True)
   print(json.dumps({"arch": args.arch, "context": args.context, "dtype": args.dtype,
+                    "caption_tokens": args.caption_tokens,
                     "peak_flops": peak, "threads": threads, "rows": rows}))
 
 

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.data.pipeline import DataStats
 from smartclip_jax.interop import layout
 from smartclip_jax.models.text import stretch_positions
@@ -60,10 +61,9 @@ class Checkpointer:
     """Starts an async save at the state's step; returns once device arrays are copied."""
     step = int(jax.device_get(state.step))
     stats = (data_stats or DataStats()).state_dict()
-    config = json.loads(self.config.to_json_best_effort()) if self.config else {}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        data_stats=ocp.args.JsonSave(stats), config=ocp.args.JsonSave(config)))
+        data_stats=ocp.args.JsonSave(stats), config=self._config_item()))
 
   def restore(self, shardings: TrainState, abstract: TrainState,
               data_iter: grain.DatasetIterator) -> tuple[TrainState | None, DataStats]:
@@ -116,10 +116,12 @@ class Checkpointer:
           options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
                                                best_fn=lambda m: m[metric]),
           item_names=("state", "config"))
-    config = json.loads(self.config.to_json_best_effort()) if self.config else {}
     self.best.save(int(jax.device_get(state.step)), metrics={metric: value},
                    args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           config=ocp.args.JsonSave(config)))
+                                           config=self._config_item()))
+
+  def _config_item(self) -> ocp.args.JsonSave:
+    return ocp.args.JsonSave(config_lib.to_dict(self.config) if self.config else {})
 
   def close(self) -> None:
     """Waits for pending saves to be committed."""
@@ -155,6 +157,11 @@ def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], 
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
   saved_flat, target_flat = layout.flatten(saved), layout.flatten(target)
+  if layout.has_stacks(saved_flat) != layout.has_stacks(target_flat):
+    raise CheckpointError(
+        f"init_from {path}: saved with model.scan_layers={layout.has_stacks(saved_flat)}, "
+        f"this run has {layout.has_stacks(target_flat)}; set it the same (a PyTorch export, "
+        "`python -m smartclip_jax.convert`, loads into either)")
 
   def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
     shape = tuple(saved_flat[name].shape)
@@ -190,7 +197,6 @@ def describe(values: list[str], limit: int = 6) -> str:
   """A short list for log lines: the first few names and how many more."""
   more = f" and {len(values) - limit} more" if len(values) > limit else ""
   return ", ".join(values[:limit]) + more if values else "none"
-
 
 
 def saved_config(step_dir: str | pathlib.Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -66,8 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
 
+  # modular=False: the ablation without modular alignment (see losses.smartclip_loss).
   c.smartclip = ml_collections.ConfigDict(
-      dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0))
+      dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0, modular=True))
+  c.clip = ml_collections.ConfigDict(dict(temperature=0.0))  # loss=clip: > 0 fixes τ, 0 learns it
 
   arch = ARCHS["vit_l14"]  # sizes only; configs pick theirs
   c.model = ml_collections.ConfigDict()
@@ -75,9 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = "quick_gelu"
   c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
   c.model.remat = "none"  # none | full | dots: what each tower block keeps for the backward pass
+  c.model.scan_layers = False  # tower blocks under nn.scan: compile time flat in depth
   c.model.vision = ml_collections.ConfigDict(arch["vision"])
   c.model.text = ml_collections.ConfigDict(dict(context_length=248, vocab_size=49408,
                                                 **arch["text"]))
+  # CLIP/SigLIP: each step's text tower runs on its longest caption rounded up to a multiple of
+  # this, not on all context_length positions (0: all). Same loss; see train.text_length.
+  c.model.text.trim_padding = 0
   c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
 
   c.optim = ml_collections.ConfigDict()
@@ -143,6 +150,12 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collecti
     apply_override(config, item)
   validate(config)
   return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config's values as JSON types (tuples become lists): what checkpoints store and
+  `from_dict` reads back."""
+  return json.loads(config.to_json_best_effort())
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
@@ -246,6 +259,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("batch_size", "accum_steps", "total_steps", "log_every", "checkpoint_every"):
     if config[field] <= 0:
       errors.append(f"{field}={config[field]} must be positive")
+  if m.text.trim_padding < 0:
+    errors.append(f"model.text.trim_padding={m.text.trim_padding} must be >= 0")
+  if m.text.trim_padding and config.loss == "smartclip":
+    errors.append("model.text.trim_padding needs loss=clip or siglip: SmartCLIP's mask network "
+                  "attends to every position, padding included, so cutting it changes the masks")
   if config.optim.frozen_positions >= m.text.context_length:
     errors.append(f"optim.frozen_positions={config.optim.frozen_positions} freezes every "
                   f"position of a {m.text.context_length}-token context")

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.interop import layout
 from smartclip_jax.interop.loading import Loaded, load
 
@@ -113,7 +114,7 @@ def to_orbax(loaded: Loaded, out: pathlib.Path) -> None:
                                   options=ocp.CheckpointManagerOptions(create=True))
   manager.save(0, args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": loaded.params}),
-      config=ocp.args.JsonSave(json.loads(loaded.config.to_json_best_effort()))))
+      config=ocp.args.JsonSave(config_lib.to_dict(loaded.config))))
   manager.wait_until_finished()
   manager.close()
 

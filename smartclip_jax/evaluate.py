@@ -43,14 +43,6 @@ def encoders(model: nn.Module, params, mesh: Mesh) -> tuple[Callable, Callable]:
   return image, text
 
 
-def _apply_padded(fn: Callable, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
-  """fn over one mesh-sharded batch, padded to `batch_size` so that shapes never change."""
-  pad = batch_size - len(inputs)
-  padded = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
-  out = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
-  return np.asarray(jax.device_get(out))[:len(inputs)]
-
-
 def evaluate_heldout(config: ml_collections.ConfigDict, model: nn.Module, params,
                      mesh: Mesh) -> dict[str, float]:
   """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off.
@@ -62,8 +54,8 @@ def evaluate_heldout(config: ml_collections.ConfigDict, model: nn.Module, params
   batches, num_records = pipeline.eval_batches(config)
   images, texts = [], []
   for batch in batches:
-    images.append(_apply_padded(encode_image, batch["image"], bs, mesh))
-    texts.append(_apply_padded(encode_text, batch["tokens"], bs, mesh))
+    images.append(embed.apply_padded(encode_image, batch["image"], bs, mesh))
+    texts.append(embed.apply_padded(encode_text, batch["tokens"], bs, mesh))
   img, txt = retrieval.normalize(np.concatenate(images)), retrieval.normalize(np.concatenate(texts))
   rank = retrieval.retrieval_ranks(img, txt, np.arange(len(txt)), mesh)
   return {**retrieval.recalls(rank), "num_images": len(img), "skipped": num_records - len(img)}

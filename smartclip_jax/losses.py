@@ -84,10 +84,20 @@ def _hits(stats: Metrics) -> Metrics:
 
 def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
                    temperature: float = 0.01, align_weight: float = 10.0,
-                   sparsity_weight: float = 2.0, impl: str = "global") -> tuple[jax.Array, Metrics]:
-  """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean(mask)."""
-  logits = lambda z, text, _: masked_similarity(z, *text) / temperature
-  stats = _stats(logits, img_emb, (txt_emb, masks), (), sigmoid=False, impl=impl)
+                   sparsity_weight: float = 2.0, modular: bool = True,
+                   impl: str = "global") -> tuple[jax.Array, Metrics]:
+  """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean(mask).
+
+  `modular=False` is the ablation without the modular alignment: image i is masked by its own
+  caption's mask m_i and compared with every caption, S_ij = cos(z_i * m_i, t_j), a plain
+  contrastive loss between masked images and texts.
+  """
+  if modular:
+    logits = lambda z, text, _: masked_similarity(z, *text) / temperature
+    stats = _stats(logits, img_emb, (txt_emb, masks), (), sigmoid=False, impl=impl)
+  else:
+    logits = lambda z, t, _: _cosines(z, t) / temperature
+    stats = _stats(logits, img_emb * masks, txt_emb, (), sigmoid=False, impl=impl)
   ce_rows, ce_cols = cross_entropies(stats)
   active = jnp.sum(masks.astype(jnp.float32), axis=-1)
   density = jnp.mean(masks.astype(jnp.float32))
@@ -109,7 +119,8 @@ def _clip_scale(logit_scale: jax.Array) -> jax.Array:
 
 def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array, *,
               impl: str = "global") -> tuple[jax.Array, Metrics]:
-  """CLIP's symmetric InfoNCE; `logit_scale` is the log of the scale, capped at 100 as CLIP does."""
+  """CLIP's symmetric InfoNCE; `logit_scale` is the log of the scale, capped at 100 as CLIP does
+  (a fixed temperature τ is a constant logit_scale of log(1/τ))."""
   logits = lambda img, txt, ls: _clip_scale(ls) * _cosines(img, txt)
   stats = _stats(logits, img_emb, txt_emb, logit_scale, sigmoid=False, impl=impl)
   ce_rows, ce_cols = cross_entropies(stats)

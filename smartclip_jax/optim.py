@@ -15,6 +15,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from smartclip_jax.models.layers import SCANNED
+
 MASK_GROUP, TOWER_GROUP = "mask_net", "towers"
 
 
@@ -36,7 +38,10 @@ def schedules(config: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
 
 
 def _decay_mask(params: Any) -> Any:
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Matrices only; a scanned stack's leading layer axis does not count."""
+  def per_layer_ndim(path, p) -> int:
+    return p.ndim - any(getattr(k, "key", None) == SCANNED for k in path)
+  return jax.tree_util.tree_map_with_path(lambda path, p: per_layer_ndim(path, p) >= 2, params)
 
 
 def freeze_rows(rows: int) -> optax.GradientTransformation:

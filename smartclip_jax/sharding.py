@@ -31,6 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("proj", None),
     ("length", None),
     ("act_embed", None),
+    ("layers", None),  # the stacked layer axis of `model.scan_layers`: not split
 )
 
 

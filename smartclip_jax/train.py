@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from smartclip_jax import checkpoint, distributed, evaluate, optim, preemption, sharding
@@ -37,12 +38,29 @@ from smartclip_jax.writer import MetricWriter
 log = logging.getLogger("smartclip_jax")
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's slice into arrays sharded over the mesh's batch axes
-  (the host-side bookkeeping fields stay behind)."""
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh,
+                 text_length: int | None = None) -> dict[str, jax.Array]:
+  """Assembles each process's slice into arrays sharded over the mesh's batch axes (the
+  host-side bookkeeping fields stay behind), tokens cut to `text_length` positions if given."""
   target = sharding.batch_sharding(mesh)
+  if text_length is not None:
+    local = {**local, "tokens": local["tokens"][:, :text_length]}
   return {k: jax.make_array_from_process_local_data(target, v) for k, v in local.items()
           if k not in pipeline.HOST_FIELDS}
+
+
+def text_length(tokens: np.ndarray, config: ml_collections.ConfigDict) -> int:
+  """The token positions a step needs (`model.text.trim_padding`). The text tower is causal and
+  pools the end token, so positions after every caption's end cannot change the embeddings, a
+  CLIP or SigLIP loss or its gradients: the batch's longest caption (over all processes), rounded
+  up to a multiple of `trim_padding` so that a run compiles a few shapes, not one per length."""
+  multiple, context = config.model.text.trim_padding, config.model.text.context_length
+  if not multiple:
+    return context
+  longest = int(np.argmax(tokens, axis=1).max()) + 1  # the end token has the highest id
+  if jax.process_count() > 1:
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+  return min(context, -(-longest // multiple) * multiple)
 
 
 def run_eval(config: ml_collections.ConfigDict, model: nn.Module, state: step_lib.TrainState,
@@ -151,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         tracing = True
       batch = next(data_iter)
       data_stats.update(batch)
-      state, metrics = train_step(state, global_batch(batch, mesh))
+      state, metrics = train_step(
+          state, global_batch(batch, mesh, text_length(batch["tokens"], config)))
       if tracing and step == profile[-1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()

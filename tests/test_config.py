@@ -34,6 +34,9 @@ def test_bad_value_and_bad_choice():
     config_lib.load(DEMO, ["batch_size=many"])
   with pytest.raises(config_lib.ConfigError, match="loss='softmax'"):
     config_lib.load(DEMO, ["loss=softmax"])
+  with pytest.raises(config_lib.ConfigError, match="trim_padding needs loss=clip or siglip"):
+    config_lib.load(DEMO, ["model.text.trim_padding=16"])  # the demo trains SmartCLIP
+  config_lib.load(DEMO, ["loss=clip", "model.text.trim_padding=16"])
 
 
 def test_batch_not_divisible_by_data_axes():

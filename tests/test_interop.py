@@ -3,6 +3,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -114,6 +115,29 @@ def test_layout_round_trips_are_bit_identical(demo_config):
   assert sorted(again) == sorted(no_mask)
   for k in no_mask:
     np.testing.assert_array_equal(again[k], no_mask[k])
+
+
+def test_scanned_layers_export_and_import_like_unrolled_ones(demo_config):
+  """A scanned model's stacks leave and enter every layout as one tensor per layer."""
+  from smartclip_jax.models.clip import build_model
+  from smartclip_jax.step import abstract_params, dummy_batch
+  demo_config.model.update(scan_layers=True)
+  demo_config.model.vision.layers, demo_config.model.text.layers = 2, 3  # order shows
+  model = build_model(demo_config)
+  batch = dummy_batch(demo_config)
+  params = nn.meta.unbox(jax.device_get(
+      model.init(jax.random.key(3), batch["image"], batch["tokens"])["params"]))
+  state = layout.to_openai(params)
+  layers = demo_config.model.text.layers
+  assert f"transformer.resblocks.{layers - 1}.attn.in_proj_weight" in state
+  assert not any(".resblocks.ln_" in k for k in state)
+  last = demo_config.model.vision.layers - 1
+  np.testing.assert_array_equal(
+      state[f"visual.transformer.resblocks.{last}.mlp.c_fc.weight"],
+      params["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"][last].T)
+  assert layout.unused_keys(state, params) == []
+  back = layout.from_openai(state, nn.meta.unbox(abstract_params(model, demo_config)))
+  jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 class Payload:

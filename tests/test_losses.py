@@ -73,6 +73,31 @@ def test_smartclip_loss_matches_its_equation():
   np.testing.assert_allclose(metrics["i2t_top1"], np.mean(logits.argmax(1) == np.arange(5)))
 
 
+def test_smartclip_without_modular_alignment_masks_each_image_by_its_own_caption():
+  img, txt, _ = _inputs(n=5)
+  masks = jnp.asarray(np.random.default_rng(4).uniform(size=(5, 16)) > 0.4, jnp.float32)
+  loss, metrics = losses.smartclip_loss(img, txt, masks, temperature=0.05, align_weight=3.0,
+                                        sparsity_weight=0.5, modular=False)
+  z = np.asarray(img, np.float64) * np.asarray(masks)
+  t = np.asarray(txt, np.float64)
+  logits = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ (
+      t / np.linalg.norm(t, axis=1, keepdims=True)).T / 0.05
+  expected = 3.0 * (_np_ce(logits) + _np_ce(logits.T)) + 0.5 * float(np.mean(masks))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["mask_density"], np.mean(masks), rtol=1e-6)
+
+
+def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
+  from smartclip_jax import config as config_lib, step
+  c = config_lib.base_config()
+  c.loss, c.clip.temperature = "clip", 0.01
+  img, txt, _ = _inputs(n=5)
+  loss, grad = jax.value_and_grad(lambda s: step.loss_of_outputs(
+      c, {"img_emb": img, "txt_emb": txt, "logit_scale": s})[0])(jnp.asarray(2.0))
+  np.testing.assert_allclose(loss, losses.clip_loss(img, txt, jnp.log(100.0))[0], rtol=1e-6)
+  assert grad == 0.0
+
+
 def test_smartclip_loss_finite_with_all_zero_masks():
   img, txt, _ = _inputs(n=4, m=4)
   masks = jnp.zeros((4, 16)).at[0].set(1.0)

@@ -131,6 +131,63 @@ def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, remat):
+  """The unrolled model's parameters, stacked, give the scanned model the same loss, gradients
+  and AdamW updates (weight decay included: a stacked LayerNorm gain is still a vector)."""
+  from tests.conftest import assert_gradients_close
+  from smartclip_jax import optim, step as step_lib
+  from smartclip_jax.data import pipeline
+  from smartclip_jax.interop import layout
+  demo_config.model.vision.layers, demo_config.model.text.layers = 2, 3  # layer order shows
+  batch = next(pipeline.train_iterator(demo_config))
+  params = jax.jit(build_model(demo_config).init)(
+      jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+  params = nn.meta.unbox(params)
+  scan_config = demo_config.copy_and_resolve_references()
+  scan_config.model.update(scan_layers=True, remat=remat)
+  boxed = traverse_util.flatten_dict(
+      step_lib.abstract_params(build_model(scan_config), scan_config), sep="/")
+  stack = boxed["visual/transformer/resblocks/attn/in_proj_kernel"]
+  assert stack.names == ("layers", "embed", None, "heads", "kv")
+  assert stack.value.shape[0] == demo_config.model.vision.layers
+  like = nn.meta.unbox(boxed)
+  stacked = layout.unflatten(layout.restack_layers(layout.flatten(params), like))
+  assert sorted(layout.flatten(stacked)) == sorted(like)
+  unstack = lambda tree: layout.unflatten(layout.unstack_layers(layout.flatten(tree)))
+
+  ref_loss, ref_grads = _loss_and_grads(demo_config, params, batch)
+  loss, grads = _loss_and_grads(scan_config, stacked, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  assert_gradients_close(unstack(grads), ref_grads)
+  tx = optim.make_optimizer(demo_config)
+  ref_updates = tx.update(ref_grads, tx.init(params), params)[0]
+  updates = tx.update(grads, tx.init(stacked), stacked)[0]
+  assert_gradients_close(unstack(updates), ref_updates)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, loss):
+  from smartclip_jax import train
+  from smartclip_jax.data import pipeline
+  demo_config.loss = loss
+  demo_config.model.text.context_length = 64  # room to cut: the demo's captions are shorter
+  batch = next(pipeline.train_iterator(demo_config))
+  model = build_model(demo_config)
+  params = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+  context = demo_config.model.text.context_length
+  assert train.text_length(batch["tokens"], demo_config) == context  # off by default
+  demo_config.model.text.trim_padding = 8
+  length = train.text_length(batch["tokens"], demo_config)
+  longest = max(int(np.flatnonzero(row)[-1]) + 1 for row in batch["tokens"])
+  assert length % 8 == 0 and longest <= length < longest + 8 and length < context
+  ref = _loss_and_grads(demo_config, params, batch)
+  got = _loss_and_grads(demo_config, params, {**batch, "tokens": batch["tokens"][:, :length]})
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+  from tests.conftest import assert_gradients_close
+  assert_gradients_close(got[1], ref[1])
+
+
 def test_bfloat16_compute_keeps_float32_params_and_gradients(demo_config):
   """bf16 matmuls and activations; parameters, embeddings and gradients float32; loss close."""
   from smartclip_jax.data import pipeline

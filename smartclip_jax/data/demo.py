@@ -45,21 +45,33 @@ def draw_scene(rng: np.random.Generator, max_objects: int = 4) -> list[Shape]:
                 list(SIZES)[rng.integers(len(SIZES))], divmod(int(c), 3)) for c in cells]
 
 
+def shape_mask(shape: str, cell: tuple[int, int], radius: float, size: int) -> np.ndarray:
+  """bool [size, size]: the pixels of `shape` centred in grid `cell`, radius a fraction of
+  the image side."""
+  y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+  cy, cx = (np.asarray(cell) + 0.5) / 3
+  dy, dx = y - cy, x - cx
+  if shape == "circle":
+    return dx**2 + dy**2 <= radius**2
+  if shape == "square":
+    return np.maximum(abs(dx), abs(dy)) <= radius * 0.85
+  if shape == "triangle":
+    return (dy <= radius * 0.8) & (dy >= -radius) & (abs(dx) <= (dy + radius) * 0.6)
+  if shape == "diamond":
+    return abs(dx) + abs(dy) <= radius
+  raise ValueError(f"unknown shape {shape!r}")
+
+
+def background(size: int, rng: np.random.Generator) -> np.ndarray:
+  """float [size, size, 3]: dark noise that every scene is drawn on."""
+  return rng.normal(40, 8, (size, size, 3))
+
+
 def render(shapes: list[Shape], size: int, rng: np.random.Generator) -> np.ndarray:
   """uint8 [size, size, 3]: noisy dark background with each shape filled in its colour."""
-  image = rng.normal(40, 8, (size, size, 3))
-  y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+  image = background(size, rng)
   for s in shapes:
-    cy, cx = (np.asarray(s.cell) + 0.5) / 3
-    r = SIZES[s.size]
-    dy, dx = y - cy, x - cx
-    inside = {
-        "circle": dx**2 + dy**2 <= r**2,
-        "square": np.maximum(abs(dx), abs(dy)) <= r * 0.85,
-        "triangle": (dy <= r * 0.8) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6),
-        "diamond": abs(dx) + abs(dy) <= r,
-    }[s.shape]
-    image[inside] = COLOURS[s.colour]
+    image[shape_mask(s.shape, s.cell, SIZES[s.size], size)] = COLOURS[s.colour]
   return np.clip(image, 0, 255).astype(np.uint8)
 
 

@@ -35,6 +35,15 @@ def model_key(path: str | pathlib.Path) -> str:
   return str(checkpoint.resolve_step_dir(path))
 
 
+def apply_padded(fn: Callable, inputs: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """fn over one batch split across the mesh, padded to `batch_size` rows so that its shape, and
+  so its compilation, never changes; the padding's rows are dropped from the result."""
+  pad = batch_size - len(inputs)
+  padded = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
+  out = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
+  return np.asarray(jax.device_get(out))[:len(inputs)]
+
+
 class Encoder:
   """Sharded image and text encoders of a loaded model."""
 
@@ -54,13 +63,9 @@ class Encoder:
     self._masks = jit("text_masks") if model.config.loss == "smartclip" else None
 
   def _batched(self, fn: Callable, items: Sequence, prepare: Callable) -> np.ndarray:
-    out = []
-    for start in range(0, len(items), self.batch_size):
-      batch = np.stack([prepare(x) for x in items[start:start + self.batch_size]])
-      pad = self.batch_size - len(batch)  # one shape, one compilation
-      batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-      out.append(np.asarray(fn(jax.device_put(batch, sharding.batch_sharding(self.mesh))))
-                 [:self.batch_size - pad])
+    out = [apply_padded(fn, np.stack([prepare(x) for x in items[start:start + self.batch_size]]),
+                        self.batch_size, self.mesh)
+           for start in range(0, len(items), self.batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.model.config.model.embed_dim))
 
   def images(self, images: Sequence[str | np.ndarray]) -> np.ndarray:

@@ -14,8 +14,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
+from smartclip_jax.models.layers import SCANNED
 from smartclip_jax.models.text import KEEP_POSITIONS, stretch_positions
 
 Flat = dict[str, np.ndarray]
@@ -42,6 +44,50 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
       node = node.setdefault(p, {})
     node[leaf] = value
   return tree
+
+
+# ---- scanned stacks (`model.scan_layers`) <-> one name per layer --------------------------
+
+_STACKED = re.compile(rf"(.*/){SCANNED}/(.+)$")
+
+
+def _layer(x: Any, i: int) -> Any:
+  """Layer i of a stacked leaf; of a shape-only leaf (no data), its shape without the axis."""
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return x[i]
+  return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> Flat:
+  """'.../resblocks/ln_1/scale' [L, w] -> '.../resblocks_{i}/ln_1/scale' [w] for each layer:
+  the names of an unscanned model, which every layout below is written for."""
+  out = {}
+  for name, x in flat.items():
+    if m := _STACKED.match(name):
+      out.update({f"{m[1]}{SCANNED}_{i}/{m[2]}": _layer(x, i) for i in range(x.shape[0])})
+    else:
+      out[name] = x
+  return out
+
+
+def has_stacks(flat: Mapping[str, Any]) -> bool:
+  """Whether a flat tree comes from a model with `scan_layers`."""
+  return any(_STACKED.match(n) for n in flat)
+
+
+def restack_layers(flat: Mapping[str, Any], like: Mapping[str, Any]) -> Flat:
+  """The names of `like` (a flat tree of anything with `.shape`) from `flat`'s per-layer names,
+  the inverse of `unstack_layers`; a leaf, or a stack with a layer, missing from `flat` is left
+  out."""
+  out = {}
+  for name, x in like.items():
+    if m := _STACKED.match(name):
+      parts = [flat.get(f"{m[1]}{SCANNED}_{i}/{m[2]}") for i in range(x.shape[0])]
+      if all(p is not None for p in parts):
+        out[name] = np.stack([np.asarray(p) for p in parts])
+    elif name in flat:
+      out[name] = flat[name]
+  return out
 
 
 # ---- ours <-> OpenAI ----------------------------------------------------------------------
@@ -72,7 +118,7 @@ def _kind(path: str) -> str:
 def to_openai(params: Mapping) -> Flat:
   """Our parameter tree -> an OpenAI-layout state_dict of numpy arrays (same dtypes)."""
   out: Flat = {}
-  for path, x in flatten(params).items():
+  for path, x in unstack_layers(flatten(jax.device_get(params))).items():
     x = np.asarray(x)
     kind = _kind(path)
     if kind == "conv":  # [p, p, 3, w] -> [w, 3, p, p]
@@ -97,7 +143,8 @@ def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping,
   (see `unused_keys`). A missing key is a KeyError naming it, or with `partial` the leaf is
   left out of the result."""
   out = {}
-  for path, like in flatten(shapes).items():
+  like_flat = flatten(shapes)
+  for path, like in unstack_layers(like_flat).items():
     key = openai_name(path)
     if path == "text/positional_embedding" and "positional_embedding_res" in state:
       x = merged_positions(state["positional_embedding"], state["positional_embedding_res"])
@@ -115,7 +162,7 @@ def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping,
     if path == "text/positional_embedding" and x.shape != shape:
       x = np.asarray(stretch_positions(x, shape[0]))
     out[path] = x.reshape(shape)
-  return unflatten(out)
+  return unflatten(restack_layers(out, like_flat))
 
 
 def merged_positions(table: np.ndarray, residual: np.ndarray) -> np.ndarray:
@@ -126,7 +173,7 @@ def merged_positions(table: np.ndarray, residual: np.ndarray) -> np.ndarray:
 
 def unused_keys(state: Mapping[str, np.ndarray], shapes: Mapping) -> list[str]:
   """Keys of an OpenAI-layout state_dict that `from_openai` does not read."""
-  used = {openai_name(p) for p in flatten(shapes)} | {"positional_embedding_res"}
+  used = {openai_name(p) for p in unstack_layers(flatten(shapes))} | {"positional_embedding_res"}
   return sorted(k for k in state if k not in used and k not in IGNORED)
 
 

@@ -74,9 +74,10 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
   return TwoTowers(
       vision=dict(image_size=m.vision.image_size, patch_size=m.vision.patch_size,
                   width=m.vision.width, layers=m.vision.layers, heads=m.vision.heads,
-                  remat=m.remat),
+                  remat=m.remat, scan=m.scan_layers),
       text=dict(context_length=m.text.context_length, vocab_size=m.text.vocab_size,
-                width=m.text.width, layers=m.text.layers, heads=m.text.heads, remat=m.remat),
+                width=m.text.width, layers=m.text.layers, heads=m.text.heads, remat=m.remat,
+                scan=m.scan_layers),
       embed_dim=m.embed_dim, activation=m.activation,
       use_mask_net=config.loss == "smartclip", mask_heads=m.mask.heads, mask_hard=m.mask.hard,
       init_logit_scale=math.log(10.0) if siglip else math.log(1 / 0.07),

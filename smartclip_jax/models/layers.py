@@ -113,20 +113,39 @@ REMAT_POLICIES = {
 }
 
 
+SCANNED = "resblocks"  # the name of a scanned stack; its parameters have a leading layer axis
+
+
+class _ScanBlock(ResidualAttentionBlock):
+  """A block with `nn.scan`'s (carry, input) -> (carry, output) signature."""
+
+  def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+    return super().__call__(x), None
+
+
 class Transformer(nn.Module):
-  """A stack of residual attention blocks named `resblocks_{i}` (CLIP's `resblocks.{i}`)."""
+  """A stack of residual attention blocks named `resblocks_{i}` (CLIP's `resblocks.{i}`), or
+  with `scan` one block `resblocks` under `nn.scan` whose parameters carry a leading layer axis
+  (logical name `layers`): one block to compile instead of `layers` (see `layout.unstack_layers`
+  for the per-layer names)."""
   layers: int
   heads: int
   causal: bool = False
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = ResidualAttentionBlock
+    block = _ScanBlock if self.scan else ResidualAttentionBlock
     if self.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    args = (self.heads, self.causal, self.activation, self.dtype)
+    if self.scan:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return stack(*args, name=SCANNED)(x, None)[0]
     for i in range(self.layers):
-      x = block(self.heads, self.causal, self.activation, self.dtype, name=f"resblocks_{i}")(x)
+      x = block(*args, name=f"resblocks_{i}")(x)
     return x

@@ -47,19 +47,22 @@ class TextTransformer(nn.Module):
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   remat: str = "none"  # layers.REMAT_POLICIES
+  scan: bool = False  # layers under nn.scan
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if tokens.shape[1] != self.context_length:
-      raise ValueError(f"expected {self.context_length} tokens per caption, got {tokens.shape}")
+    if tokens.shape[1] > self.context_length:  # fewer: padding cut (train.text_length)
+      raise ValueError(f"expected at most {self.context_length} tokens per caption, got "
+                       f"{tokens.shape}")
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
                  embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
     pos = self.param("positional_embedding",
                      param_init(nn.initializers.normal(0.01), (None, "embed")),
                      (self.context_length, self.width))
-    x = x + pos.astype(x.dtype)
+    x = x + pos[:tokens.shape[1]].astype(x.dtype)
     x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
-                    dtype=self.dtype, remat=self.remat, name="transformer")(x)
+                    dtype=self.dtype, remat=self.remat, scan=self.scan,
+                    name="transformer")(x)
     x = layer_norm("ln_final", self.dtype)(x)
     pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
     proj = self.param("text_projection",

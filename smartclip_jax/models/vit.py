@@ -20,6 +20,7 @@ class VisionTransformer(nn.Module):
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   remat: str = "none"  # layers.REMAT_POLICIES
+  scan: bool = False  # layers under nn.scan
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -42,7 +43,8 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = layer_norm("ln_pre", self.dtype)(x)
     x = Transformer(self.layers, self.heads, causal=False, activation=self.activation,
-                    dtype=self.dtype, remat=self.remat, name="transformer")(x)
+                    dtype=self.dtype, remat=self.remat, scan=self.scan,
+                    name="transformer")(x)
     x = layer_norm("ln_post", self.dtype)(x[:, 0])
     proj = self.param("proj", param_init(nn.initializers.normal(scale), ("embed", "proj")),
                       (self.width, self.embed_dim))
