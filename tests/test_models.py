@@ -131,7 +131,7 @@ def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, remat):
   """The unrolled model's parameters, stacked, give the scanned model the same loss, gradients
   and AdamW updates (weight decay included: a stacked LayerNorm gain is still a vector)."""
@@ -166,7 +166,7 @@ def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, re
   assert_gradients_close(unstack(updates), ref_updates)
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", pytest.param("siglip", marks=pytest.mark.slow)])
 def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, loss):
   from smartclip_jax import train
   from smartclip_jax.data import pipeline
