@@ -131,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   r = report(compiled, mesh, args.topology, args.step_time)
   print(format_report(r, args.config, config.batch_size, time.perf_counter() - start))
+  if config.model.scan_layers:
+    r["flops_undercounted"] = True
+    print("model.scan_layers: XLA's cost analysis counts a loop body once, not once per layer, "
+          "so the FLOPs above leave out all but one block of each tower; compile without it "
+          "for FLOPs (memory is right)")
   print(json.dumps({"config": args.config, "batch_size": config.batch_size, **r}))
   return 0 if r["fits"] else 1
 

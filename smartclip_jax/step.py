@@ -91,13 +91,25 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
   return jax.eval_shape(_state_factory(model, tx, config), jax.random.key(0))
 
 
+def state_initializer(model: nn.Module, tx: optax.GradientTransformation,
+                      config: ml_collections.ConfigDict, mesh: Mesh,
+                      shardings: TrainState) -> Callable[[int], TrainState]:
+  """seed -> random-initialised state, each leaf created directly in its sharding; compiled
+  once, for callers that start many runs of one model."""
+  create = jax.jit(_state_factory(model, tx, config), out_shardings=shardings)
+
+  def init(seed: int) -> TrainState:
+    with sharding.activate(mesh):
+      return create(jax.random.key(seed))
+
+  return init
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict, mesh: Mesh,
                shardings: TrainState) -> TrainState:
   """Random-initialised state from `config.seed`, each leaf created directly in its sharding."""
-  with sharding.activate(mesh):
-    return jax.jit(_state_factory(model, tx, config), out_shardings=shardings)(
-        jax.random.key(config.seed))
+  return state_initializer(model, tx, config, mesh, shardings)(config.seed)
 
 
 def loss_of_outputs(config: ml_collections.ConfigDict,

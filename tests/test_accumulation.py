@@ -41,10 +41,11 @@ def _assert_same(got, ref):
   assert_gradients_close(grads, ref_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,impl,mesh", [
     ("smartclip", "global", dict(data=4, fsdp=2, tensor=1)),
-    pytest.param("clip", "ring", dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow),
-    pytest.param("siglip", "global", dict(data=8, fsdp=1, tensor=1), marks=pytest.mark.slow)])
+    ("clip", "ring", dict(data=2, fsdp=2, tensor=2)),
+    ("siglip", "global", dict(data=8, fsdp=1, tensor=1))])
 def test_accumulated_gradients_equal_the_full_batch(demo_config, loss, impl, mesh):
   demo_config.update(loss=loss, loss_impl=impl, batch_size=32)
   demo_config.mesh.update(mesh)

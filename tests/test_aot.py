@@ -19,6 +19,7 @@ def run_aot(capsys, overrides, topology="v5e:2x2"):
   return code, out, json.loads(out.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_small_step_fits_with_state_replicated_per_chip(capsys):
   code, out, r = run_aot(capsys, [])
   assert code == 0 and r["fits"] and r["chips"] == 4 and "fits" in out

@@ -46,6 +46,7 @@ def restore(config, directory, devices=None):
       shardings, step_lib.abstract_state(model, tx, config), pipeline.train_iterator(config))
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(demo_config, tmp_path):
   saved = save_steps(demo_config, tmp_path / "ckpt", [10, 20])
   files = [p for p in (tmp_path / "ckpt" / "20" / "state").rglob("*") if p.is_file()
@@ -69,6 +70,7 @@ def test_latest_checkpoint_missing_an_item_falls_back(demo_config, tmp_path):
   assert int(state.step) == 10
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(demo_config, tmp_path):
   save_steps(demo_config, tmp_path / "ckpt", [10])
   other = config_lib.load(DEMO, TINY + ["model.embed_dim=32"])  # a different model
@@ -77,8 +79,8 @@ def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(demo_config, tm
   assert (tmp_path / "ckpt" / "10").is_dir()
 
 
-@pytest.mark.parametrize("devices,mesh", [(4, "mesh.fsdp=2"),
-                                          pytest.param(1, "mesh.data=1", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,mesh", [(4, "mesh.fsdp=2"), (1, "mesh.data=1")])
 def test_restore_reshards_onto_a_smaller_mesh(tmp_path, devices, mesh):
   saved_on = config_lib.load(DEMO, TINY + ["mesh.fsdp=4", "mesh.tensor=2", "mesh.data=1"])
   saved = save_steps(saved_on, tmp_path / "ckpt", [7])
@@ -92,6 +94,7 @@ def test_restore_reshards_onto_a_smaller_mesh(tmp_path, devices, mesh):
                (saved.params, saved.opt_state))
 
 
+@pytest.mark.slow
 def test_init_from_takes_parameters_only_and_fills_in_the_rest(tmp_path):
   clip = config_lib.load(DEMO, TINY + ["loss=clip"])  # no mask network, 32 positions
   saved = save_steps(clip, tmp_path / "pretrained", [40])
@@ -119,6 +122,7 @@ def test_init_from_in_a_run_starts_at_step_zero(demo_config, tmp_path):
   assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_path, monkeypatch):
   real = pipeline.train_iterator
 

@@ -123,6 +123,7 @@ def test_unknown_task_is_refused():
     evaluate.parse_tasks("urban1k")
 
 
+@pytest.mark.slow
 def test_training_evaluates_its_tasks_and_keeps_the_best_checkpoint(demo_config, tmp_path):
   from smartclip_jax import train
   urban = urban1k_folder(tmp_path / "urban", n=8)

@@ -131,7 +131,8 @@ def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, remat):
   """The unrolled model's parameters, stacked, give the scanned model the same loss, gradients
   and AdamW updates (weight decay included: a stacked LayerNorm gain is still a vector)."""
@@ -188,6 +189,7 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, los
   assert_gradients_close(got[1], ref[1])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_gradients(demo_config):
   """bf16 matmuls and activations; parameters, embeddings and gradients float32; loss close."""
   from smartclip_jax.data import pipeline
