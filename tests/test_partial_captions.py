@@ -112,7 +112,7 @@ def test_auc():
 
 def test_quick_run_writes_every_output(tmp_path):
   out = tmp_path / "pc"
-  partial_captions.main(["--out", str(out), "--quick"])
+  partial_captions.main(["--out", str(out), "--quick", "--workers", "1"])
   results = json.loads((out / "results.json").read_text())
   methods = set(partial_captions.QUICK_METHODS)
   for setting, _, _ in partial_captions.SETTINGS:
@@ -126,6 +126,17 @@ def test_quick_run_writes_every_output(tmp_path):
   for name in ["recall_bars.png", "mask_size.png", "mask_heatmap_smartclip.png",
                "mask_overlap_smartclip.png"]:
     assert (out / name).stat().st_size > 1000, name
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path):
+  """Two spawned single-threaded workers, tasks in another order: every score the same."""
+  scores = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+  one, two = (partial_captions.run(tmp_path / str(w), partial_captions.QUICK, seeds=(0,),
+                                   methods=partial_captions.QUICK_METHODS, workers=w)
+              for w in (1, 2))
+  assert [scores(r) for r in one["runs"]] == [scores(r) for r in two["runs"]]
+  assert one["masks"] == two["masks"]
 
 
 @pytest.mark.parametrize("mode", ["full", "prefix", "subset"])

@@ -43,7 +43,7 @@ def mask_analysis(masks: Callable[[np.ndarray], np.ndarray], probes: Probes,
     scenes_k = [ids for ids in split.sentence_ids if len(ids) >= k]
     if scenes_k:
       tokens = np.stack([scenes.caption_tokens(ids[:k], context_length) for ids in scenes_k])
-      size_by_named[k] = float(masks(tokens).sum(-1).mean())
+      size_by_named[str(k)] = float(masks(tokens).sum(-1).mean())  # JSON's keys
   return {"values": [f"{f}={v}" for f, v in values], "mean_mask": rows.tolist(),
           "jaccard": jaccard.tolist(), "active_by_objects_named": size_by_named,
           "dims": int(single.shape[-1])}
@@ -78,16 +78,18 @@ def _recall_bars(path: pathlib.Path, summary: dict) -> pathlib.Path:
       ax.bar(np.arange(len(METRICS)) + j * width, mean, width, yerr=std, label=method, capsize=2)
     ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS, fontsize=8)
     ax.set_ylabel("% (mean ± std)")
+    ax.set_ylim(0, 118)  # room above the bars for the legend
     ax.set_title(setting)
-  axes[0, 0].legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, ncol=len(methods), loc="upper center")
   return _save(fig, path)
 
 
 def _mask_size(path: pathlib.Path, analysis: dict) -> pathlib.Path:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method, a in analysis.items():
-    named = sorted(int(k) for k in a["active_by_objects_named"])
-    ax.plot(named, [a["active_by_objects_named"][k] for k in named], marker="o", label=method)
+    named = sorted(a["active_by_objects_named"], key=int)
+    ax.plot([int(k) for k in named], [a["active_by_objects_named"][k] for k in named],
+            marker="o", label=method)
   ax.set_xlabel("objects named by the caption")
   ax.set_ylabel("active mask dimensions (mean)")
   ax.legend(fontsize=7)

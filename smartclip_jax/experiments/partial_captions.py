@@ -12,13 +12,18 @@ on the fixed test sets of `probes.py`. Writes `results.json` (every number), `ta
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -51,13 +56,16 @@ TEST_SEED = 1000  # the test split's scenes: one fixed set for every run
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-  train: int = 16384
+  train: int = 8192
   test: int = 500
-  pretrain: int = 16384
-  steps: int = 500
+  pretrain: int = 8192
+  steps: int = 250
   pretrain_steps: int = 500
-  batch: int = 128
+  batch: int = 64
   layers: int = 2
+  width: int = 32
+  heads: int = 2
+  patch: int = 12
 
 
 QUICK = Sizes(train=256, test=48, pretrain=256, steps=3, pretrain_steps=3, batch=16, layers=1)
@@ -65,13 +73,16 @@ QUICK_METHODS = ("clip", "smartclip")  # --quick: every code path and output, tw
 
 
 def base(sizes: Sizes) -> ml_collections.ConfigDict:
-  """The towers every method shares: the demo's, on 48 px images with 64-token captions."""
+  """The towers every method shares: small ViT and text transformer, 48 px images, 64-token
+  captions, D = 64 embedding dimensions for the masks to choose from."""
   c = config_lib.base_config()
   c.batch_size, c.total_steps = sizes.batch, sizes.steps
   c.model.embed_dim = 64
-  c.model.vision.update(image_size=48, patch_size=8, width=64, layers=sizes.layers, heads=4)
-  c.model.text.update(context_length=64, width=64, layers=sizes.layers, heads=4)
-  c.model.mask.heads = 4
+  c.model.vision.update(image_size=48, patch_size=sizes.patch, width=sizes.width,
+                        layers=sizes.layers, heads=sizes.heads)
+  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers,
+                      heads=sizes.heads)
+  c.model.mask.heads = sizes.heads
   c.optim.towers.update(lr=1e-3, weight_decay=0.1, warmup_steps=min(50, sizes.steps))
   c.optim.mask_net.lr = 1e-3
   c.optim.frozen_positions = 0
@@ -199,57 +210,155 @@ def table(summary: dict) -> str:
   return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class Data:
+  """Every split a run reads, generated once per process."""
+  train: scenes.Split
+  pretrain: scenes.Split
+  test: probes_lib.Probes
+
+
+def make_data(sizes: Sizes) -> Data:
+  context, size = base(sizes).model.text.context_length, base(sizes).model.vision.image_size
+  return Data(scenes.make_split(sizes.train, size, 0, "train"),
+              scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
+              probes_lib.make_probes(scenes.make_split(sizes.test, size, TEST_SEED, "test"),
+                                     context))
+
+
+_PROCESS: dict[str, Any] = {}  # this process's sizes, Data and Trainer (`start_process`)
+
+
+def _exit_with_parent() -> None:
+  """A worker whose parent is killed stops too (Linux), not running its queue to the end."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() == 1:  # the parent died before prctl
+    os._exit(1)
+
+
+def start_process(sizes: Sizes, cores: Any = None) -> None:
+  """Makes this process ready to run tasks. A pool worker takes one core from the `cores` queue
+  and keeps to it: XLA sizes its CPU thread pool by the cores a process may use, and these
+  towers are too small for intra-op threads to pay, so one process per core is about twice as
+  fast as one process on all of them."""
+  if cores is not None:
+    _exit_with_parent()
+    if hasattr(os, "sched_setaffinity"):
+      os.sched_setaffinity(0, {cores.get()})  # before jax's CPU client exists
+  _PROCESS.update(sizes=sizes, data=make_data(sizes), trainer=Trainer(sizes))
+
+
+def run_task(seed: int, setting: str, method: str, pretrained: Any = None,
+             analyse: bool = False) -> tuple[dict, Any]:
+  """One training run and its scores, in a process readied by `start_process`. Returns (its
+  record, extra): extra is the towers of a `pretrained` run, the mask analysis when `analyse`,
+  else None."""
+  sizes, data, trainer = _PROCESS["sizes"], _PROCESS["data"], _PROCESS["trainer"]
+  context = base(sizes).model.text.context_length
+  t0 = time.perf_counter()
+  if setting == "pretrained":
+    split, steps, mode = data.pretrain, sizes.pretrain_steps, "full"
+  else:
+    split, steps, mode = data.train, sizes.steps, dict((s[0], s[2]) for s in SETTINGS)[setting]
+  index, tokens = schedule(split, steps, sizes.batch, mode, seed, context)
+  parts, params, loss = trainer.train(method, seed, split, index, tokens, pretrained)
+  record = {"setting": setting, "method": method, "seed": seed, "loss": loss,
+            **probes_lib.evaluate(*parts.encoders(params), data.test),
+            "seconds": time.perf_counter() - t0}
+  if setting == "pretrained":
+    return record, {k: params[k] for k in ("visual", "text")}
+  if analyse:
+    return record, figures.mask_analysis(parts.batched("text_masks", params), data.test, context)
+  return record, None
+
+
+class _InProcess(futures.Executor):
+  """Runs each task when it is submitted, in this process (`--workers 1`, the tests)."""
+
+  def __init__(self, sizes: Sizes):
+    start_process(sizes)
+
+  def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+    future: futures.Future = futures.Future()
+    future.set_result(fn(*args, **kwargs))
+    return future
+
+
+def _executor(sizes: Sizes, workers: int) -> futures.Executor:
+  if workers == 1:
+    return _InProcess(sizes)
+  context = multiprocessing.get_context("spawn")
+  cores = context.SimpleQueue()
+  available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+  for i in range(workers):
+    cores.put(available[i % len(available)])
+  return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_process,
+                                     initargs=(sizes, cores))
+
+
 def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
-        methods: Sequence[str] = tuple(METHODS), settings=SETTINGS) -> dict:
+        methods: Sequence[str] = tuple(METHODS), settings=SETTINGS, workers: int = 1) -> dict:
+  """Every (seed, setting, method) run on `workers` processes; a seed's fine-tuning runs start
+  when its pretraining is done. Writes the outputs to `out`."""
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  context = base(sizes).model.text.context_length
-  size = base(sizes).model.vision.image_size
-  train_split = scenes.make_split(sizes.train, size, 0, "train")
-  pre_split = scenes.make_split(sizes.pretrain, size, 0, "pretrain")
-  test = probes_lib.make_probes(scenes.make_split(sizes.test, size, TEST_SEED, "test"), context)
-  log.info("data: %d train, %d pretrain, %d test scenes (%.0f s)", sizes.train, sizes.pretrain,
-           sizes.test, time.perf_counter() - start)
-  trainer = Trainer(sizes)
-  runs, kept = [], {}
-  for seed in seeds:
-    pretrained = None
-    if any(s[1] == "finetune" for s in settings):
-      index, tokens = schedule(pre_split, sizes.pretrain_steps, sizes.batch, "full", seed, context)
-      parts, pretrained, loss = trainer.train("clip", seed, pre_split, index, tokens)
-      scores = probes_lib.evaluate(*parts.encoders(pretrained), test)
-      runs.append({"setting": "pretrained", "method": "clip", "seed": seed, "loss": loss,
-                   **scores})
-      log.info("seed %d: CLIP pretrained on full captions: %s", seed, _brief(scores))
-    for setting, start_from, mode in settings:
-      index, tokens = schedule(train_split, sizes.steps, sizes.batch, mode, seed, context)
-      for method in methods:
-        t0 = time.perf_counter()
-        init = pretrained if start_from == "finetune" else None
-        parts, params, loss = trainer.train(method, seed, train_split, index, tokens, init)
-        scores = probes_lib.evaluate(*parts.encoders(params), test)
-        runs.append({"setting": setting, "method": method, "seed": seed, "loss": loss,
-                     "seconds": time.perf_counter() - t0, **scores})
-        log.info("%s %s seed %d (%.0f s): %s", setting, method, seed,
-                 time.perf_counter() - t0, _brief(scores))
-        if method.startswith("smartclip") and seed == seeds[0] and setting == "finetune/prefix":
-          kept[method] = (parts, params)
+  finetune = [s[0] for s in settings if s[1] == "finetune"]
+  scratch = [s[0] for s in settings if s[1] == "scratch"]
+  total = len(seeds) * (len(settings) * len(methods) + bool(finetune))
+  runs: list[dict] = []
+  masks: dict[str, Any] = {}
+
+  def done(future: futures.Future) -> None:
+    record, _ = future.result()
+    runs.append(record)
+    log.info("[%d/%d] %s %s seed %d (%.0f s, %.0f s in): %s", len(runs), total,
+             record["setting"], record["method"], record["seed"], record["seconds"],
+             time.perf_counter() - start, _brief(record))
+
+  def submit(seed: int, setting: str, method: str, pretrained: Any = None) -> futures.Future:
+    analyse = method.startswith("smartclip") and seed == seeds[0] and setting == "finetune/prefix"
+    future = pool.submit(run_task, seed, setting, method, pretrained, analyse)
+    future.add_done_callback(done)
+    if analyse:
+      future.add_done_callback(lambda f: masks.update({method: f.result()[1]}))
+    return future
+
+  log.info("%d runs on %d process(es); %s", total, workers, sizes)
+  with _executor(sizes, workers) as pool:
+    pretraining = {seed: submit(seed, "pretrained", "clip") for seed in seeds} if finetune else {}
+    jobs = [submit(seed, s, m) for seed in seeds for s in scratch for m in methods]
+    for seed, future in pretraining.items():
+      towers = future.result()[1]
+      jobs += [submit(seed, s, m, towers) for s in finetune for m in methods]
+    for job in futures.as_completed(jobs):
+      job.result()  # a failed run stops the experiment with its error
+  order = ["pretrained", *(s[0] for s in settings)]
+  rank = {m: i for i, m in enumerate(methods)}
+  runs.sort(key=lambda r: (order.index(r["setting"]), rank[r["method"]], r["seed"]))
   summary = summarize(runs)
-  analysis = {name: figures.mask_analysis(parts.batched("text_masks", params), test, context)
-              for name, (parts, params) in kept.items()}
+  masks = {m: masks[m] for m in methods if m in masks}
   results = {"sizes": dataclasses.asdict(sizes), "seeds": list(seeds), "methods": METHODS,
-             "settings": [s[0] for s in settings], "test_seed": TEST_SEED, "runs": runs,
-             "summary": summary, "masks": analysis,
+             "settings": [s[0] for s in settings], "test_seed": TEST_SEED, "workers": workers,
+             "runs": runs, "summary": summary, "masks": masks,
              "wall_seconds": time.perf_counter() - start}
   (out / "results.json").write_text(json.dumps(results, indent=1))
-  (out / "table.md").write_text(table(summary))
-  figures.write_all(out, summary, analysis)
+  write_outputs(out, results)
   log.info("done in %.0f s; %s", results["wall_seconds"], out)
   return results
 
 
-def _brief(scores: dict) -> str:
-  return "  ".join(f"{k} {v:.1f}" for k, v in scores.items())
+def write_outputs(out: pathlib.Path, results: dict) -> None:
+  """table.md and the figures, from what results.json holds."""
+  (out / "table.md").write_text(table(results["summary"]))
+  figures.write_all(out, results["summary"], results["masks"])
+
+
+def _brief(record: dict) -> str:
+  return "  ".join(f"{k} {record[k]:.1f}" for k in probes_lib.METRICS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -257,15 +366,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", type=pathlib.Path, required=True)
+  parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                      help="processes running runs side by side, one core each (default: "
+                           "this machine's cores, at most 8)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, one seed, CLIP and SmartCLIP only: every output file, "
                            "for the tests")
+  parser.add_argument("--replot", action="store_true",
+                      help="no runs: redraw table.md and the figures from --out's results.json")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-  if args.quick:
-    run(args.out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS)
+  if args.replot:
+    results = json.loads((args.out / "results.json").read_text())
+    write_outputs(args.out, results)
+  elif args.quick:
+    run(args.out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS, workers=args.workers)
   else:
-    run(args.out, Sizes())
+    run(args.out, Sizes(), workers=args.workers)
   print((args.out / "table.md").read_text())
 
 
