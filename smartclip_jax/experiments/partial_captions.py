@@ -219,7 +219,8 @@ class Data:
 
 
 def make_data(sizes: Sizes) -> Data:
-  context, size = base(sizes).model.text.context_length, base(sizes).model.vision.image_size
+  c = base(sizes)
+  context, size = c.model.text.context_length, c.model.vision.image_size
   return Data(scenes.make_split(sizes.train, size, 0, "train"),
               scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
               probes_lib.make_probes(scenes.make_split(sizes.test, size, TEST_SEED, "test"),
@@ -252,18 +253,18 @@ def start_process(sizes: Sizes, cores: Any = None) -> None:
   _PROCESS.update(sizes=sizes, data=make_data(sizes), trainer=Trainer(sizes))
 
 
-def run_task(seed: int, setting: str, method: str, pretrained: Any = None,
+def run_task(seed: int, setting: str, mode: str, method: str, pretrained: Any = None,
              analyse: bool = False) -> tuple[dict, Any]:
-  """One training run and its scores, in a process readied by `start_process`. Returns (its
-  record, extra): extra is the towers of a `pretrained` run, the mask analysis when `analyse`,
-  else None."""
+  """One training run on captions sampled by `mode`, and its scores, in a process readied by
+  `start_process`. Returns (its record, extra): extra is the towers of a `pretrained` run, the
+  mask analysis when `analyse`, else None."""
   sizes, data, trainer = _PROCESS["sizes"], _PROCESS["data"], _PROCESS["trainer"]
   context = base(sizes).model.text.context_length
   t0 = time.perf_counter()
   if setting == "pretrained":
-    split, steps, mode = data.pretrain, sizes.pretrain_steps, "full"
+    split, steps = data.pretrain, sizes.pretrain_steps
   else:
-    split, steps, mode = data.train, sizes.steps, dict((s[0], s[2]) for s in SETTINGS)[setting]
+    split, steps = data.train, sizes.steps
   index, tokens = schedule(split, steps, sizes.batch, mode, seed, context)
   parts, params, loss = trainer.train(method, seed, split, index, tokens, pretrained)
   record = {"setting": setting, "method": method, "seed": seed, "loss": loss,
@@ -306,8 +307,8 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
   when its pretraining is done. Writes the outputs to `out`."""
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  finetune = [s[0] for s in settings if s[1] == "finetune"]
-  scratch = [s[0] for s in settings if s[1] == "scratch"]
+  finetune = [(name, mode) for name, start_from, mode in settings if start_from == "finetune"]
+  scratch = [(name, mode) for name, start_from, mode in settings if start_from == "scratch"]
   total = len(seeds) * (len(settings) * len(methods) + bool(finetune))
   runs: list[dict] = []
   masks: dict[str, Any] = {}
@@ -319,9 +320,10 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
              record["setting"], record["method"], record["seed"], record["seconds"],
              time.perf_counter() - start, _brief(record))
 
-  def submit(seed: int, setting: str, method: str, pretrained: Any = None) -> futures.Future:
+  def submit(seed: int, setting: str, mode: str, method: str,
+             pretrained: Any = None) -> futures.Future:
     analyse = method.startswith("smartclip") and seed == seeds[0] and setting == "finetune/prefix"
-    future = pool.submit(run_task, seed, setting, method, pretrained, analyse)
+    future = pool.submit(run_task, seed, setting, mode, method, pretrained, analyse)
     future.add_done_callback(done)
     if analyse:
       future.add_done_callback(lambda f: masks.update({method: f.result()[1]}))
@@ -329,11 +331,12 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
 
   log.info("%d runs on %d process(es); %s", total, workers, sizes)
   with _executor(sizes, workers) as pool:
-    pretraining = {seed: submit(seed, "pretrained", "clip") for seed in seeds} if finetune else {}
-    jobs = [submit(seed, s, m) for seed in seeds for s in scratch for m in methods]
+    pretraining = ({seed: submit(seed, "pretrained", "full", "clip") for seed in seeds}
+                   if finetune else {})
+    jobs = [submit(seed, s, mode, m) for seed in seeds for s, mode in scratch for m in methods]
     for seed, future in pretraining.items():
       towers = future.result()[1]
-      jobs += [submit(seed, s, m, towers) for s in finetune for m in methods]
+      jobs += [submit(seed, s, mode, m, towers) for s, mode in finetune for m in methods]
     for job in futures.as_completed(jobs):
       job.result()  # a failed run stops the experiment with its error
   order = ["pretrained", *(s[0] for s in settings)]
