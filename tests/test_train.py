@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,6 +106,16 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config):
   assert (int(state.skip_streak), int(state.max_skip_streak)) == (0, 2)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
   assert any(jax.tree.leaves(changed))  # the finite step was applied
+
+
+@pytest.mark.parametrize("select", [True, False])
+def test_keep_if_finite_both_forms(select):
+  """The accelerator form (`where`) and the CPU form (`cond`) skip and apply alike."""
+  state = {"w": jnp.arange(4.0), "m": (jnp.ones(3), jnp.int32(2))}
+  update = lambda s: jax.tree.map(lambda x: x * 2 + 1, s)
+  skip = jax.jit(lambda f, s: step_lib.keep_if_finite(f, update, s, select=select))
+  jax.tree.map(np.testing.assert_array_equal, skip(jnp.bool_(False), state), state)
+  jax.tree.map(np.testing.assert_array_equal, skip(jnp.bool_(True), state), update(state))
 
 
 @pytest.mark.slow
