@@ -17,6 +17,7 @@ import ml_collections
 
 LOSSES = ("smartclip", "clip", "siglip")
 LOSS_IMPLS = ("global", "ring")
+SKIP_FORMS = ("auto", "where", "cond")  # step.keep_if_finite
 REMATS = ("none", "full", "dots")  # models.layers.REMAT_POLICIES, and none
 CAPTION_MODES = ("prefix", "full", "first")
 
@@ -66,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
+  # How a non-finite step is left out (step.keep_if_finite): "where" (leaf by leaf) or "cond";
+  # "auto" is where on TPU/GPU, cond on CPU. Same result; they differ in memory (README, AOT).
+  c.skip_nonfinite = "auto"
 
   # modular=False: the ablation without modular alignment (see losses.smartclip_loss).
   c.smartclip = ml_collections.ConfigDict(
@@ -240,6 +244,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
   if config.loss_impl not in LOSS_IMPLS:
     errors.append(f"loss_impl={config.loss_impl!r}: choose one of {LOSS_IMPLS}")
+  if config.skip_nonfinite not in SKIP_FORMS:
+    errors.append(f"skip_nonfinite={config.skip_nonfinite!r}: choose one of {SKIP_FORMS}")
   if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   if config.data.caption_mode not in CAPTION_MODES:

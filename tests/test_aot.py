@@ -38,3 +38,4 @@ def test_a_step_that_does_not_fit_exits_1(capsys):
   code, out, r = run_aot(capsys, ["batch_size=1048576"])
   assert code == 1 and not r["fits"] and "DOES NOT FIT" in out
   assert "exceeds available HBM" in r["error"]
+  assert "--config.skip_nonfinite=cond" in out  # the other skip form is worth a try

@@ -87,7 +87,9 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   assert float(got["loss"]) == float(want["loss"])
 
 
-def test_nonfinite_steps_are_skipped_and_counted(demo_config):
+@pytest.mark.parametrize("form", ["auto", "where"])  # auto is cond on CPU; where as on TPU/GPU
+def test_nonfinite_steps_are_skipped_and_counted(demo_config, form):
+  demo_config.skip_nonfinite = form
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
   shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
@@ -95,10 +97,11 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config):
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   batch = next(pipeline.train_iterator(demo_config))
   bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
-  before = jax.device_get(state.params)
+  before, moments = jax.device_get((state.params, state.opt_state))
   state, metrics = train_step(state, train.global_batch(bad, mesh))
   assert not np.isfinite(metrics["loss"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), moments)
   assert (int(state.step), int(state.skipped), int(state.skip_streak)) == (1, 1, 1)
   state, metrics = train_step(state, train.global_batch(bad, mesh))
   state, metrics = train_step(state, train.global_batch(batch, mesh))
