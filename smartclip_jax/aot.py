@@ -102,9 +102,7 @@ def format_report(r: dict, name: str, batch_size: int, seconds: float) -> str:
 
 def skip_hint(config: ml_collections.ConfigDict) -> str | None:
   """What else to try when a step does not fit: the other form of the non-finite skip. Neither
-  form is smaller everywhere (L/14 on v5e-256: `where` 7.0 against 11.4 GiB at 8k with remat;
-  at 32k with remat and FSDP `cond` fits at 13.6 GiB where `where` asks for 16.6 of
-  temporaries), and only a compile tells."""
+  form is smaller everywhere (the README's AOT table has both), and only a compile tells."""
   if config.skip_nonfinite == "cond":
     return None
   return ("the step skips non-finite updates with `where` on TPUs; `cond` lays memory out "
