@@ -20,6 +20,8 @@ LOSS_IMPLS = ("global", "ring")
 SKIP_FORMS = ("auto", "where", "cond")  # step.keep_if_finite
 REMATS = ("none", "full", "dots")  # models.layers.REMAT_POLICIES, and none
 CAPTION_MODES = ("prefix", "full", "first")
+TRAIN_TRANSFORMS = ("centre_crop", "random_resized_crop")
+DECAYS = ("all", "matrices")
 
 
 # OpenAI CLIP tower sizes; SmartCLIP's mask net uses the text tower's head count.
@@ -38,7 +40,8 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All fields with the paper's recipe defaults (SMARTCLIP.md §4); configs override sizes."""
+  """All fields, with the recipe as the reference runs it as defaults (docs/method.md, the
+  recipe); configs override sizes."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.loss = "smartclip"
@@ -92,7 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # torch.optim.AdamW's, as the reference
+  # Weight decay on every parameter of a group (all: the reference) or on matrices only
+  # (matrices: open_clip's, for training from scratch).
+  c.optim.decay = "all"
   c.optim.grad_clip_norm = 0.0  # 0: no clipping
   c.optim.end_lr_ratio = 0.0  # cosine ends at lr * end_lr_ratio
   c.optim.frozen_positions = 20
@@ -118,8 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_train = 4096  # demo data only
   c.data.num_eval = 256  # demo data only
   c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
-  c.data.crop_scale = (0.9, 1.0)  # random resized crop: fraction of the image area
-  c.data.crop_ratio = (3 / 4, 4 / 3)  # and aspect ratio range
+  # Training images: centre_crop is evaluation's transform (shorter side resized, centre crop),
+  # as the reference trains; random_resized_crop takes a crop of crop_scale x the area with an
+  # aspect ratio in crop_ratio.
+  c.data.train_transform = "centre_crop"
+  c.data.crop_scale = (0.9, 1.0)
+  c.data.crop_ratio = (3 / 4, 4 / 3)
   c.data.min_image_side = 16  # smaller images are skipped as too_small
   c.data.max_image_pixels = 100_000_000  # larger ones as too_large, before decoding
   c.data.max_bad_fraction = 0.05  # stop when more records than this fraction are unusable
@@ -129,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDict:
-  """The paper's recipe (SMARTCLIP.md §4) for an OpenAI CLIP architecture in `ARCHS`."""
+  """The recipe (docs/method.md, the recipe) for an OpenAI CLIP architecture in `ARCHS`."""
   a = ARCHS[arch]
   c = base_config()
   c.loss = loss
@@ -250,6 +260,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
+  if config.data.train_transform not in TRAIN_TRANSFORMS:
+    errors.append(f"data.train_transform={config.data.train_transform!r}: choose one of "
+                  f"{TRAIN_TRANSFORMS}")
+  if config.optim.decay not in DECAYS:
+    errors.append(f"optim.decay={config.optim.decay!r}: choose one of {DECAYS}")
   if m.remat not in REMATS:
     errors.append(f"model.remat={m.remat!r}: choose one of {REMATS}")
   if m.activation not in ("quick_gelu", "gelu"):

@@ -1,4 +1,4 @@
-"""Evaluation with plain (unmasked) embeddings, as the paper evaluates (SMARTCLIP.md §5).
+"""Evaluation with plain (unmasked) embeddings, as the paper evaluates (docs/method.md, inference).
 
   python -m smartclip_jax.evaluate --model runs/demo --tasks urban1k:/data/Urban1k,cifar10 \
       --out results/demo

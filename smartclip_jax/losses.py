@@ -1,4 +1,4 @@
-"""Contrastive losses as pure functions over global arrays (SMARTCLIP.md §3).
+"""Contrastive losses as pure functions over global arrays (docs/method.md, the loss).
 
 Each loss is written once, on per-example statistics of its logits matrix (log-sum-exps, the
 matching pair's logit, top-1 hits). `impl="global"` computes them from the whole matrix, and XLA
@@ -78,6 +78,18 @@ def _stats(fn, img: jax.Array, txt, theta, *, sigmoid: bool, impl: str) -> Metri
   return sigmoid_stats(logits) if sigmoid else softmax_stats(logits)
 
 
+def mask_sparsity(masks: jax.Array) -> jax.Array:
+  """mean(|m|), with the gradient PyTorch gives it: sign(m) / size, which is 0 where m = 0.
+
+  The reference's sparsity term (docs/method.md, the loss): on a hard straight-through mask it
+  pushes only the entries that are on, and an off entry gets alignment gradient alone. (The
+  plain mean(m) has the same value but pushes every off entry further down.) JAX's own `abs`
+  has gradient 1 at 0, hence the explicit sign.
+  """
+  m = masks.astype(jnp.float32)
+  return jnp.mean(m * jax.lax.stop_gradient(jnp.sign(m)))
+
+
 def _hits(stats: Metrics) -> Metrics:
   return {"i2t_top1": jnp.mean(stats["i2t_correct"]), "t2i_top1": jnp.mean(stats["t2i_correct"])}
 
@@ -86,7 +98,8 @@ def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
                    temperature: float = 0.01, align_weight: float = 10.0,
                    sparsity_weight: float = 2.0, modular: bool = True,
                    impl: str = "global") -> tuple[jax.Array, Metrics]:
-  """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean(mask).
+  """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean|mask|
+  (`mask_sparsity`, the reference's gradient).
 
   `modular=False` is the ablation without the modular alignment: image i is masked by its own
   caption's mask m_i and compared with every caption, S_ij = cos(z_i * m_i, t_j), a plain
@@ -100,7 +113,7 @@ def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
     stats = _stats(logits, img_emb * masks, txt_emb, (), sigmoid=False, impl=impl)
   ce_rows, ce_cols = cross_entropies(stats)
   active = jnp.sum(masks.astype(jnp.float32), axis=-1)
-  density = jnp.mean(masks.astype(jnp.float32))
+  density = mask_sparsity(masks)
   loss = align_weight * (ce_rows + ce_cols) + sparsity_weight * density
   return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols, "mask_density": density,
                 "mask_active_mean": jnp.mean(active), "mask_active_min": jnp.min(active),

@@ -1,8 +1,11 @@
-"""Optimizer: two AdamW groups (towers, mask net) with their own schedules (SMARTCLIP.md §4).
+"""Optimizer: two AdamW groups (towers, mask net) with their own schedules, as the reference
+trains (docs/method.md, the recipe).
 
-Weight decay applies to matrices only (ndim >= 2), as open_clip does: gains, biases, the class
-token and the logit scale are not decayed. The first `frozen_positions` rows of the text position
-table get no update at all (Long-CLIP keeps CLIP's first 20 positions as trained).
+Weight decay applies to every parameter of a group (`optim.decay=all`, the reference's
+`torch.optim.AdamW` over all parameters) or to matrices only (`matrices`, open_clip's choice:
+gains, biases, the class token and the logit scale are not decayed). The first
+`frozen_positions` rows of the text position table get no update at all (Long-CLIP keeps CLIP's
+first 20 positions as trained).
 """
 
 from __future__ import annotations
@@ -27,21 +30,40 @@ def param_groups(params: Any) -> Any:
       {k: MASK_GROUP if k[0] == MASK_GROUP else TOWER_GROUP for k in flat})
 
 
+def warmup_cosine(lr: float, warmup: int, steps: int, end_ratio: float = 0.0) -> optax.Schedule:
+  """The reference's schedule: lr (step + 1) / warmup for the first `warmup` steps (so the
+  first step already moves, at lr / warmup), then a cosine from lr at step `warmup` down to
+  lr * end_ratio at step `steps`. warmup = 0 is a cosine from the first step."""
+  end = lr * end_ratio
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    ramp = lr * (step + 1) / max(warmup, 1)
+    frac = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+    cosine = end + (lr - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup, ramp, cosine)
+
+  return schedule
+
+
 def schedules(config: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
   """Learning rate per group: towers warm up then cosine; mask net cosine from the start."""
   o, steps = config.optim, config.total_steps
-  warmup = min(o.towers.warmup_steps, steps)
-  towers = optax.warmup_cosine_decay_schedule(
-      0.0, o.towers.lr, warmup, max(steps, warmup + 1), end_value=o.towers.lr * o.end_lr_ratio)
-  mask = optax.cosine_decay_schedule(o.mask_net.lr, max(steps, 1), alpha=o.end_lr_ratio)
-  return {TOWER_GROUP: towers, MASK_GROUP: mask}
+  return {TOWER_GROUP: warmup_cosine(o.towers.lr, min(o.towers.warmup_steps, steps), steps,
+                                     o.end_lr_ratio),
+          MASK_GROUP: warmup_cosine(o.mask_net.lr, 0, steps, o.end_lr_ratio)}
 
 
-def _decay_mask(params: Any) -> Any:
-  """Matrices only; a scanned stack's leading layer axis does not count."""
+def _decay_mask(decay: str) -> Any:
+  """`all`: every parameter; `matrices`: ndim >= 2, a scanned stack's layer axis not counted."""
   def per_layer_ndim(path, p) -> int:
     return p.ndim - any(getattr(k, "key", None) == SCANNED for k in path)
-  return jax.tree_util.tree_map_with_path(lambda path, p: per_layer_ndim(path, p) >= 2, params)
+
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: decay == "all" or per_layer_ndim(path, p) >= 2, params)
+
+  return mask
 
 
 def freeze_rows(rows: int) -> optax.GradientTransformation:
@@ -65,9 +87,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   o, lrs = config.optim, schedules(config)
   groups = {
       TOWER_GROUP: optax.adamw(lrs[TOWER_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
-                               weight_decay=o.towers.weight_decay, mask=_decay_mask),
+                               weight_decay=o.towers.weight_decay, mask=_decay_mask(o.decay)),
       MASK_GROUP: optax.adamw(lrs[MASK_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
-                              weight_decay=o.mask_net.weight_decay, mask=_decay_mask),
+                              weight_decay=o.mask_net.weight_decay, mask=_decay_mask(o.decay)),
   }
   chain = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
   chain += [optax.multi_transform(groups, param_groups), freeze_rows(o.frozen_positions)]

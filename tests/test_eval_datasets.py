@@ -22,26 +22,28 @@ def write_json(path, data):
   return str(path)
 
 
-def test_coco_keeps_every_caption_and_counts_what_it_leaves_out(tmp_path, monkeypatch):
+def test_coco_keeps_five_captions_and_counts_what_it_leaves_out(tmp_path, monkeypatch):
   a = write_image(tmp_path / "val2017" / "000000000001.jpg")
   b = write_image(tmp_path / "val2017" / "000000000002.jpg")
   write_image(tmp_path / "val2017" / "000000000004.jpg")
-  six = [f"Image one, caption {k}." for k in range(6)]
-  annotations = [{"id": 10 + k, "image_id": 1, "caption": c} for k, c in enumerate(six[:3])]
+  seven = [f"Image one, caption {k}." for k in range(7)]
+  # Annotation ids fall as the file goes on: the first five are the file's, not the lowest ids.
+  annotations = [{"id": 90 - k, "image_id": 1, "caption": c} for k, c in enumerate(seven[:3])]
   annotations += [{"id": 20, "image_id": 2, "caption": " A cat on a mat.\n"},
                   {"id": 21, "image_id": 2, "caption": "   "},
                   {"id": 22, "image_id": 3, "caption": "Its file is gone."},
                   {"id": 23, "image_id": 99, "caption": "No such image."}]
-  annotations += [{"id": 13 + k, "image_id": 1, "caption": c} for k, c in enumerate(six[3:])]
+  annotations += [{"id": 50 - k, "image_id": 1, "caption": c} for k, c in enumerate(seven[3:])]
   write_json(tmp_path / "annotations" / "captions_val2017.json", {
       "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3, 4)],
       "annotations": annotations})
   monkeypatch.chdir(tmp_path / "annotations")
   got = datasets.load_retrieval("coco", "captions_val2017.json")  # images in ../val2017
   assert got.name == "coco" and got.images == [a, b]
-  assert got.captions == six + ["A cat on a mat."]
+  assert got.captions == seven[:5] + ["A cat on a mat."]
   assert got.text_to_image.dtype == np.int64
-  assert got.text_to_image.tolist() == [0] * 6 + [1]
+  assert got.text_to_image.tolist() == [0] * 5 + [1]
+  # The sixth and seventh captions are the protocol's, not a record left out.
   assert got.skipped == {"empty_caption": 1, "missing_file": 1, "no_caption": 1,
                          "unknown_image": 1}
   assert len(got.examples) == 4
@@ -82,6 +84,83 @@ def test_karpathy_flickr_takes_images_from_the_root(tmp_path):
   assert got.captions == [f"Image 1 sentence {k}." for k in range(5)]
   assert got.skipped == {"missing_file": 1}
   assert got.examples == [f"missing_file: {tmp_path / 'im4.jpg'}"]
+
+
+def test_karpathy_coco_keeps_the_first_five_sentences(tmp_path):
+  write_image(tmp_path / "val2014" / "im0.jpg")
+  seven = [{"raw": f"Sentence {k}.", "tokens": []} for k in range(7)]
+  path = write_json(tmp_path / "dataset_coco.json", {"images": [
+      {"filename": "im0.jpg", "filepath": "val2014", "split": "test", "sentences": seven}]})
+  got = datasets.load_retrieval("coco_karpathy", path)
+  assert got.captions == [f"Sentence {k}." for k in range(5)]
+  assert got.text_to_image.tolist() == [0] * 5 and got.skipped == {}
+
+
+def write_token_file(path, lines):
+  """Flickr30k's `results_20130124.token`: `<image>#<k>\t<caption>` per line."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  return str(path)
+
+
+def test_flickr30k_full_reads_every_image_and_caption(tmp_path):
+  b = write_image(tmp_path / "flickr30k-images" / "200.jpg")
+  a = write_image(tmp_path / "flickr30k-images" / "100.jpg")
+  path = write_token_file(tmp_path / "results_20130124.token", [
+      "200.jpg#1\tB one .",
+      "100.jpg#0\tTwo young guys with shaggy hair look at their hands .",
+      "200.jpg#0\tB zero .",
+      "",
+      "300.jpg#0 no tab between the key and the caption .",
+      "100.jpg#4\tA four .",
+      "300.jpg\tno index .",
+      "100.jpg#1\tA one\twith a tab inside .",
+      "300.jpg#x\tan index that is not an integer .",
+      "999.jpg#0\tIts image is missing .",
+      "100.jpg#2\t   ",
+      "100.jpg#3\tA three .",
+      "200.jpg#10\tB ten ."])
+  got = datasets.load_retrieval("flickr30k_full", path)  # images in ./flickr30k-images
+  assert got.name == "flickr30k_full"
+  assert got.images == [b, a]  # in order of first appearance, not by name
+  assert got.captions == ["B zero .", "B one .", "B ten .",
+                          "Two young guys with shaggy hair look at their hands .",
+                          "A one\twith a tab inside .", "A three .", "A four ."]
+  assert got.text_to_image.dtype == np.int64
+  assert got.text_to_image.tolist() == [0, 0, 0, 1, 1, 1, 1]
+  assert got.skipped == {"malformed_line": 3, "missing_file": 1, "empty_caption": 1}
+  malformed = [e for e in got.examples if e.startswith("malformed_line: ")]
+  assert [e.split(" is not ")[0] for e in malformed] == [
+      "malformed_line: line 5", "malformed_line: line 7", "malformed_line: line 9"]
+  assert "no tab between" in malformed[0]
+  assert f"missing_file: {tmp_path / 'flickr30k-images' / '999.jpg'}" in got.examples
+
+
+def test_flickr30k_full_image_dir_and_repeated_captions(tmp_path):
+  (tmp_path / "flickr30k-images").mkdir()  # the default, empty: the given dir must be used
+  image = write_image(tmp_path / "photos" / "1.jpg")
+  path = write_token_file(tmp_path / "ann" / "results_20130124.token", [
+      "1.jpg#0\tFirst .", "1.jpg#-1\tA negative index .", "1.jpg#0\tFirst again .",
+      "#1\tNo image name ."])
+  got = datasets.load_retrieval("flickr30k_full", path, str(tmp_path / "photos"))
+  assert got.images == [image] and got.captions == ["First ."]
+  assert got.skipped == {"malformed_line": 2, "duplicate_caption": 1}
+  with pytest.raises(ValueError, match="no usable flickr30k_full image"):
+    datasets.load_retrieval("flickr30k_full", path)  # default: ann/flickr30k-images, absent
+
+
+def test_flickr30k_full_rejects_a_file_that_is_not_one(tmp_path):
+  binary = tmp_path / "results_20130124.token"
+  binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01")
+  with pytest.raises(ValueError, match=f"cannot read annotation file {binary}"):
+    datasets.load_retrieval("flickr30k_full", str(binary))
+  blank = tmp_path / "blank.token"
+  blank.write_text("\n  \n")
+  with pytest.raises(ValueError, match=f"{blank} is not a Flickr30k .*it is empty"):
+    datasets.load_retrieval("flickr30k_full", str(blank))
+  karpathy = write_json(tmp_path / "dataset_flickr30k.json", {"images": karpathy_images(False)})
+  with pytest.raises(ValueError, match="is not a Flickr30k .*line 1 is not <image>#<k>"):
+    datasets.load_retrieval("flickr30k_full", karpathy)
 
 
 def test_urban1k_counts_orphan_images_and_captions(tmp_path):
@@ -159,8 +238,8 @@ def test_docci_reads_the_test_records(tmp_path):
 
 @pytest.mark.parametrize("task,name", [
     ("coco", "captions_val2017.json"), ("coco_karpathy", "dataset_coco.json"),
-    ("flickr30k", "dataset_flickr30k.json"), ("sharegpt4v_1k", "share-captioner.json"),
-    ("docci", "docci_descriptions.jsonlines")])
+    ("flickr30k", "dataset_flickr30k.json"), ("flickr30k_full", "results_20130124.token"),
+    ("sharegpt4v_1k", "share-captioner.json"), ("docci", "docci_descriptions.jsonlines")])
 @pytest.mark.parametrize("content", ["", "{not json", '{"unexpected": []}', "[1, 2]", None])
 def test_bad_annotation_files_name_the_file(tmp_path, task, name, content):
   path = tmp_path / name
@@ -192,8 +271,9 @@ def test_a_set_with_nothing_usable_is_an_error(tmp_path):
     datasets.load_retrieval("flickr30k", path)
   with pytest.raises(ValueError, match="unknown retrieval task"):
     datasets.load_retrieval("coco2014", path)
-  assert set(datasets.RETRIEVAL_TASKS) == {"coco", "coco_karpathy", "flickr30k", "urban1k",
-                                           "sharegpt4v_1k", "dci", "docci"}
+  assert set(datasets.RETRIEVAL_TASKS) == {"coco", "coco_karpathy", "flickr30k",
+                                           "flickr30k_full", "urban1k", "sharegpt4v_1k", "dci",
+                                           "docci"}
 
 
 def test_folder_zero_shot(tmp_path):

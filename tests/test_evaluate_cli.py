@@ -123,6 +123,16 @@ def test_unknown_task_is_refused():
     evaluate.parse_tasks("urban1k")
 
 
+def test_flickr30k_full_task_takes_the_token_file_and_an_optional_image_dir():
+  full, karpathy, default = evaluate.parse_tasks(
+      "flickr30k_full:/f/results_20130124.token:/f/images,flickr30k:/f/dataset_flickr30k.json,"
+      "flickr30k_full:/f/results_20130124.token")
+  assert full == evaluate.Task("flickr30k_full", "/f/results_20130124.token", "/f/images")
+  assert karpathy.name == "flickr30k" and default.image_root == ""
+  with pytest.raises(ValueError, match="needs a path"):
+    evaluate.parse_tasks("flickr30k_full")
+
+
 @pytest.mark.slow
 def test_training_evaluates_its_tasks_and_keeps_the_best_checkpoint(demo_config, tmp_path):
   from smartclip_jax import train

@@ -219,7 +219,7 @@ def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_pat
   spec = json.loads((tmp_path / "oc.json").read_text())
   assert spec["text_cfg"]["context_length"] == 32 and spec["quick_gelu"]
   assert spec["vision_cfg"]["width"] // spec["vision_cfg"]["head_width"] == 4
-  ref = reference_for(model)  # open_clip's CLIP has exactly these names (SMARTCLIP.md §7)
+  ref = reference_for(model)  # open_clip's CLIP has exactly these names (docs/method.md)
   from safetensors.torch import load_file
   ref.load_state_dict(load_file(str(tmp_path / "oc.safetensors")), strict=True)
   assert_same_embeddings(model, ref.encode_image, ref.encode_text)

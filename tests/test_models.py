@@ -1,4 +1,4 @@
-"""Towers, mask network and position stretch against the behaviour SMARTCLIP.md §2 specifies."""
+"""Towers, mask network and position stretch against the behaviour docs/method.md specifies."""
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,7 @@ def test_straight_through_values_and_gradient():
 
 
 def _long_clip_stretch(table):
-  """The 77 -> 248 stretch written out row by row, as SMARTCLIP.md §2 describes it."""
+  """The 77 -> 248 stretch written out row by row, as docs/method.md describes it."""
   old = np.asarray(table)
   rows = [old[p] for p in range(20)]
   for i in range(20, 76):
@@ -205,3 +205,31 @@ def test_bfloat16_compute_keeps_float32_params_and_gradients(demo_config):
   ref = _loss_and_grads(ref_config, params, batch)
   np.testing.assert_allclose(got[0], ref[0], rtol=2e-2)
   assert {g.dtype for g in jax.tree.leaves(got[1])} == {np.dtype("float32")}
+
+
+def test_mask_net_initialisation_matches_the_reference():
+  """Each parameter's spread against the reference's initialisation of the same PyTorch
+  module (one OpenAI-initialised block, the pooling Linear at width^-0.5 with a zero bias):
+  sample stds and mean magnitudes within 5 % (wider for small tensors: 4 / sqrt(size)), uniform
+  biases with the same largest magnitude, zeros and ones exact."""
+  torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
+  from smartclip_jax.interop import layout
+  from tests.torch_reference import MaskNet
+  width = 256
+  torch.manual_seed(0)
+  want = {k: v.numpy() for k, v in MaskNet(width, 4, True).state_dict().items()}
+  params = MaskNetwork(embed_dim=width, heads=4).init(jax.random.key(0),
+                                                      jnp.zeros((1, 8, width)))["params"]
+  got = layout.to_openai({"mask_net": nn.meta.unbox(params)})
+  assert sorted(got) == sorted(f"mask_net.{k}" for k in want)
+  for key, ref in want.items():
+    ours = np.asarray(got[f"mask_net.{key}"])
+    assert ours.shape == ref.shape, key
+    if np.all(ref == ref.flat[0]):  # constants: zeros, LayerNorm ones
+      np.testing.assert_array_equal(ours, ref, err_msg=key)
+      continue
+    rtol = max(0.05, 4 / np.sqrt(ref.size))
+    np.testing.assert_allclose(ours.std(), ref.std(), rtol=rtol, err_msg=key)
+    np.testing.assert_allclose(np.abs(ours).mean(), np.abs(ref).mean(), rtol=rtol, err_msg=key)
+    if key.endswith("bias"):  # uniform: the same bound
+      np.testing.assert_allclose(np.abs(ours).max(), np.abs(ref).max(), rtol=0.05, err_msg=key)

@@ -85,9 +85,27 @@ def test_each_bad_record_gets_its_reason(name):
   record = ({"id": name, "error": "missing_file"} if data is None
             else {"id": name, "image": data, "caption": caption})
   out = pipeline.featurize(record, np.random.default_rng(0), train=True, caption_mode="prefix",
-                           image_size=16, context_length=32, crop_scale=(0.9, 1.0),
+                           image_size=16, context_length=32, transform="random_resized_crop",
+                           crop_scale=(0.9, 1.0),
                            crop_ratio=(0.75, 1.33), min_side=8, max_pixels=10**8)
   assert out["error"] == reason, out
+
+
+@pytest.mark.parametrize("size", [(50, 37), (37, 50), (40, 40), (25, 25), (301, 202)])
+def test_training_and_eval_images_get_the_reference_transform(size):
+  """By default a training image goes through evaluation's transform (the reference trains
+  with it): torchvision's Resize + CenterCrop + Normalize, written out in PyTorch."""
+  torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
+  from tests.torch_reference import clip_transform
+  pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), np.uint8)
+  want = clip_transform(PIL.Image.fromarray(pixels), 24).permute(1, 2, 0).numpy()
+  for train in (True, False):
+    out = pipeline.featurize({"id": "x", "image": pixels, "caption": "A cat. A dog."},
+                             np.random.default_rng(0), train=train, caption_mode="prefix",
+                             image_size=24, context_length=16, transform="centre_crop",
+                             crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33), min_side=8,
+                             max_pixels=10**8)
+    np.testing.assert_allclose(out["image"], want, atol=1e-5)
 
 
 def test_folder_sources_in_every_caption_format(folder):

@@ -1,8 +1,15 @@
-"""A small PyTorch model in the OpenAI / Long-CLIP / SmartCLIP reference layout (SMARTCLIP.md
-§7), written from that description for the interop tests: same state_dict names, same forward.
+"""PyTorch references written from the method's description (docs/method.md): a small model in
+the OpenAI / Long-CLIP / SmartCLIP layout for the interop tests (same state_dict names, same
+forward), and the reference's training pieces that shape its dynamics: the loss as it builds it,
+the mask network's initialisation, the learning-rate schedule and the image transform.
 """
 
+import math
+
+import numpy as np
+import PIL.Image
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KEEP = 20  # Long-CLIP: positions below this come from `positional_embedding`
@@ -62,19 +69,83 @@ class Visual(nn.Module):
 
 class MaskNet(nn.Module):
   """One unmasked block, attention pooling (Linear width -> 1, softmax over tokens), sigmoid,
-  hard threshold at 0.5."""
+  hard threshold at 0.5; initialised as the reference does."""
 
   def __init__(self, width, heads, quick_gelu):
     super().__init__()
     self.resblocks = nn.ModuleList([Block(width, heads, quick_gelu)])
     self.attn_pool = nn.Module()
     self.attn_pool.attention = nn.Linear(width, 1)
+    self.initialize_parameters(width)
 
-  def forward(self, tokens):
+  def initialize_parameters(self, width, layers=1):
+    """OpenAI CLIP's block initialisation with one layer; the pooling Linear normal(width^-0.5)
+    with a zero bias. Biases not named keep PyTorch's defaults (MultiheadAttention zeroes its
+    own, nn.Linear draws uniform +-1/sqrt(fan_in))."""
+    attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+    for block in self.resblocks:
+      nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+      nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+      nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+      nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn.init.normal_(self.attn_pool.attention.weight, std=attn_std)
+    nn.init.zeros_(self.attn_pool.attention.bias)
+
+  def logits(self, tokens):
+    """The pooled pre-sigmoid outputs [B, width]."""
     x = self.resblocks[0](tokens)
     weights = torch.softmax(self.attn_pool.attention(x), dim=1)
-    soft = torch.sigmoid((weights * x).sum(dim=1))
-    return (soft >= 0.5).float()
+    return (weights * x).sum(dim=1)
+
+  def forward(self, tokens):
+    return (torch.sigmoid(self.logits(tokens)) >= 0.5).float()
+
+
+def smartclip_loss(img, txt, mask_logits, hard=True, temperature=0.01, align_weight=10.0,
+                   sparsity_weight=2.0):
+  """The SmartCLIP loss as the reference builds it on one device holding the global batch:
+  the straight-through mask `(s >= 0.5) - s.detach() + s`, the explicit [images, captions, D]
+  masked image embeddings, both cross-entropies of one similarity matrix, and the sparsity term
+  `mean(abs(mask))` (whose backward is sign(mask), zero for an off entry)."""
+  soft = torch.sigmoid(mask_logits)
+  mask = (soft >= 0.5).float() - soft.detach() + soft if hard else soft
+  t = txt / txt.norm(dim=-1, keepdim=True)
+  masked = img[:, None, :] * mask[None, :, :]  # image i under caption j's mask
+  sim = (masked * t[None]).sum(-1) / masked.norm(dim=-1)
+  logits = sim / temperature
+  labels = torch.arange(img.shape[0])
+  align = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+  return align_weight * align + sparsity_weight * mask.abs().mean()
+
+
+def cosine_lr(base_lr, warmup, steps):
+  """step -> learning rate: base_lr (step + 1) / warmup while step < warmup, then a cosine to 0
+  at `steps` (the schedule the reference assigns to an optimizer group before each step)."""
+  def lr(step):
+    if step < warmup:
+      return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))) * base_lr
+  return lr
+
+
+def clip_transform(image: PIL.Image.Image, size: int) -> torch.Tensor:
+  """torchvision's Resize(size, BICUBIC) + CenterCrop(size) + ToTensor + Normalize(OpenAI's mean
+  and std) on a PIL image, step by step (torchvision itself does not load beside this torch):
+  the shorter side to `size`, the longer to int(size * long / short); the crop's offset
+  int(round((side - size) / 2))."""
+  w, h = image.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  if (new_w, new_h) != (w, h):
+    image = image.resize((new_w, new_h), PIL.Image.BICUBIC)
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  image = image.crop((left, top, left + size, top + size))
+  x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
+  mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+  std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+  return (x - mean) / std
 
 
 class ReferenceCLIP(nn.Module):

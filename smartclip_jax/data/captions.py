@@ -1,4 +1,4 @@
-"""Sentence splitting and the caption samplers of SMARTCLIP.md §4.
+"""Sentence splitting and the caption samplers of docs/method.md (the recipe).
 
 The splitter ends a sentence at `.`, `!` or `?` (and any closing quotes or brackets) followed by
 whitespace, except after a known abbreviation ("Mr.", "e.g.", "approx.") or a single capital

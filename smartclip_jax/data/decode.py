@@ -107,9 +107,17 @@ def random_resized_crop(image: PIL.Image.Image, size: int, scale: tuple[float, f
 
 
 def centre_crop(image: PIL.Image.Image, size: int) -> np.ndarray:
-  """Resize the shorter side to `size`, then take the centre size x size (CLIP's eval)."""
+  """CLIP's evaluation transform, as torchvision's Resize(size, bicubic) + CenterCrop(size) do
+  it: the shorter side resized to `size` (the longer to int(size * long / short)), then the
+  centre size x size, its offset rounded half to even. The reference trains with it too."""
   width, height = image.size
-  return _resize(image, size, _centre_box(width, height, min(width, height)))
+  short, long = min(width, height), max(width, height)
+  scaled = (size, int(size * long / short))
+  new_w, new_h = scaled if width <= height else scaled[::-1]
+  if (new_w, new_h) != (width, height):
+    image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
+  left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+  return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
 def _centre_box(width: int, height: int, side: int) -> tuple[int, int, int, int]:

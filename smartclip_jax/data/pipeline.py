@@ -29,8 +29,9 @@ HOST_FIELDS = ("skipped", "bad_example")  # batch fields that stay on the host
 
 
 def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mode: str,
-              image_size: int, context_length: int, crop_scale: tuple[float, float],
-              crop_ratio: tuple[float, float], min_side: int, max_pixels: int) -> dict:
+              image_size: int, context_length: int, transform: str,
+              crop_scale: tuple[float, float], crop_ratio: tuple[float, float], min_side: int,
+              max_pixels: int) -> dict:
   """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
   if record.get("error"):
     return record
@@ -42,7 +43,7 @@ def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mo
       caption = caption[int(rng.integers(len(caption))) if train else 0]
     caption = sample_caption(decode.read_caption(caption), caption_mode, rng)
     image = decode.decode_image(record["image"], min_side, max_pixels)
-    if train:
+    if train and transform == "random_resized_crop":
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
     else:
       pixels = decode.centre_crop(image, image_size)
@@ -81,8 +82,8 @@ def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.par
   return functools.partial(
       featurize, train=train, caption_mode=d.caption_mode if train else "full",
       image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
-      crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), min_side=d.min_image_side,
-      max_pixels=d.max_image_pixels)
+      transform=d.train_transform, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
+      min_side=d.min_image_side, max_pixels=d.max_image_pixels)
 
 
 def train_iterator(config: ml_collections.ConfigDict, process_index: int | None = None,

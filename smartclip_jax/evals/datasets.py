@@ -22,12 +22,15 @@ import numpy as np
 
 from smartclip_jax.data.sources import IMAGE_SUFFIXES, sharegpt4v_entries
 
-RETRIEVAL_TASKS = ("coco", "coco_karpathy", "flickr30k", "urban1k", "sharegpt4v_1k", "dci",
-                   "docci")
+RETRIEVAL_TASKS = ("coco", "coco_karpathy", "flickr30k", "flickr30k_full", "urban1k",
+                   "sharegpt4v_1k", "dci", "docci")
 # Class-name and prompt lists (see assets/README.md for where each comes from).
 ZEROSHOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "zeroshot"
 # The first records of the ShareGPT4V JSON, which training holds out (`data.holdout`).
 SHAREGPT4V_HOLDOUT = 1000
+# Captions per COCO image in the paper's protocol (25,000 for 5,000 images); a few images have 6
+# or 7, and the ones past the fifth are not evaluated.
+COCO_CAPTIONS = 5
 MAX_EXAMPLES = 5
 # TFDS sets whose class names are OpenAI's/the data set's readable ones, not TFDS's ids.
 _TFDS_CLASSNAMES = {"cifar10": "cifar10_classes.txt", "cifar100": "cifar100_classes.txt",
@@ -39,7 +42,7 @@ class RetrievalSet:
   """A retrieval benchmark: caption i describes image `text_to_image[i]`."""
   name: str
   images: list[str]            # absolute image file paths, one per image
-  captions: list[str]          # every caption, flattened
+  captions: list[str]          # every evaluated caption, flattened
   text_to_image: np.ndarray    # int64 [len(captions)]: the image index of each caption
   skipped: dict[str, int]      # reason -> count of records left out
   examples: list[str]          # up to MAX_EXAMPLES readable examples of what was left out
@@ -63,8 +66,8 @@ def load_retrieval(task: str, path: str, image_root: str = "") -> RetrievalSet:
   raises a ValueError naming it, as does a set left with no usable image.
   """
   loaders = {"coco": _coco, "coco_karpathy": _karpathy, "flickr30k": _karpathy,
-             "urban1k": _urban1k, "sharegpt4v_1k": _sharegpt4v_1k, "dci": _dci,
-             "docci": _docci}
+             "flickr30k_full": _flickr30k_full, "urban1k": _urban1k,
+             "sharegpt4v_1k": _sharegpt4v_1k, "dci": _dci, "docci": _docci}
   if task not in loaders:
     raise ValueError(f"unknown retrieval task {task!r}; choose one of {RETRIEVAL_TASKS}")
   out = _Collector(task, path)
@@ -120,8 +123,11 @@ class _Collector:
 
 
 def _coco(out: _Collector, path: pathlib.Path, image_root: str) -> None:
-  """COCO 2017 `captions_val2017.json`: every caption of each image (5, a few have 6 or 7), in
-  annotation order. Images default to `val2017/` beside the `annotations/` folder."""
+  """COCO 2017 `captions_val2017.json`: the first five captions of each image in annotation
+  order, as the paper measured (25,000 for 5,000 images; the sixth and seventh that a few images
+  have are left out by the protocol, not counted in `skipped`). A blank one among the five is
+  counted, not replaced by a sixth. Images default to `val2017/` beside the `annotations/`
+  folder."""
   data = _read_json(path)
   root = pathlib.Path(image_root) if image_root else path.parent.parent / "val2017"
   captions = {image["id"]: [] for image in data["images"]}
@@ -132,14 +138,17 @@ def _coco(out: _Collector, path: pathlib.Path, image_root: str) -> None:
       out.skip("unknown_image", f"caption {annotation.get('id')} is of image "
                f"{annotation['image_id']}, which the file does not list")
   for image in data["images"]:
-    out.add(root / image["file_name"], captions[image["id"]], f"image {image['id']}")
+    out.add(root / image["file_name"], captions[image["id"]][:COCO_CAPTIONS],
+            f"image {image['id']}")
 
 
 def _karpathy(out: _Collector, path: pathlib.Path, image_root: str) -> None:
   """Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: the `test` split only (5,000
-  COCO or 1,000 Flickr30k images, each with its `sentences`). A COCO image lies under its
-  `filepath` (`val2014/`), a Flickr30k one directly under the root, by default the JSON's
-  folder."""
+  COCO or 1,000 Flickr30k images, each with its `sentences`). A COCO image keeps its first five
+  sentences, as `coco` does (a few of Karpathy's have 6 or 7; the rest are left out by the
+  protocol, not counted in `skipped`); a Flickr30k image has exactly five. A COCO image lies
+  under its `filepath` (`val2014/`), a Flickr30k one directly under the root, by default the
+  JSON's folder."""
   data = _read_json(path)
   root = pathlib.Path(image_root or path.parent)
   for image in data["images"]:
@@ -147,7 +156,50 @@ def _karpathy(out: _Collector, path: pathlib.Path, image_root: str) -> None:
       continue
     file = (pathlib.Path(image["filepath"], image["filename"]) if out.task == "coco_karpathy"
             else pathlib.Path(image["filename"]))
-    out.add(root / file, [sentence["raw"] for sentence in image["sentences"]], image["filename"])
+    sentences = [sentence["raw"] for sentence in image["sentences"]]
+    if out.task == "coco_karpathy":
+      sentences = sentences[:COCO_CAPTIONS]
+    out.add(root / file, sentences, image["filename"])
+
+
+def _flickr30k_full(out: _Collector, path: pathlib.Path, image_root: str) -> None:
+  """Flickr30k's own `results_20130124.token`, whole, as the paper measured Flickr30k: every
+  image and caption (31,783 images, 158,915 captions), not Karpathy's 1k test split.
+
+  Each line is `<image file>#<k><TAB><caption>`. Images come in order of first appearance, each
+  with its captions ordered by `k`; blank lines are ignored. A line not of that form is counted
+  as `malformed_line`, a repeated `<image file>#<k>` as `duplicate_caption` (the first is
+  kept). Images default to `flickr30k-images/` beside the file, as the archive unpacks.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except (OSError, ValueError) as e:  # ValueError: not UTF-8
+    raise ValueError(f"cannot read annotation file {path}: {e}") from e
+  root = pathlib.Path(image_root) if image_root else path.parent / "flickr30k-images"
+  captions: dict[str, dict[int, str]] = {}
+  first_malformed = ""
+  for number, line in enumerate(lines, 1):
+    line = line.rstrip("\n")
+    if not line.strip():
+      continue
+    key, tab, caption = line.partition("\t")
+    name, _, index = key.strip().rpartition("#")
+    if not (tab and name and index.isascii() and index.isdigit()):
+      detail = f"line {number} is not <image>#<k><tab><caption>: {line[:100]!r}"
+      first_malformed = first_malformed or detail
+      out.skip("malformed_line", detail)
+      continue
+    by_index = captions.setdefault(name, {})
+    if int(index) in by_index:
+      out.skip("duplicate_caption", f"line {number} repeats {key.strip()}")
+      continue
+    by_index[int(index)] = caption
+  if not captions:  # a wrong file, not a set with nothing usable
+    raise ValueError(f"{path} is not a Flickr30k results_20130124.token file "
+                     f"({first_malformed or 'it is empty'})")
+  for name, by_index in captions.items():
+    out.add(root / name, [by_index[k] for k in sorted(by_index)], name)
 
 
 def _urban1k(out: _Collector, path: pathlib.Path, image_root: str) -> None:

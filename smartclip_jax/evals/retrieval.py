@@ -1,4 +1,4 @@
-"""Image-text retrieval recall, exact and memory-bounded (SMARTCLIP.md §5).
+"""Image-text retrieval recall, exact and memory-bounded (docs/method.md, evaluation protocols).
 
 Similarities are computed a chunk of queries at a time (the chunk split over the mesh's batch
 axes, the keys replicated), so no more than `chunk` x keys scores exist at once: 25k COCO

@@ -1,6 +1,6 @@
 """The one place for how our parameters are named and laid out in PyTorch checkpoints.
 
-Two layouts (SMARTCLIP.md §7):
+Two layouts (docs/method.md, the reference's checkpoint layout):
 - OpenAI: OpenAI CLIP's state_dict names, which open_clip, Long-CLIP and the SmartCLIP
   reference share (Long-CLIP adds `positional_embedding_res`, SmartCLIP adds `mask_net.*`).
 - HF: transformers' `CLIPModel` (q/k/v split, projections as Linear weights).

@@ -189,7 +189,7 @@ def _apply_model_card(config: ml_collections.ConfigDict, card: pathlib.Path) -> 
   vision, text = spec["vision_cfg"], spec.get("text_cfg", {})
   config.model.vision.heads = config.model.vision.width // vision.get("head_width", 64)
   config.model.text.heads = text.get("heads", config.model.text.heads)
-  config.model.mask.heads = config.model.text.heads  # the reference's rule (SMARTCLIP.md §2)
+  config.model.mask.heads = config.model.text.heads  # the reference's rule (docs/method.md, the model)
   config.model.activation = "quick_gelu" if spec.get("quick_gelu") else "gelu"
 
 

@@ -43,11 +43,28 @@ def constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
+def torch_linear_bias(fan_in: int) -> Callable:
+  """PyTorch's default `nn.Linear` bias, uniform in ±1/sqrt(fan_in): OpenAI's initialisation
+  leaves the MLP biases at it (docs/method.md, initialisation)."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def residual_std(width: int, depth: int) -> float:
+  """OpenAI CLIP's std for the matrices that write into the residual stream (`out_proj`,
+  `c_proj`): width^-0.5 (2 depth)^-0.5, so a deeper stack adds smaller steps."""
+  return width ** -0.5 * (2 * depth) ** -0.5
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused q/k/v projection (CLIP's `in_proj_weight`)."""
+  """Multi-head self-attention with a fused q/k/v projection (CLIP's `in_proj_weight`).
+
+  `depth` is the number of blocks in the stack, for OpenAI's scaled `out_proj` initialisation.
+  """
   heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  depth: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,13 +72,16 @@ class Attention(nn.Module):
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     head_dim = width // self.heads
-    init = nn.initializers.normal(width ** -0.5)
     zeros = nn.initializers.zeros
-    w_in = self.param("in_proj_kernel", param_init(init, ("embed", None, "heads", "kv")),
+    w_in = self.param("in_proj_kernel",
+                      param_init(nn.initializers.normal(width ** -0.5),
+                                 ("embed", None, "heads", "kv")),
                       (width, 3, self.heads, head_dim))
     b_in = self.param("in_proj_bias", param_init(zeros, (None, "heads", "kv")),
                       (3, self.heads, head_dim))
-    w_out = self.param("out_proj_kernel", param_init(init, ("heads", "kv", "embed")),
+    w_out = self.param("out_proj_kernel",
+                       param_init(nn.initializers.normal(residual_std(width, self.depth)),
+                                  ("heads", "kv", "embed")),
                        (self.heads, head_dim, width))
     b_out = self.param("out_proj_bias", param_init(zeros, ("embed",)), (width,))
     x, w_in, b_in, w_out, b_out = (a.astype(self.dtype) for a in (x, w_in, b_in, w_out, b_out))
@@ -71,36 +91,40 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """c_fc -> activation -> c_proj, hidden 4x width."""
+  """c_fc -> activation -> c_proj, hidden 4x width; OpenAI CLIP's initialisation."""
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  depth: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    init = nn.initializers.normal(width ** -0.5)
     x = nn.Dense(4 * width, dtype=self.dtype, name="c_fc",
-                 kernel_init=param_init(init, ("embed", "mlp")),
-                 bias_init=param_init(nn.initializers.zeros, ("mlp",)))(x)
+                 kernel_init=param_init(nn.initializers.normal((2 * width) ** -0.5),
+                                        ("embed", "mlp")),
+                 bias_init=param_init(torch_linear_bias(width), ("mlp",)))(x)
     x = ACTIVATIONS[self.activation](x)
     return nn.Dense(width, dtype=self.dtype, name="c_proj",
-                    kernel_init=param_init(init, ("mlp", "embed")),
-                    bias_init=param_init(nn.initializers.zeros, ("embed",)))(x)
+                    kernel_init=param_init(nn.initializers.normal(residual_std(width, self.depth)),
+                                           ("mlp", "embed")),
+                    bias_init=param_init(torch_linear_bias(4 * width), ("embed",)))(x)
 
 
 class ResidualAttentionBlock(nn.Module):
-  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). `depth`: blocks in its stack."""
   heads: int
   causal: bool = False
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  depth: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = constrain(x)
-    x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(
+    x = x + Attention(self.heads, self.causal, self.dtype, self.depth, name="attn")(
         layer_norm("ln_1", self.dtype)(x))
-    x = x + Mlp(self.activation, self.dtype, name="mlp")(layer_norm("ln_2", self.dtype)(x))
+    x = x + Mlp(self.activation, self.dtype, self.depth, name="mlp")(
+        layer_norm("ln_2", self.dtype)(x))
     return constrain(x)
 
 
@@ -141,7 +165,7 @@ class Transformer(nn.Module):
     block = _ScanBlock if self.scan else ResidualAttentionBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-    args = (self.heads, self.causal, self.activation, self.dtype)
+    args = (self.heads, self.causal, self.activation, self.dtype, self.layers)
     if self.scan:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})

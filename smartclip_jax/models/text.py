@@ -1,4 +1,4 @@
-"""CLIP's causal text tower and Long-CLIP's stretch of its position table (SMARTCLIP.md §2)."""
+"""CLIP's causal text tower and Long-CLIP's stretch of its position table (docs/method.md, the model)."""
 
 from __future__ import annotations
 
