@@ -95,7 +95,7 @@ def test_each_bad_record_gets_its_reason(name):
 def test_training_and_eval_images_get_the_reference_transform(size):
   """By default a training image goes through evaluation's transform (the reference trains
   with it): torchvision's Resize + CenterCrop + Normalize, written out in PyTorch."""
-  torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
+  pytest.importorskip("torch", reason="needs requirements-torch.txt")
   from tests.torch_reference import clip_transform
   pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), np.uint8)
   want = clip_transform(PIL.Image.fromarray(pixels), 24).permute(1, 2, 0).numpy()

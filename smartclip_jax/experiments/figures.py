@@ -50,13 +50,33 @@ def mask_analysis(masks: Callable[[np.ndarray], np.ndarray], probes: Probes,
 
 
 def write_all(out: pathlib.Path, summary: dict, analysis: dict) -> list[pathlib.Path]:
-  paths = [_recall_bars(out / "recall_bars.png", summary)]
-  if analysis:
-    paths.append(_mask_size(out / "mask_size.png", analysis))
+  return [_recall_bars(out / "recall_bars.png", summary), *mask_figures(out, analysis)]
+
+
+def mask_figures(out: pathlib.Path, analysis: dict) -> list[pathlib.Path]:
+  """Per method of `analysis` (`mask_analysis`'s output): its heatmap and overlap figures, and
+  one plot of mask size against objects named for all of them."""
+  paths = [_mask_size(out / "mask_size.png", analysis)] if analysis else []
   for method, a in analysis.items():
     paths += [_heatmap(out / f"mask_heatmap_{method}.png", a, method),
               _overlap(out / f"mask_overlap_{method}.png", a, method)]
   return paths
+
+
+def lr_sweep(path: pathlib.Path, curves: dict[str, tuple[list[float], list[float], list[float]]],
+             baseline: float, metric: str) -> pathlib.Path:
+  """`metric` against the towers' learning rate: one line per curve name, (lrs, means, stds),
+  with the untouched base model as a horizontal line; lr 0 (frozen) drawn at the left edge."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, (lrs, means, stds) in curves.items():
+    x = [lr if lr > 0 else 1e-6 for lr in lrs]
+    ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=name)
+  ax.axhline(baseline, color="grey", linestyle="--", label="base CLIP")
+  ax.set_xscale("log")
+  ax.set_xlabel("towers' learning rate (1e-6 here: frozen)")
+  ax.set_ylabel(f"{metric} (%, mean ± std over seeds)")
+  ax.legend(fontsize=7)
+  return _save(fig, path)
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:

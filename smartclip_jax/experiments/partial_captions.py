@@ -117,17 +117,17 @@ def schedule(split: scenes.Split, steps: int, batch: int, mode: str, seed: int,
 
 class Trainer:
   """One compiled train step, initialiser and set of encoders per method, reused across seeds
-  and settings."""
+  and settings. `configure(method)` is the method's config (total_steps is set here)."""
 
-  def __init__(self, sizes: Sizes):
-    self.sizes = sizes
+  def __init__(self, configure: Callable[[str], ml_collections.ConfigDict]):
+    self.configure = configure
     self.device = jax.devices()[:1]
     self._parts: dict[str, Parts] = {}
 
   def parts(self, method: str, steps: int) -> Parts:
     key = f"{method}/{steps}"
     if key not in self._parts:
-      c = method_config(method, self.sizes)
+      c = self.configure(method)
       c.total_steps = steps
       mesh = sharding.make_mesh(c, self.device)
       model, tx = build_model(c), optim.make_optimizer(c)
@@ -142,15 +142,14 @@ class Trainer:
 
   def train(self, method: str, seed: int, split: scenes.Split, index: np.ndarray,
             tokens: np.ndarray, init: Any = None) -> tuple[Parts, Any, float]:
-    """Trains `method` from `seed` (towers from `init` if given: a pretrained CLIP's `visual`
-    and `text`; the mask net, scale and bias start fresh); returns (its parts, params, last
-    loss)."""
+    """Trains `method` from `seed`, the top-level parameters `init` holds (e.g. a pretrained
+    CLIP's `visual` and `text`) taken from it and the rest fresh; returns (its parts, params,
+    last loss)."""
     parts = self.parts(method, len(index))
     state = parts.init(seed)
     if init is not None:
       params = dict(state.params)
-      params.update({k: jax.device_put(init[k], parts.shardings.params[k])
-                     for k in ("visual", "text")})
+      params.update({k: jax.device_put(v, parts.shardings.params[k]) for k, v in init.items()})
       state = state.replace(params=params)
     rows = sharding.batch_sharding(parts.mesh)
     metrics = {}
@@ -241,16 +240,21 @@ def _exit_with_parent() -> None:
     os._exit(1)
 
 
+def pin_to_core(cores: Any) -> None:
+  """A pool worker takes one core from the `cores` queue and keeps to it: XLA sizes its CPU
+  thread pool by the cores a process may use, and these towers are too small for intra-op
+  threads to pay, so one process per core is about twice as fast as one process on all."""
+  _exit_with_parent()
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {cores.get()})  # before jax's CPU client exists
+
+
 def start_process(sizes: Sizes, cores: Any = None) -> None:
-  """Makes this process ready to run tasks. A pool worker takes one core from the `cores` queue
-  and keeps to it: XLA sizes its CPU thread pool by the cores a process may use, and these
-  towers are too small for intra-op threads to pay, so one process per core is about twice as
-  fast as one process on all of them."""
+  """Makes this process ready to run tasks (`pin_to_core` for a pool worker)."""
   if cores is not None:
-    _exit_with_parent()
-    if hasattr(os, "sched_setaffinity"):
-      os.sched_setaffinity(0, {cores.get()})  # before jax's CPU client exists
-  _PROCESS.update(sizes=sizes, data=make_data(sizes), trainer=Trainer(sizes))
+    pin_to_core(cores)
+  _PROCESS.update(sizes=sizes, data=make_data(sizes),
+                  trainer=Trainer(lambda method: method_config(method, sizes)))
 
 
 def run_task(seed: int, setting: str, mode: str, method: str, pretrained: Any = None,
@@ -280,8 +284,8 @@ def run_task(seed: int, setting: str, mode: str, method: str, pretrained: Any = 
 class _InProcess(futures.Executor):
   """Runs each task when it is submitted, in this process (`--workers 1`, the tests)."""
 
-  def __init__(self, sizes: Sizes):
-    start_process(sizes)
+  def __init__(self, start: Callable, *args):
+    start(*args)
 
   def submit(self, fn, /, *args, **kwargs) -> futures.Future:
     future: futures.Future = futures.Future()
@@ -289,16 +293,18 @@ class _InProcess(futures.Executor):
     return future
 
 
-def _executor(sizes: Sizes, workers: int) -> futures.Executor:
+def executor(workers: int, start: Callable, *args) -> futures.Executor:
+  """`workers` processes, each readied by `start(*args, cores)` (one core each), or with
+  workers = 1 this process, readied by `start(*args)`."""
   if workers == 1:
-    return _InProcess(sizes)
+    return _InProcess(start, *args)
   context = multiprocessing.get_context("spawn")
   cores = context.SimpleQueue()
   available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
   for i in range(workers):
     cores.put(available[i % len(available)])
-  return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_process,
-                                     initargs=(sizes, cores))
+  return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start,
+                                     initargs=(*args, cores))
 
 
 def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
@@ -330,7 +336,7 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
     return future
 
   log.info("%d runs on %d process(es); %s", total, workers, sizes)
-  with _executor(sizes, workers) as pool:
+  with executor(workers, start_process, sizes) as pool:
     pretraining = ({seed: submit(seed, "pretrained", "full", "clip") for seed in seeds}
                    if finetune else {})
     jobs = [submit(seed, s, mode, m) for seed in seeds for s, mode in scratch for m in methods]
@@ -364,29 +370,39 @@ def _brief(record: dict) -> str:
   return "  ".join(f"{k} {record[k]:.1f}" for k in probes_lib.METRICS)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m smartclip_jax.experiments.partial_captions",
-                                   description=__doc__,
+def experiment_main(argv: Sequence[str] | None, prog: str, doc: str, quick: str,
+                    run_quick: Callable[[pathlib.Path, int], Any],
+                    run_full: Callable[[pathlib.Path, int], Any],
+                    replot: Callable[[pathlib.Path, dict], None]) -> None:
+  """The command line an experiment shares: --out, --workers, --quick, --replot; prints the
+  table it wrote."""
+  parser = argparse.ArgumentParser(prog=prog, description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                       help="processes running runs side by side, one core each (default: "
                            "this machine's cores, at most 8)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, one seed, CLIP and SmartCLIP only: every output file, "
-                           "for the tests")
+  parser.add_argument("--quick", action="store_true", help=quick)
   parser.add_argument("--replot", action="store_true",
                       help="no runs: redraw table.md and the figures from --out's results.json")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
   if args.replot:
-    results = json.loads((args.out / "results.json").read_text())
-    write_outputs(args.out, results)
+    replot(args.out, json.loads((args.out / "results.json").read_text()))
   elif args.quick:
-    run(args.out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS, workers=args.workers)
+    run_quick(args.out, args.workers)
   else:
-    run(args.out, Sizes(), workers=args.workers)
+    run_full(args.out, args.workers)
   print((args.out / "table.md").read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  experiment_main(
+      argv, "python -m smartclip_jax.experiments.partial_captions", __doc__,
+      "tiny sizes, one seed, CLIP and SmartCLIP only: every output file, for the tests",
+      lambda out, workers: run(out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS,
+                               workers=workers),
+      lambda out, workers: run(out, Sizes(), workers=workers), write_outputs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from smartclip_jax import losses
 from smartclip_jax.experiments import scenes
 from smartclip_jax.tokenizer import tokenize
 
@@ -41,6 +42,29 @@ class Probes:
   single_things: list[tuple[int, scenes.Thing]]  # (image, object) of each single query
   concepts: np.ndarray  # [len(CONCEPTS), L]
   pairs: list[tuple[int, np.ndarray, np.ndarray]]  # (image, true tokens, swapped tokens)
+
+
+@dataclasses.dataclass
+class PartialQueries:
+  """Captions that name some, never all, of a scene's objects, each to retrieve its scene."""
+  tokens: np.ndarray  # [Q, L]
+  named: list[list[scenes.Thing]]  # the objects each query names
+
+
+def make_partial(split: scenes.Split, context_length: int, per_image: int,
+                 seed: int) -> PartialQueries:
+  """`per_image` queries per scene: k of its n sentences, k uniform in 1..n-1, kept in caption
+  order. Scene i's draws depend on (seed, i) only, so the first K scenes of a split have the
+  same queries whatever its length."""
+  tokens, named = [], []
+  for i, things in enumerate(split.scenes):
+    rng = np.random.default_rng([seed, 17, i])
+    for _ in range(per_image):
+      keep = sorted(rng.choice(len(things), int(rng.integers(1, len(things))), replace=False))
+      tokens.append(scenes.caption_tokens([split.sentence_ids[i][k] for k in keep],
+                                          context_length))
+      named.append([things[k] for k in keep])
+  return PartialQueries(np.stack(tokens), named)
 
 
 def make_probes(split: scenes.Split, context_length: int) -> Probes:
@@ -70,22 +94,43 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float(greater / (len(pos) * len(neg)))
 
 
+Scorer = Callable[[np.ndarray], np.ndarray]  # caption tokens [M, L] -> scores [images, M]
+
+
+def scorer(img_emb: np.ndarray, encode_text: Callable[[np.ndarray], np.ndarray],
+           text_masks: Callable[[np.ndarray], np.ndarray] | None = None) -> Scorer:
+  """Scores of every image against captions: plain cosines (the paper's inference), or with
+  `text_masks` each caption's mask on the image side, the training score (`losses`)."""
+  if text_masks is None:
+    img = _normalize(img_emb)
+    return lambda tokens: img @ _normalize(encode_text(tokens)).T
+  return lambda tokens: np.asarray(losses.masked_similarity(
+      img_emb, encode_text(tokens), text_masks(tokens)))
+
+
+def named_hits(scores: np.ndarray, named: list[list[scenes.Thing]], split: scenes.Split,
+               ) -> np.ndarray:
+  """bool [Q]: whether each query's top-1 image (scores [images, Q]) holds every object the
+  query names, each equal in all five factors."""
+  top = scores.argmax(0)
+  return np.array([all(t in split.scenes[j] for t in things) for things, j in zip(named, top)])
+
+
 def evaluate(encode_image: Callable[[np.ndarray], np.ndarray],
-             encode_text: Callable[[np.ndarray], np.ndarray], probes: Probes) -> dict[str, float]:
-  """Every test set's score in percent (AUC too), from unnormalised embedding functions."""
+             encode_text: Callable[[np.ndarray], np.ndarray], probes: Probes,
+             text_masks: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+  """Every test set's score in percent (AUC too), from unnormalised embedding functions; with
+  `text_masks`, pairs are scored with each caption's mask (`scorer`)."""
   p = probes
-  img = _normalize(encode_image(p.split.images))
-  full = _normalize(encode_text(p.full))
-  sims = img @ full.T
-  n = len(img)
+  score = scorer(encode_image(p.split.images), encode_text, text_masks)
+  sims = score(p.full)
+  n = len(sims)
   out = {"full_i2t_r1": np.mean(sims.argmax(1) == np.arange(n)),
          "full_t2i_r1": np.mean(sims.argmax(0) == np.arange(n))}
+  out["single_t2i_r1"] = np.mean(named_hits(score(p.single), [[t] for _, t in p.single_things],
+                                            p.split))
 
-  top = (_normalize(encode_text(p.single)) @ img.T).argmax(1)
-  out["single_t2i_r1"] = np.mean([thing in p.split.scenes[j]
-                                  for (_, thing), j in zip(p.single_things, top)])
-
-  concept = img @ _normalize(encode_text(p.concepts)).T  # [N, colours x shapes]
+  concept = score(p.concepts)  # [N, colours x shapes]
   grid = concept.reshape(n, len(scenes.COLOURS), len(scenes.SHAPES))
   colour_hits, shape_hits = [], []
   for i, things in enumerate(p.split.scenes):
@@ -107,9 +152,9 @@ def evaluate(encode_image: Callable[[np.ndarray], np.ndarray],
   out["presence_auc"] = np.mean(aucs)
 
   if p.pairs:
-    texts = _normalize(encode_text(np.concatenate([np.stack([t, s]) for _, t, s in p.pairs])))
-    rows = img[[i for i, _, _ in p.pairs]]
-    true, swapped = np.sum(rows * texts[0::2], -1), np.sum(rows * texts[1::2], -1)
+    pair_scores = score(np.concatenate([np.stack([t, s]) for _, t, s in p.pairs]))
+    rows = pair_scores[[i for i, _, _ in p.pairs]]
+    true, swapped = np.diagonal(rows[:, 0::2]), np.diagonal(rows[:, 1::2])
     out["swap_acc"] = np.mean(true > swapped)
   else:
     out["swap_acc"] = float("nan")
