@@ -87,6 +87,7 @@ def test_two_processes_read_disjoint_slices_covering_the_data(demo_config):
   assert len(ids_0) == len(per_process[0])
 
 
+@pytest.mark.slow
 def test_worker_processes_resume_from_state(demo_config):
   demo_config.data.num_workers = 2
   it = pipeline.train_iterator(demo_config)

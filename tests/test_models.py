@@ -161,9 +161,13 @@ def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, re
   loss, grads = _loss_and_grads(scan_config, stacked, batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   assert_gradients_close(unstack(grads), ref_grads)
+  # The optimizer on the stacks, fed the unrolled model's own gradients restacked: Adam's first
+  # update, lr * g / (|g| + eps), magnifies the rounding differences of gradients near eps, so
+  # the same gradients on both sides make this a comparison of the optimizer alone.
   tx = optim.make_optimizer(demo_config)
   ref_updates = tx.update(ref_grads, tx.init(params), params)[0]
-  updates = tx.update(grads, tx.init(stacked), stacked)[0]
+  same_grads = layout.unflatten(layout.restack_layers(layout.flatten(ref_grads), like))
+  updates = tx.update(same_grads, tx.init(stacked), stacked)[0]
   assert_gradients_close(unstack(updates), ref_updates)
 
 

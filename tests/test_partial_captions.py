@@ -110,6 +110,7 @@ def test_auc():
   assert probes.auc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
   out = tmp_path / "pc"
   partial_captions.main(["--out", str(out), "--quick", "--workers", "1"])
