@@ -132,8 +132,8 @@ def score(parts: Any, params: Any, test: TestSet, masked: bool) -> tuple[dict, l
   (`masked`) each caption's mask on the image side."""
   encode_image, encode_text = parts.encoders(params)
   masks = parts.batched("text_masks", params) if masked else None
-  metrics = probes_lib.evaluate(encode_image, encode_text, test.probes, masks)
   scorer = probes_lib.scorer(encode_image(test.probes.split.images), encode_text, masks)
+  metrics = probes_lib.evaluate_scores(scorer, test.probes)
   hits = probes_lib.named_hits(scorer(test.partial.tokens), test.partial.named,
                                test.probes.split)
   return {MAIN: 100 * float(hits.mean()), **metrics}, hits.tolist()

@@ -121,8 +121,13 @@ def evaluate(encode_image: Callable[[np.ndarray], np.ndarray],
              text_masks: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
   """Every test set's score in percent (AUC too), from unnormalised embedding functions; with
   `text_masks`, pairs are scored with each caption's mask (`scorer`)."""
+  return evaluate_scores(scorer(encode_image(probes.split.images), encode_text, text_masks),
+                         probes)
+
+
+def evaluate_scores(score: Scorer, probes: Probes) -> dict[str, float]:
+  """`evaluate` from a `scorer` of the probes' images, for callers that score more queries."""
   p = probes
-  score = scorer(encode_image(p.split.images), encode_text, text_masks)
   sims = score(p.full)
   n = len(sims)
   out = {"full_i2t_r1": np.mean(sims.argmax(1) == np.arange(n)),
