@@ -22,11 +22,25 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def compile_one(config: str, batch: int, topology: str, extra: list[str]) -> dict:
-  cmd = [sys.executable, "-m", "smartclip_jax.aot", "--config", config, "--topology", topology,
-         f"--config.batch_size={batch}", *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "smartclip_jax.aot",
+    "--config",
+    config,
+    "--topology",
+    topology,
+    f"--config.batch_size={batch}",
+    *extra,
+  ]
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.run(
+    cmd,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+  )
   lines = proc.stdout.strip().splitlines()
   if proc.returncode not in (0, 1) or not lines:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -37,28 +51,39 @@ def row(r: dict) -> str:
   name = pathlib.Path(r["config"]).stem
   variant = r.get("variant") or "—"
   if "total_gib" not in r:
-    return (f"| {name} | {r['batch_size']} | {variant} | {r['topology']} | no | — | — | "
-            f"{r['error']} |")
+    return (
+      f"| {name} | {r['batch_size']} | {variant} | {r['topology']} | no | — | — | {r['error']} |"
+    )
   fits = "yes" if r["fits"] else "no"
-  return (f"| {name} | {r['batch_size']} | {variant} | {r['topology']} ({r['chips']} chips) | "
-          f"{fits} | "
-          f"{r['total_gib']:.1f} of {r['hbm_gib']} | {r['flops_per_step']:.3g} | "
-          f"args {r['arguments_gib']:.1f}, temps {r['temporaries_gib']:.1f} |")
+  return (
+    f"| {name} | {r['batch_size']} | {variant} | {r['topology']} ({r['chips']} chips) | "
+    f"{fits} | "
+    f"{r['total_gib']:.1f} of {r['hbm_gib']} | {r['flops_per_step']:.3g} | "
+    f"args {r['arguments_gib']:.1f}, temps {r['temporaries_gib']:.1f} |"
+  )
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--configs", nargs="+",
-                      default=["configs/smartclip_vitl14.py", "configs/smartclip_vitb16.py"])
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--configs", nargs="+", default=["configs/smartclip_vitl14.py", "configs/smartclip_vitb16.py"]
+  )
   parser.add_argument("--batches", nargs="+", type=int, default=[1024, 32768])
   parser.add_argument("--topologies", nargs="+", default=["v5p:4x4x4", "v5e:16x16"])
-  parser.add_argument("--variants", nargs="+", default=[""],
-                      help="comma-separated overrides per variant, e.g. loss_impl=ring")
+  parser.add_argument(
+    "--variants",
+    nargs="+",
+    default=[""],
+    help="comma-separated overrides per variant, e.g. loss_impl=ring",
+  )
   parser.add_argument("--extra", nargs="*", default=[], help="--config.a=b for every compile")
   args = parser.parse_args()
-  print("| config | global batch | variant | slice | fits | GiB per chip | FLOPs per step | "
-        "memory (GiB) |")
+  print(
+    "| config | global batch | variant | slice | fits | GiB per chip | FLOPs per step | "
+    "memory (GiB) |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   rows = []
   for config in args.configs:

@@ -85,8 +85,9 @@ def step_rate(step_batch: int, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--batches", type=int, default=12)
   parser.add_argument("--batch", type=int, default=32)
@@ -100,9 +101,19 @@ def main() -> None:
     tmp = pathlib.Path(tmp)
     (tmp / "images").mkdir()
     entries = write_images(tmp / "images", args.images)
-    prepare.prepare(entries, str(tmp / "images"), tmp / "shards", holdout=0, num_shards=4,
-                    max_side=512, min_side=16, max_pixels=10**8, quality=95, workers=2,
-                    progress=False)
+    prepare.prepare(
+      entries,
+      str(tmp / "images"),
+      tmp / "shards",
+      holdout=0,
+      num_shards=4,
+      max_side=512,
+      min_side=16,
+      max_pixels=10**8,
+      quality=95,
+      workers=2,
+      progress=False,
+    )
     config = config_lib.recipe_config("vit_b16")
     config.update(batch_size=args.batch)
     config.data.update(name="array_record", path=str(tmp / "shards" / "train"))
@@ -114,21 +125,31 @@ def main() -> None:
 
   print(f"{'what':46}{'images/s':>10}{'ratio to step':>15}")
   for workers, rate in rates.items():
-    print(f"{f'input pipeline, {workers} worker(s), 224 px, ctx 248':46}{rate:10.1f}"
-          f"{rate / step_ips:15.1f}")
+    print(
+      f"{f'input pipeline, {workers} worker(s), 224 px, ctx 248':46}{rate:10.1f}"
+      f"{rate / step_ips:15.1f}"
+    )
   print(f"{'ViT-B/16 SmartCLIP train step (fp32, this CPU)':46}{step_ips:10.2f}{1:15.1f}")
-  result = {"pipeline_images_per_sec": {str(k): v for k, v in rates.items()},
-            "train_step_images_per_sec": step_ips, "step_flops_per_image": flops_per_image}
+  result = {
+    "pipeline_images_per_sec": {str(k): v for k, v in rates.items()},
+    "train_step_images_per_sec": step_ips,
+    "step_flops_per_image": flops_per_image,
+  }
   if flops_per_image > 0:
     chip_ips = args.chip_tflops * 1e12 * args.mfu / flops_per_image
     cores = os.cpu_count() or 1
     per_core = max(rates.values()) / cores  # every setting above keeps all cores busy
-    result.update(chip_images_per_sec=chip_ips, images_per_sec_per_core=per_core,
-                  host_cores_per_chip=chip_ips / per_core)
-    print(f"step: {flops_per_image / 1e9:.1f} GFLOP per image (XLA cost analysis); a chip at "
-          f"{args.chip_tflops:.0f} TFLOP/s x {args.mfu:.0%} MFU trains {chip_ips:.0f} images/s, "
-          f"which needs {chip_ips / per_core:.1f} host cores per chip at the best rate above "
-          f"spread over this machine's {cores} cores ({per_core:.1f} images/s per core)")
+    result.update(
+      chip_images_per_sec=chip_ips,
+      images_per_sec_per_core=per_core,
+      host_cores_per_chip=chip_ips / per_core,
+    )
+    print(
+      f"step: {flops_per_image / 1e9:.1f} GFLOP per image (XLA cost analysis); a chip at "
+      f"{args.chip_tflops:.0f} TFLOP/s x {args.mfu:.0%} MFU trains {chip_ips:.0f} images/s, "
+      f"which needs {chip_ips / per_core:.1f} host cores per chip at the best rate above "
+      f"spread over this machine's {cores} cores ({per_core:.1f} images/s per core)"
+    )
   print(json.dumps(result))
 
 

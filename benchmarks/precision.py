@@ -42,28 +42,40 @@ def embed(path: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", required=True, help="a workdir whose config has a held-out "
-                      "split (e.g. the README's runs/demo)")
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--model",
+    required=True,
+    help="a workdir whose config has a held-out split (e.g. the README's runs/demo)",
+  )
   args = parser.parse_args()
   figures: dict = {"model": args.model}
   ref = None
-  print(f"{'dtype':<10}{'img max|d|':>12}{'img mean|d|':>13}{'txt max|d|':>12}"
-        f"{'txt mean|d|':>13}{'I2T R@1':>9}{'T2I R@1':>9}")
+  print(
+    f"{'dtype':<10}{'img max|d|':>12}{'img mean|d|':>13}{'txt max|d|':>12}"
+    f"{'txt mean|d|':>13}{'I2T R@1':>9}{'T2I R@1':>9}"
+  )
   for dtype in DTYPES:
     img, txt = embed(args.model, dtype)
     ref = ref or (img, txt)
     rank = retrieval.retrieval_ranks(img, txt, np.arange(len(txt)))
     r = retrieval.recalls(rank)
-    row = {"img_max": float(np.abs(img - ref[0]).max()),
-           "img_mean": float(np.abs(img - ref[0]).mean()),
-           "txt_max": float(np.abs(txt - ref[1]).max()),
-           "txt_mean": float(np.abs(txt - ref[1]).mean()),
-           "i2t_r1": r["i2t_r1"], "t2i_r1": r["t2i_r1"], "images": len(img)}
+    row = {
+      "img_max": float(np.abs(img - ref[0]).max()),
+      "img_mean": float(np.abs(img - ref[0]).mean()),
+      "txt_max": float(np.abs(txt - ref[1]).max()),
+      "txt_mean": float(np.abs(txt - ref[1]).mean()),
+      "i2t_r1": r["i2t_r1"],
+      "t2i_r1": r["t2i_r1"],
+      "images": len(img),
+    }
     figures[dtype] = row
-    print(f"{dtype:<10}{row['img_max']:>12.2e}{row['img_mean']:>13.2e}{row['txt_max']:>12.2e}"
-          f"{row['txt_mean']:>13.2e}{row['i2t_r1']:>9.1f}{row['t2i_r1']:>9.1f}")
+    print(
+      f"{dtype:<10}{row['img_max']:>12.2e}{row['img_mean']:>13.2e}{row['txt_max']:>12.2e}"
+      f"{row['txt_mean']:>13.2e}{row['i2t_r1']:>9.1f}{row['t2i_r1']:>9.1f}"
+    )
   print(json.dumps(figures))
 
 

@@ -30,11 +30,24 @@ sys.path.insert(0, str(REPO))
 
 from smartclip_jax.data import demo  # noqa: E402
 
-FAULTS = ("truncated", "zero_bytes", "deleted", "blank_caption", "bad_utf8", "one_pixel",
-          "huge_header")
-EXPECTED_REASON = {"truncated": "undecodable_image", "zero_bytes": "undecodable_image",
-                   "deleted": "missing_file", "blank_caption": "empty_caption", "bad_utf8": "invalid_text",
-                   "one_pixel": "too_small", "huge_header": "too_large"}
+FAULTS = (
+  "truncated",
+  "zero_bytes",
+  "deleted",
+  "blank_caption",
+  "bad_utf8",
+  "one_pixel",
+  "huge_header",
+)
+EXPECTED_REASON = {
+  "truncated": "undecodable_image",
+  "zero_bytes": "undecodable_image",
+  "deleted": "missing_file",
+  "blank_caption": "empty_caption",
+  "bad_utf8": "invalid_text",
+  "one_pixel": "too_small",
+  "huge_header": "too_large",
+}
 
 
 def encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
@@ -58,12 +71,15 @@ def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
     if i % 10 == 9:
       fault = FAULTS[(i // 10) % len(FAULTS)]
       planted[fault] += 1
-      image = {"truncated": image[:len(image) // 3], "zero_bytes": b"",
-               "one_pixel": encode(np.zeros((1, 1, 3), np.uint8), "PNG"),
-               "huge_header": claims_size(encode(np.zeros((8, 8, 3), np.uint8), "PNG"),
-                                          20000, 20000)}.get(fault, image)
+      image = {
+        "truncated": image[: len(image) // 3],
+        "zero_bytes": b"",
+        "one_pixel": encode(np.zeros((1, 1, 3), np.uint8), "PNG"),
+        "huge_header": claims_size(encode(np.zeros((8, 8, 3), np.uint8), "PNG"), 20000, 20000),
+      }.get(fault, image)
       caption_bytes = {"blank_caption": b"  \n", "bad_utf8": b"caf\xe9 \xff\xfe"}.get(
-          fault, caption_bytes)
+        fault, caption_bytes
+      )
       if fault == "deleted":  # its caption stays, its image is gone
         (root / f"{i:05d}.txt").write_bytes(caption_bytes)
         continue
@@ -74,8 +90,9 @@ def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--images", type=int, default=1000)
   parser.add_argument("--workers", type=int, default=2)
   args = parser.parse_args()
@@ -84,14 +101,32 @@ def main() -> None:
     folder.mkdir()
     planted = write_folder(folder, args.images)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "smartclip_jax.data.prepare", "--format", "folder",
-                    "--input", str(folder), "--out", str(out), "--num-shards", "8",
-                    "--workers", str(args.workers)], check=True, cwd=REPO)
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "smartclip_jax.data.prepare",
+        "--format",
+        "folder",
+        "--input",
+        str(folder),
+        "--out",
+        str(out),
+        "--num-shards",
+        "8",
+        "--workers",
+        str(args.workers),
+      ],
+      check=True,
+      cwd=REPO,
+    )
     seconds = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
   print(f"planted faults in {sum(planted.values())} of {args.images} records: {planted}")
-  print(f"prepare took {seconds:.1f} s; summary.json: written {summary['written']} of "
-        f"{summary['records']} listed, skipped {summary['skipped']}")
+  print(
+    f"prepare took {seconds:.1f} s; summary.json: written {summary['written']} of "
+    f"{summary['records']} listed, skipped {summary['skipped']}"
+  )
   expected = {}
   for fault, n in planted.items():
     expected[EXPECTED_REASON[fault]] = expected.get(EXPECTED_REASON[fault], 0) + n

@@ -54,8 +54,9 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
   """FLOP/s of an n x n x n float32 matmul, the best this machine does on dense math."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / interleaved_best({"matmul": lambda: f(a).block_until_ready()},
-                                       repeats)["matmul"]
+  return (
+    2 * n**3 / interleaved_best({"matmul": lambda: f(a).block_until_ready()}, repeats)["matmul"]
+  )
 
 
 def make_config(arch: str, loss: str, batch: int, context: int, dtype: str):
@@ -74,8 +75,10 @@ def inputs(c, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
   tokens = np.zeros((c.batch_size, length), np.int32)
   tokens[:, :n] = rng.integers(1, 49406, (c.batch_size, n))
   tokens[:, n - 1] = 49407  # end of text, the highest id, where CLIP pools
-  return {"image": rng.standard_normal((c.batch_size, size, size, 3)).astype(np.float32),
-          "tokens": tokens}
+  return {
+    "image": rng.standard_normal((c.batch_size, size, size, 3)).astype(np.float32),
+    "tokens": tokens,
+  }
 
 
 def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
@@ -108,19 +111,31 @@ def torch_step(c, caption_tokens: int, threads: int) -> Callable[[], None]:
   torch.set_num_threads(threads)
   m = c.model
   config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=m.text.vocab_size, hidden_size=m.text.width,
-                       intermediate_size=4 * m.text.width, num_hidden_layers=m.text.layers,
-                       num_attention_heads=m.text.heads,
-                       max_position_embeddings=m.text.context_length, hidden_act="quick_gelu",
-                       eos_token_id=49407),
-      vision_config=dict(hidden_size=m.vision.width, intermediate_size=4 * m.vision.width,
-                         num_hidden_layers=m.vision.layers, num_attention_heads=m.vision.heads,
-                         image_size=m.vision.image_size, patch_size=m.vision.patch_size,
-                         hidden_act="quick_gelu"),
-      projection_dim=m.embed_dim)
+    text_config=dict(
+      vocab_size=m.text.vocab_size,
+      hidden_size=m.text.width,
+      intermediate_size=4 * m.text.width,
+      num_hidden_layers=m.text.layers,
+      num_attention_heads=m.text.heads,
+      max_position_embeddings=m.text.context_length,
+      hidden_act="quick_gelu",
+      eos_token_id=49407,
+    ),
+    vision_config=dict(
+      hidden_size=m.vision.width,
+      intermediate_size=4 * m.vision.width,
+      num_hidden_layers=m.vision.layers,
+      num_attention_heads=m.vision.heads,
+      image_size=m.vision.image_size,
+      patch_size=m.vision.patch_size,
+      hidden_act="quick_gelu",
+    ),
+    projection_dim=m.embed_dim,
+  )
   model = transformers.CLIPModel(config).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6,
-                          weight_decay=0.01)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01
+  )
   data = inputs(c, caption_tokens)
   pixels = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous()
   tokens = torch.from_numpy(data["tokens"]).long()
@@ -137,15 +152,24 @@ def torch_step(c, caption_tokens: int, threads: int) -> Callable[[], None]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--arch", default="vit_b16", choices=sorted(config_lib.ARCHS))
   parser.add_argument("--batches", type=int, nargs="+", default=[8])
-  parser.add_argument("--context", type=int, default=77,
-                      help="text tokens (77: CLIP's, which transformers' CLIP takes as is)")
-  parser.add_argument("--caption-tokens", type=int, default=0,
-                      help="caption length in tokens (0: all of --context); > 0 adds a CLIP row "
-                           "with model.text.trim_padding=16")
+  parser.add_argument(
+    "--context",
+    type=int,
+    default=77,
+    help="text tokens (77: CLIP's, which transformers' CLIP takes as is)",
+  )
+  parser.add_argument(
+    "--caption-tokens",
+    type=int,
+    default=0,
+    help="caption length in tokens (0: all of --context); > 0 adds a CLIP row "
+    "with model.text.trim_padding=16",
+  )
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
@@ -153,14 +177,17 @@ def main() -> None:
 
   peak = matmul_peak()
   threads = os.cpu_count() or 1
-  print(f"{jax.devices()[0].device_kind}, {threads} cores: fp32 matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+  print(
+    f"{jax.devices()[0].device_kind}, {threads} cores: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
+    flush=True,
+  )
   print(f"{'step':>16} {'batch':>6} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'MFU':>6}")
   rows = []
   for batch in args.batches:
-    configs = {name: make_config(args.arch, name.removesuffix("_again"), batch, args.context,
-                                 args.dtype)
-               for name in ("smartclip", "clip", "clip_again")}
+    configs = {
+      name: make_config(args.arch, name.removesuffix("_again"), batch, args.context, args.dtype)
+      for name in ("smartclip", "clip", "clip_again")
+    }
     if args.caption_tokens:
       configs["clip_trim"] = make_config(args.arch, "clip", batch, args.context, args.dtype)
       configs["clip_trim"].model.text.trim_padding = 16
@@ -173,16 +200,27 @@ def main() -> None:
     times = interleaved_best(runs, args.repeats)
     found = {}
     for name, t in times.items():
-      row = found[name] = {"step": name, "batch": batch, "seconds": t, "flops": flops[name],
-                           "images_per_sec": batch / t, "mfu": flops[name] / t / peak}
+      row = found[name] = {
+        "step": name,
+        "batch": batch,
+        "seconds": t,
+        "flops": flops[name],
+        "images_per_sec": batch / t,
+        "mfu": flops[name] / t / peak,
+      }
       rows.append(row)
-      print(f"{name:>16} {batch:>6} {t:>8.2f} {row['images_per_sec']:>7.2f} "
-            f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%}", flush=True)
+      print(
+        f"{name:>16} {batch:>6} {t:>8.2f} {row['images_per_sec']:>7.2f} "
+        f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%}",
+        flush=True,
+      )
     overhead = found["smartclip"]["seconds"] / found["clip"]["seconds"] - 1
     found["smartclip"]["overhead_vs_clip"] = overhead
     noise = found["clip_again"]["vs_clip"] = times["clip_again"] / times["clip"] - 1
-    line = f"batch {batch}: SmartCLIP step {overhead:+.1%} vs CLIP (the same CLIP step again: " \
-           f"{noise:+.1%})"
+    line = (
+      f"batch {batch}: SmartCLIP step {overhead:+.1%} vs CLIP (the same CLIP step again: "
+      f"{noise:+.1%})"
+    )
     if "torch_clip" in found:
       speedup = found["clip"]["speedup_vs_torch"] = times["torch_clip"] / times["clip"]
       line += f"; ours {speedup:.2f}x the speed of transformers' CLIPModel"
@@ -190,9 +228,19 @@ def main() -> None:
       trim = found["clip_trim"]["speedup_vs_clip"] = times["clip"] / times["clip_trim"]
       line += f"; padding cut: {trim:.2f}x"
     print(line, flush=True)
-  print(json.dumps({"arch": args.arch, "context": args.context, "dtype": args.dtype,
-                    "caption_tokens": args.caption_tokens,
-                    "peak_flops": peak, "threads": threads, "rows": rows}))
+  print(
+    json.dumps(
+      {
+        "arch": args.arch,
+        "context": args.context,
+        "dtype": args.dtype,
+        "caption_tokens": args.caption_tokens,
+        "peak_flops": peak,
+        "threads": threads,
+        "rows": rows,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

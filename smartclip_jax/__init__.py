@@ -8,4 +8,5 @@ def load(path, **overrides):
   model with `.encode_image`, `.encode_text`, `.tokenize`, `.preprocess`; see
   `smartclip_jax.interop.loading`."""
   from smartclip_jax.interop.loading import load as _load  # jax is imported only when used
+
   return _load(path, **overrides)

@@ -29,7 +29,7 @@ import ml_collections  # noqa: E402
 from smartclip_jax import config as config_lib, optim, sharding, step as step_lib  # noqa: E402
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
-GIB = 2 ** 30
+GIB = 2**30
 # Per chip: HBM (GiB) and dense bf16 peak (TFLOP/s), from Cloud TPU's published specifications.
 CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918)}
 
@@ -46,11 +46,17 @@ def compile_step(config: ml_collections.ConfigDict, topology: str):
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       step_lib.abstract_state(model, tx, config), shardings)
-  batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
-                                   sharding=sharding.batch_sharding(mesh))
-           for k, v in step_lib.dummy_batch(config).items()}
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    step_lib.abstract_state(model, tx, config),
+    shardings,
+  )
+  batch = {
+    k: jax.ShapeDtypeStruct(
+      (config.batch_size, *v.shape[1:]), v.dtype, sharding=sharding.batch_sharding(mesh)
+    )
+    for k, v in step_lib.dummy_batch(config).items()
+  }
   step = step_lib.jit_train_step(model, tx, config, mesh, shardings)
   with sharding.activate(mesh):
     return step.lower(state, batch).compile(), mesh
@@ -63,18 +69,30 @@ def report(compiled, mesh, topology: str, step_time: float | None) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   chips = mesh.devices.size
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+    + mem.generated_code_size_in_bytes
+  )
   flops_per_chip = float(cost["flops"])  # the partitioned program: one chip's share
-  out = {"topology": topology, "chips": chips, "mesh": dict(mesh.shape),
-         "arguments_gib": mem.argument_size_in_bytes / GIB,
-         "temporaries_gib": mem.temp_size_in_bytes / GIB,
-         "outputs_gib": mem.output_size_in_bytes / GIB,
-         "aliased_gib": mem.alias_size_in_bytes / GIB, "total_gib": total / GIB,
-         "hbm_gib": hbm, "fits": total <= hbm * GIB,
-         "flops_per_step": flops_per_chip * chips, "flops_per_chip": flops_per_chip,
-         "peak_tflops_per_chip": peak,
-         "step_time_at_50pct_mfu": flops_per_chip / (0.5 * peak * 1e12)}
+  out = {
+    "topology": topology,
+    "chips": chips,
+    "mesh": dict(mesh.shape),
+    "arguments_gib": mem.argument_size_in_bytes / GIB,
+    "temporaries_gib": mem.temp_size_in_bytes / GIB,
+    "outputs_gib": mem.output_size_in_bytes / GIB,
+    "aliased_gib": mem.alias_size_in_bytes / GIB,
+    "total_gib": total / GIB,
+    "hbm_gib": hbm,
+    "fits": total <= hbm * GIB,
+    "flops_per_step": flops_per_chip * chips,
+    "flops_per_chip": flops_per_chip,
+    "peak_tflops_per_chip": peak,
+    "step_time_at_50pct_mfu": flops_per_chip / (0.5 * peak * 1e12),
+  }
   if step_time:
     out["step_time"] = step_time
     out["mfu"] = flops_per_chip / (step_time * peak * 1e12)
@@ -84,17 +102,18 @@ def report(compiled, mesh, topology: str, step_time: float | None) -> dict:
 def format_report(r: dict, name: str, batch_size: int, seconds: float) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [
-      f"{name} on {r['topology']}: {r['chips']} chips, mesh {mesh}, "
-      f"global batch {batch_size} ({batch_size / r['chips']:g} per chip), "
-      f"compiled in {seconds:.0f} s",
-      f"per-chip memory: arguments {r['arguments_gib']:.2f} GiB, temporaries "
-      f"{r['temporaries_gib']:.2f} GiB, outputs {r['outputs_gib']:.2f} GiB (donated "
-      f"{r['aliased_gib']:.2f}), total {r['total_gib']:.2f} GiB of {r['hbm_gib']} GiB HBM: "
-      + ("fits" if r["fits"] else "DOES NOT FIT"),
-      f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_chip']:.3e} per chip, XLA "
-      f"cost analysis, recomputation included)",
-      f"at {r['peak_tflops_per_chip']} TFLOP/s bf16 per chip, 50% utilisation is a "
-      f"{r['step_time_at_50pct_mfu']:.3g} s step"]
+    f"{name} on {r['topology']}: {r['chips']} chips, mesh {mesh}, "
+    f"global batch {batch_size} ({batch_size / r['chips']:g} per chip), "
+    f"compiled in {seconds:.0f} s",
+    f"per-chip memory: arguments {r['arguments_gib']:.2f} GiB, temporaries "
+    f"{r['temporaries_gib']:.2f} GiB, outputs {r['outputs_gib']:.2f} GiB (donated "
+    f"{r['aliased_gib']:.2f}), total {r['total_gib']:.2f} GiB of {r['hbm_gib']} GiB HBM: "
+    + ("fits" if r["fits"] else "DOES NOT FIT"),
+    f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_chip']:.3e} per chip, XLA "
+    f"cost analysis, recomputation included)",
+    f"at {r['peak_tflops_per_chip']} TFLOP/s bf16 per chip, 50% utilisation is a "
+    f"{r['step_time_at_50pct_mfu']:.3g} s step",
+  ]
   if "mfu" in r:
     lines.append(f"a {r['step_time']} s step would be {100 * r['mfu']:.1f}% utilisation")
   return "\n".join(lines)
@@ -105,24 +124,32 @@ def skip_hint(config: ml_collections.ConfigDict) -> str | None:
   form is smaller everywhere (the README's AOT table has both), and only a compile tells."""
   if config.skip_nonfinite == "cond":
     return None
-  return ("the step skips non-finite updates with `where` on TPUs; `cond` lays memory out "
-          "differently and can fit where it does not: try --config.skip_nonfinite=cond")
+  return (
+    "the step skips non-finite updates with `where` on TPUs; `cond` lays memory out "
+    "differently and can fit where it does not: try --config.skip_nonfinite=cond"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m smartclip_jax.aot", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   allow_abbrev=False)
+  parser = argparse.ArgumentParser(
+    prog="python -m smartclip_jax.aot",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    allow_abbrev=False,
+  )
   parser.add_argument("--config", required=True, help="a configs/*.py file")
-  parser.add_argument("--topology", required=True,
-                      help=f"chip:shape, e.g. v5p:4x4x4, v5e:16x16 (chips: {sorted(CHIPS)})")
+  parser.add_argument(
+    "--topology",
+    required=True,
+    help=f"chip:shape, e.g. v5p:4x4x4, v5e:16x16 (chips: {sorted(CHIPS)})",
+  )
   parser.add_argument("--step_time", type=float, help="seconds per step, for the utilisation")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   bad = [r for r in rest if not r.startswith("--config.")]
   if bad:
     parser.error(f"unrecognised arguments {bad} (overrides look like --config.a.b=value)")
   try:
-    config = config_lib.load(args.config, [r[len("--config."):] for r in rest])
+    config = config_lib.load(args.config, [r[len("--config.") :] for r in rest])
   except config_lib.ConfigError as e:
     parser.error(str(e))
   start = time.perf_counter()
@@ -133,20 +160,32 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     # libtpu refuses to finish a program that cannot fit; its message says by how much.
     message = str(e).split("RESOURCE_EXHAUSTED: ")[-1].splitlines()[0]
-    print(f"{args.config} on {args.topology}, global batch {config.batch_size}: DOES NOT FIT: "
-          f"{message}")
+    print(
+      f"{args.config} on {args.topology}, global batch {config.batch_size}: DOES NOT FIT: {message}"
+    )
     if hint := skip_hint(config):
       print(hint)
-    print(json.dumps({"config": args.config, "batch_size": config.batch_size,
-                      "topology": args.topology, "fits": False, "error": message}))
+    print(
+      json.dumps(
+        {
+          "config": args.config,
+          "batch_size": config.batch_size,
+          "topology": args.topology,
+          "fits": False,
+          "error": message,
+        }
+      )
+    )
     return 1
   r = report(compiled, mesh, args.topology, args.step_time)
   print(format_report(r, args.config, config.batch_size, time.perf_counter() - start))
   if config.model.scan_layers:
     r["flops_undercounted"] = True
-    print("model.scan_layers: XLA's cost analysis counts a loop body once, not once per layer, "
-          "so the FLOPs above leave out all but one block of each tower; compile without it "
-          "for FLOPs (memory is right)")
+    print(
+      "model.scan_layers: XLA's cost analysis counts a loop body once, not once per layer, "
+      "so the FLOPs above leave out all but one block of each tower; compile without it "
+      "for FLOPs (memory is right)"
+    )
   if not r["fits"] and (hint := skip_hint(config)):
     print(hint)
   print(json.dumps({"config": args.config, "batch_size": config.batch_size, **r}))

@@ -44,43 +44,64 @@ class Checkpointer:
   shadowed by it; Orbax itself never lists a save that did not finish.
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int,
-               config: ml_collections.ConfigDict | None = None):
+  def __init__(
+    self, directory: str | pathlib.Path, keep: int, config: ml_collections.ConfigDict | None = None
+  ):
     self.directory = epath.Path(directory).absolute()
     self.config = config
     self.best: ocp.CheckpointManager | None = None  # created by the first save_best
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=ITEMS)
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=ITEMS,
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, state: TrainState, data_iter: grain.DatasetIterator,
-           data_stats: DataStats | None = None) -> None:
+  def save(
+    self, state: TrainState, data_iter: grain.DatasetIterator, data_stats: DataStats | None = None
+  ) -> None:
     """Starts an async save at the state's step; returns once device arrays are copied."""
     step = int(jax.device_get(state.step))
     stats = (data_stats or DataStats()).state_dict()
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        data_stats=ocp.args.JsonSave(stats), config=self._config_item()))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        data_stats=ocp.args.JsonSave(stats),
+        config=self._config_item(),
+      ),
+    )
 
-  def restore(self, shardings: TrainState, abstract: TrainState,
-              data_iter: grain.DatasetIterator) -> tuple[TrainState | None, DataStats]:
+  def restore(
+    self, shardings: TrainState, abstract: TrainState, data_iter: grain.DatasetIterator
+  ) -> tuple[TrainState | None, DataStats]:
     """The newest restorable checkpoint's state, in `shardings`, with `data_iter` moved to its
     position, and the data counts so far; (None, empty counts) when there is no checkpoint."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     failed: list[tuple[int, Exception]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data=grain.checkpoint.CheckpointRestore(data_iter),
-            data_stats=ocp.args.JsonRestore()))
+            data_stats=ocp.args.JsonRestore(),
+          ),
+        )
       except Exception as e:  # noqa: BLE001  Orbax and TensorStore raise many kinds
-        log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
-                    "previous one", step, self.directory, type(e).__name__, e)
+        log.warning(
+          "checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one",
+          step,
+          self.directory,
+          type(e).__name__,
+          e,
+        )
         failed.append((step, e))
         continue
       self._set_aside([s for s, _ in failed])
@@ -89,9 +110,10 @@ class Checkpointer:
     if failed:  # nothing restores: more likely a config that does not match than corruption
       step, error = failed[0]
       raise CheckpointError(
-          f"none of the checkpoints {[s for s, _ in failed]} in {self.directory} can be "
-          f"restored; the newest (step {step}) failed with {type(error).__name__}: {error}. "
-          "Was the run started with a different model config?") from error
+        f"none of the checkpoints {[s for s, _ in failed]} in {self.directory} can be "
+        f"restored; the newest (step {step}) failed with {type(error).__name__}: {error}. "
+        "Was the run started with a different model config?"
+      ) from error
     return None, DataStats()
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -112,13 +134,17 @@ class Checkpointer:
     highest seen so far; Orbax keeps only the best one, across resumes."""
     if self.best is None:
       self.best = ocp.CheckpointManager(
-          self.directory.parent / f"{self.directory.name}_best",
-          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_mode="max",
-                                               best_fn=lambda m: m[metric]),
-          item_names=("state", "config"))
-    self.best.save(int(jax.device_get(state.step)), metrics={metric: value},
-                   args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           config=self._config_item()))
+        self.directory.parent / f"{self.directory.name}_best",
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, best_mode="max", best_fn=lambda m: m[metric]
+        ),
+        item_names=("state", "config"),
+      )
+    self.best.save(
+      int(jax.device_get(state.step)),
+      metrics={metric: value},
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=self._config_item()),
+    )
 
   def _config_item(self) -> ocp.args.JsonSave:
     return ocp.args.JsonSave(config_lib.to_dict(self.config) if self.config else {})
@@ -159,24 +185,34 @@ def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], 
   saved_flat, target_flat = layout.flatten(saved), layout.flatten(target)
   if layout.has_stacks(saved_flat) != layout.has_stacks(target_flat):
     raise CheckpointError(
-        f"init_from {path}: saved with model.scan_layers={layout.has_stacks(saved_flat)}, "
-        f"this run has {layout.has_stacks(target_flat)}; set it the same (a PyTorch export, "
-        "`python -m smartclip_jax.convert`, loads into either)")
+      f"init_from {path}: saved with model.scan_layers={layout.has_stacks(saved_flat)}, "
+      f"this run has {layout.has_stacks(target_flat)}; set it the same (a PyTorch export, "
+      "`python -m smartclip_jax.convert`, loads into either)"
+    )
 
   def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
     shape = tuple(saved_flat[name].shape)
     if shape != like.shape and not name.endswith("text/positional_embedding"):
-      raise CheckpointError(f"init_from {path}: {name} has shape {shape} there and "
-                            f"{like.shape} here")
-    sh = like.sharding if shape == like.shape else jax.sharding.NamedSharding(
-        like.sharding.mesh, jax.sharding.PartitionSpec())
+      raise CheckpointError(
+        f"init_from {path}: {name} has shape {shape} there and {like.shape} here"
+      )
+    sh = (
+      like.sharding
+      if shape == like.shape
+      else jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec())
+    )
     return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
 
   wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
   item = {"params": layout.unflatten(wanted)}
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))["params"]
+  restored = checkpointer.restore(
+    state_dir,
+    args=ocp.args.PyTreeRestore(
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,
+    ),
+  )["params"]
   loaded = layout.flatten(restored)
 
   def pick(name, fresh):
@@ -204,12 +240,13 @@ def saved_config(step_dir: str | pathlib.Path) -> dict:
   step_dir = epath.Path(step_dir)
   item = step_dir / "config"
   if item.is_dir():
-    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item,
-                                                                  args=ocp.args.JsonRestore())
+    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item, args=ocp.args.JsonRestore())
     if saved:
       return saved
   run_config = step_dir.parent.parent / "config.json"
   if run_config.is_file():
     return json.loads(run_config.read_text())
-  raise CheckpointError(f"{step_dir} has no saved config (no config item, no "
-                        f"{run_config}); load it with the config it was trained with")
+  raise CheckpointError(
+    f"{step_dir} has no saved config (no config item, no "
+    f"{run_config}); load it with the config it was trained with"
+  )

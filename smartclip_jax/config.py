@@ -26,12 +26,18 @@ DECAYS = ("all", "matrices")
 
 # OpenAI CLIP tower sizes; SmartCLIP's mask net uses the text tower's head count.
 ARCHS = {
-    "vit_b16": dict(embed_dim=512,
-                    vision=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),
-                    text=dict(width=512, layers=12, heads=8), mask_heads=8),
-    "vit_l14": dict(embed_dim=768,
-                    vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
-                    text=dict(width=768, layers=12, heads=12), mask_heads=12),
+  "vit_b16": dict(
+    embed_dim=512,
+    vision=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),
+    text=dict(width=512, layers=12, heads=8),
+    mask_heads=8,
+  ),
+  "vit_l14": dict(
+    embed_dim=768,
+    vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
+    text=dict(width=768, layers=12, heads=12),
+    mask_heads=12,
+  ),
 }
 
 
@@ -76,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # modular=False: the ablation without modular alignment (see losses.smartclip_loss).
   c.smartclip = ml_collections.ConfigDict(
-      dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0, modular=True))
+    dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0, modular=True)
+  )
   c.clip = ml_collections.ConfigDict(dict(temperature=0.0))  # loss=clip: > 0 fixes τ, 0 learns it
 
   arch = ARCHS["vit_l14"]  # sizes only; configs pick theirs
@@ -87,8 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | dots: what each tower block keeps for the backward pass
   c.model.scan_layers = False  # tower blocks under nn.scan: compile time flat in depth
   c.model.vision = ml_collections.ConfigDict(arch["vision"])
-  c.model.text = ml_collections.ConfigDict(dict(context_length=248, vocab_size=49408,
-                                                **arch["text"]))
+  c.model.text = ml_collections.ConfigDict(
+    dict(context_length=248, vocab_size=49408, **arch["text"])
+  )
   # CLIP/SigLIP: each step's text tower runs on its longest caption rounded up to a multiple of
   # this, not on all context_length positions (0: all). Same loss; see train.text_length.
   c.model.text.trim_padding = 0
@@ -261,8 +269,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
   if config.data.train_transform not in TRAIN_TRANSFORMS:
-    errors.append(f"data.train_transform={config.data.train_transform!r}: choose one of "
-                  f"{TRAIN_TRANSFORMS}")
+    errors.append(
+      f"data.train_transform={config.data.train_transform!r}: choose one of {TRAIN_TRANSFORMS}"
+    )
   if config.optim.decay not in DECAYS:
     errors.append(f"optim.decay={config.optim.decay!r}: choose one of {DECAYS}")
   if m.remat not in REMATS:
@@ -270,11 +279,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.activation not in ("quick_gelu", "gelu"):
     errors.append(f"model.activation={m.activation!r}: choose quick_gelu or gelu")
   if m.vision.image_size % m.vision.patch_size:
-    errors.append(f"model.vision.image_size {m.vision.image_size} is not a multiple of "
-                  f"patch_size {m.vision.patch_size}")
-  for name, width, heads in (("vision", m.vision.width, m.vision.heads),
-                             ("text", m.text.width, m.text.heads),
-                             ("mask", m.text.width, m.mask.heads)):
+    errors.append(
+      f"model.vision.image_size {m.vision.image_size} is not a multiple of "
+      f"patch_size {m.vision.patch_size}"
+    )
+  for name, width, heads in (
+    ("vision", m.vision.width, m.vision.heads),
+    ("text", m.text.width, m.text.heads),
+    ("mask", m.text.width, m.mask.heads),
+  ):
     if width % heads:
       errors.append(f"model.{name}: width {width} is not divisible by {heads} heads")
   for field in ("batch_size", "accum_steps", "total_steps", "log_every", "checkpoint_every"):
@@ -283,11 +296,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.text.trim_padding < 0:
     errors.append(f"model.text.trim_padding={m.text.trim_padding} must be >= 0")
   if m.text.trim_padding and config.loss == "smartclip":
-    errors.append("model.text.trim_padding needs loss=clip or siglip: SmartCLIP's mask network "
-                  "attends to every position, padding included, so cutting it changes the masks")
+    errors.append(
+      "model.text.trim_padding needs loss=clip or siglip: SmartCLIP's mask network "
+      "attends to every position, padding included, so cutting it changes the masks"
+    )
   if config.optim.frozen_positions >= m.text.context_length:
-    errors.append(f"optim.frozen_positions={config.optim.frozen_positions} freezes every "
-                  f"position of a {m.text.context_length}-token context")
+    errors.append(
+      f"optim.frozen_positions={config.optim.frozen_positions} freezes every "
+      f"position of a {m.text.context_length}-token context"
+    )
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -296,12 +313,17 @@ def check_batch(config: ml_collections.ConfigDict, data_parallel: int, processes
   """The global batch must split evenly over the data axes and over the processes."""
   for what, n in (("data x fsdp mesh axes", data_parallel), ("processes", processes)):
     if config.batch_size % n:
-      raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {n} {what}; "
-                        f"use a multiple of {n}")
+      raise ConfigError(
+        f"batch_size={config.batch_size} is not divisible by the {n} {what}; use a multiple of {n}"
+      )
   per_device = config.batch_size // data_parallel
   if per_device % config.accum_steps:
-    raise ConfigError(f"accum_steps={config.accum_steps} does not divide the {per_device} "
-                      f"examples per data-parallel device (batch_size={config.batch_size})")
+    raise ConfigError(
+      f"accum_steps={config.accum_steps} does not divide the {per_device} "
+      f"examples per data-parallel device (batch_size={config.batch_size})"
+    )
   if config.data.eval_batch_size % data_parallel:
-    raise ConfigError(f"data.eval_batch_size={config.data.eval_batch_size} is not divisible by "
-                      f"the {data_parallel} data x fsdp mesh axes")
+    raise ConfigError(
+      f"data.eval_batch_size={config.data.eval_batch_size} is not divisible by "
+      f"the {data_parallel} data x fsdp mesh axes"
+    )

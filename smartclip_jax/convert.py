@@ -46,12 +46,24 @@ def openai_state(loaded: Loaded) -> layout.Flat:
 def open_clip_config(config: ml_collections.ConfigDict) -> dict:
   """The `open_clip` model config (as in its model_configs/*.json) of our config."""
   m = config.model
-  return {"embed_dim": m.embed_dim, "quick_gelu": m.activation == "quick_gelu",
-          "vision_cfg": {"image_size": m.vision.image_size, "layers": m.vision.layers,
-                         "width": m.vision.width, "patch_size": m.vision.patch_size,
-                         "head_width": m.vision.width // m.vision.heads},
-          "text_cfg": {"context_length": m.text.context_length, "vocab_size": m.text.vocab_size,
-                       "width": m.text.width, "heads": m.text.heads, "layers": m.text.layers}}
+  return {
+    "embed_dim": m.embed_dim,
+    "quick_gelu": m.activation == "quick_gelu",
+    "vision_cfg": {
+      "image_size": m.vision.image_size,
+      "layers": m.vision.layers,
+      "width": m.vision.width,
+      "patch_size": m.vision.patch_size,
+      "head_width": m.vision.width // m.vision.heads,
+    },
+    "text_cfg": {
+      "context_length": m.text.context_length,
+      "vocab_size": m.text.vocab_size,
+      "width": m.text.width,
+      "heads": m.text.heads,
+      "layers": m.text.layers,
+    },
+  }
 
 
 def hf_config(config: ml_collections.ConfigDict) -> dict:
@@ -59,28 +71,44 @@ def hf_config(config: ml_collections.ConfigDict) -> dict:
   m = config.model
   common = {"hidden_act": m.activation, "layer_norm_eps": 1e-5}
   return {
-      "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": m.embed_dim,
-      "text_config": {**common, "vocab_size": m.text.vocab_size, "hidden_size": m.text.width,
-                      "intermediate_size": 4 * m.text.width,
-                      "num_hidden_layers": m.text.layers, "num_attention_heads": m.text.heads,
-                      "max_position_embeddings": m.text.context_length,
-                      "projection_dim": m.embed_dim, "bos_token_id": 49406,
-                      "eos_token_id": 49407, "pad_token_id": 0},
-      "vision_config": {**common, "hidden_size": m.vision.width,
-                        "intermediate_size": 4 * m.vision.width,
-                        "num_hidden_layers": m.vision.layers,
-                        "num_attention_heads": m.vision.heads,
-                        "image_size": m.vision.image_size, "patch_size": m.vision.patch_size,
-                        "projection_dim": m.embed_dim}}
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": m.embed_dim,
+    "text_config": {
+      **common,
+      "vocab_size": m.text.vocab_size,
+      "hidden_size": m.text.width,
+      "intermediate_size": 4 * m.text.width,
+      "num_hidden_layers": m.text.layers,
+      "num_attention_heads": m.text.heads,
+      "max_position_embeddings": m.text.context_length,
+      "projection_dim": m.embed_dim,
+      "bos_token_id": 49406,
+      "eos_token_id": 49407,
+      "pad_token_id": 0,
+    },
+    "vision_config": {
+      **common,
+      "hidden_size": m.vision.width,
+      "intermediate_size": 4 * m.vision.width,
+      "num_hidden_layers": m.vision.layers,
+      "num_attention_heads": m.vision.heads,
+      "image_size": m.vision.image_size,
+      "patch_size": m.vision.patch_size,
+      "projection_dim": m.embed_dim,
+    },
+  }
 
 
 def write_state(state: layout.Flat, out: pathlib.Path) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".safetensors":
     from safetensors.numpy import save_file
+
     save_file({k: np.asarray(v).copy(order="C") for k, v in state.items()}, str(out))
   else:
     import torch
+
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out)
 
 
@@ -92,8 +120,11 @@ def export(loaded: Loaded, to: str, out: pathlib.Path) -> list[str]:
     write_state(state, out)
     out.with_suffix(".json").write_text(json.dumps(open_clip_config(loaded.config), indent=2))
     return []
-  state = {k: v for k, v in state.items()
-           if not k.startswith("mask_net.") and k != "positional_embedding_res"}
+  state = {
+    k: v
+    for k, v in state.items()
+    if not k.startswith("mask_net.") and k != "positional_embedding_res"
+  }
   if to == "open_clip":
     write_state(state, out)
     out.with_suffix(".json").write_text(json.dumps(open_clip_config(loaded.config), indent=2))
@@ -110,26 +141,38 @@ def export(loaded: Loaded, to: str, out: pathlib.Path) -> list[str]:
 def to_orbax(loaded: Loaded, out: pathlib.Path) -> None:
   """An Orbax checkpoint (step 0: `state` with the parameters, and `config`) that `load` and
   `init_from` read."""
-  manager = ocp.CheckpointManager(out.absolute(), item_names=("state", "config"),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(0, args=ocp.args.Composite(
+  manager = ocp.CheckpointManager(
+    out.absolute(),
+    item_names=("state", "config"),
+    options=ocp.CheckpointManagerOptions(create=True),
+  )
+  manager.save(
+    0,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": loaded.params}),
-      config=ocp.args.JsonSave(config_lib.to_dict(loaded.config))))
+      config=ocp.args.JsonSave(config_lib.to_dict(loaded.config)),
+    ),
+  )
   manager.wait_until_finished()
   manager.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m smartclip_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m smartclip_jax.convert",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint", help="what to export: anything smartclip_jax.load reads")
   source.add_argument("--from", dest="from_", help="a PyTorch checkpoint to write as Orbax")
   parser.add_argument("--to", choices=("open_clip", "hf", "openai"))
   parser.add_argument("--out", required=True, type=pathlib.Path)
-  parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                      help="the towers' activation, which state_dicts do not record "
-                      "(default: QuickGELU, OpenAI's)")
+  parser.add_argument(
+    "--activation",
+    choices=("quick_gelu", "gelu"),
+    help="the towers' activation, which state_dicts do not record (default: QuickGELU, OpenAI's)",
+  )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if bool(args.checkpoint) != bool(args.to):
     parser.error("--checkpoint goes with --to; --from writes Orbax and takes no --to")
@@ -142,12 +185,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   left_out = export(loaded, args.to, args.out)
   print(f"wrote {args.to} weights of {args.checkpoint} to {args.out}")
   if args.to in ("open_clip", "openai"):
-    print(f"model config ({args.out.with_suffix('.json')}): "
-          f"{json.dumps(open_clip_config(loaded.config))}")
+    print(
+      f"model config ({args.out.with_suffix('.json')}): "
+      f"{json.dumps(open_clip_config(loaded.config))}"
+    )
   if left_out:
-    print(f"left out (the {args.to} model has no place for them): "
-          f"{', '.join(left_out[:4])}{' ...' if len(left_out) > 4 else ''} "
-          f"({len(left_out)} tensors)")
+    print(
+      f"left out (the {args.to} model has no place for them): "
+      f"{', '.join(left_out[:4])}{' ...' if len(left_out) > 4 else ''} "
+      f"({len(left_out)} tensors)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,18 @@ def detect() -> str:
   return "single"
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> str:
   """Calls `jax.distributed.initialize` the way this environment needs; returns which way."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError("give all of --coordinator_address, --num_processes and --process_id, "
-                       "or none of them")
+      raise ValueError(
+        "give all of --coordinator_address, --num_processes and --process_id, or none of them"
+      )
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} is not in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)

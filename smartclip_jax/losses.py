@@ -41,15 +41,21 @@ def masked_similarity(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array) 
 def _top1(logits: jax.Array) -> Metrics:
   """Whether the matching pair is the first maximum of its row (image) and column (caption)."""
   labels = jnp.arange(logits.shape[0])
-  return {"i2t_correct": jnp.argmax(logits, axis=1) == labels,
-          "t2i_correct": jnp.argmax(logits, axis=0) == labels}
+  return {
+    "i2t_correct": jnp.argmax(logits, axis=1) == labels,
+    "t2i_correct": jnp.argmax(logits, axis=0) == labels,
+  }
 
 
 def softmax_stats(logits: jax.Array) -> Metrics:
   """Per example of a square logits matrix: row (image -> text) and column log-sum-exps, the
   matching pair's logit, and whether it is the top-1 (first maximum) of its row / column."""
-  return {"row_lse": jax.nn.logsumexp(logits, axis=1), "col_lse": jax.nn.logsumexp(logits, axis=0),
-          "diag": jnp.diagonal(logits), **_top1(logits)}
+  return {
+    "row_lse": jax.nn.logsumexp(logits, axis=1),
+    "col_lse": jax.nn.logsumexp(logits, axis=0),
+    "diag": jnp.diagonal(logits),
+    **_top1(logits),
+  }
 
 
 def sigmoid_stats(logits: jax.Array) -> Metrics:
@@ -60,16 +66,17 @@ def sigmoid_stats(logits: jax.Array) -> Metrics:
 
 def cross_entropies(stats: Metrics) -> tuple[jax.Array, jax.Array]:
   """Mean CE of rows (image -> text) and of columns (text -> image) from `softmax_stats`."""
-  return (jnp.mean(stats["row_lse"] - stats["diag"]),
-          jnp.mean(stats["col_lse"] - stats["diag"]))
+  return (jnp.mean(stats["row_lse"] - stats["diag"]), jnp.mean(stats["col_lse"] - stats["diag"]))
 
 
 def _stats(fn, img: jax.Array, txt, theta, *, sigmoid: bool, impl: str) -> Metrics:
   """The statistics of logits fn(img, txt, theta) over the global batch: from the full matrix
   (`global`), or blockwise around the mesh's batch axes (`ring`, see ring.py)."""
   if img.shape[0] != jax.tree.leaves(txt)[0].shape[0]:
-    raise ValueError(f"contrastive losses pair images and captions one to one, got "
-                     f"{img.shape[0]} images and {jax.tree.leaves(txt)[0].shape[0]} captions")
+    raise ValueError(
+      f"contrastive losses pair images and captions one to one, got "
+      f"{img.shape[0]} images and {jax.tree.leaves(txt)[0].shape[0]} captions"
+    )
   if impl == "ring":
     return (ring.sigmoid_stats if sigmoid else ring.softmax_stats)(fn, img, txt, theta)
   if impl != "global":
@@ -94,10 +101,17 @@ def _hits(stats: Metrics) -> Metrics:
   return {"i2t_top1": jnp.mean(stats["i2t_correct"]), "t2i_top1": jnp.mean(stats["t2i_correct"])}
 
 
-def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
-                   temperature: float = 0.01, align_weight: float = 10.0,
-                   sparsity_weight: float = 2.0, modular: bool = True,
-                   impl: str = "global") -> tuple[jax.Array, Metrics]:
+def smartclip_loss(
+  img_emb: jax.Array,
+  txt_emb: jax.Array,
+  masks: jax.Array,
+  *,
+  temperature: float = 0.01,
+  align_weight: float = 10.0,
+  sparsity_weight: float = 2.0,
+  modular: bool = True,
+  impl: str = "global",
+) -> tuple[jax.Array, Metrics]:
   """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean|mask|
   (`mask_sparsity`, the reference's gradient).
 
@@ -115,38 +129,63 @@ def smartclip_loss(img_emb: jax.Array, txt_emb: jax.Array, masks: jax.Array, *,
   active = jnp.sum(masks.astype(jnp.float32), axis=-1)
   density = mask_sparsity(masks)
   loss = align_weight * (ce_rows + ce_cols) + sparsity_weight * density
-  return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols, "mask_density": density,
-                "mask_active_mean": jnp.mean(active), "mask_active_min": jnp.min(active),
-                "mask_active_max": jnp.max(active), **_hits(stats)}
+  return loss, {
+    "loss": loss,
+    "ce_i2t": ce_rows,
+    "ce_t2i": ce_cols,
+    "mask_density": density,
+    "mask_active_mean": jnp.mean(active),
+    "mask_active_min": jnp.min(active),
+    "mask_active_max": jnp.max(active),
+    **_hits(stats),
+  }
 
 
 def _cosines(img_emb: jax.Array, txt_emb: jax.Array) -> jax.Array:
-  return jnp.matmul(l2_normalize(img_emb.astype(jnp.float32)),
-                    l2_normalize(txt_emb.astype(jnp.float32)).T,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(
+    l2_normalize(img_emb.astype(jnp.float32)),
+    l2_normalize(txt_emb.astype(jnp.float32)).T,
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
 def _clip_scale(logit_scale: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.exp(logit_scale), 100.0)
 
 
-def clip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array, *,
-              impl: str = "global") -> tuple[jax.Array, Metrics]:
+def clip_loss(
+  img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array, *, impl: str = "global"
+) -> tuple[jax.Array, Metrics]:
   """CLIP's symmetric InfoNCE; `logit_scale` is the log of the scale, capped at 100 as CLIP does
   (a fixed temperature τ is a constant logit_scale of log(1/τ))."""
   logits = lambda img, txt, ls: _clip_scale(ls) * _cosines(img, txt)
   stats = _stats(logits, img_emb, txt_emb, logit_scale, sigmoid=False, impl=impl)
   ce_rows, ce_cols = cross_entropies(stats)
   loss = 0.5 * (ce_rows + ce_cols)
-  return loss, {"loss": loss, "ce_i2t": ce_rows, "ce_t2i": ce_cols,
-                "temperature": 1 / _clip_scale(logit_scale), **_hits(stats)}
+  return loss, {
+    "loss": loss,
+    "ce_i2t": ce_rows,
+    "ce_t2i": ce_cols,
+    "temperature": 1 / _clip_scale(logit_scale),
+    **_hits(stats),
+  }
 
 
-def siglip_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: jax.Array,
-                logit_bias: jax.Array, *, impl: str = "global") -> tuple[jax.Array, Metrics]:
+def siglip_loss(
+  img_emb: jax.Array,
+  txt_emb: jax.Array,
+  logit_scale: jax.Array,
+  logit_bias: jax.Array,
+  *,
+  impl: str = "global",
+) -> tuple[jax.Array, Metrics]:
   """SigLIP's pairwise sigmoid loss, summed over texts and averaged over images."""
   logits = lambda img, txt, sb: jnp.exp(sb[0]) * _cosines(img, txt) + sb[1]
   stats = _stats(logits, img_emb, txt_emb, (logit_scale, logit_bias), sigmoid=True, impl=impl)
   loss = jnp.mean(stats["row_loss"])
-  return loss, {"loss": loss, "temperature": jnp.exp(-logit_scale), "bias": logit_bias,
-                **_hits(stats)}
+  return loss, {
+    "loss": loss,
+    "temperature": jnp.exp(-logit_scale),
+    "bias": logit_bias,
+    **_hits(stats),
+  }

@@ -27,7 +27,8 @@ def param_groups(params: Any) -> Any:
   """A tree of group labels: the mask network's parameters vs everything else."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
-      {k: MASK_GROUP if k[0] == MASK_GROUP else TOWER_GROUP for k in flat})
+    {k: MASK_GROUP if k[0] == MASK_GROUP else TOWER_GROUP for k in flat}
+  )
 
 
 def warmup_cosine(lr: float, warmup: int, steps: int, end_ratio: float = 0.0) -> optax.Schedule:
@@ -49,19 +50,24 @@ def warmup_cosine(lr: float, warmup: int, steps: int, end_ratio: float = 0.0) ->
 def schedules(config: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
   """Learning rate per group: towers warm up then cosine; mask net cosine from the start."""
   o, steps = config.optim, config.total_steps
-  return {TOWER_GROUP: warmup_cosine(o.towers.lr, min(o.towers.warmup_steps, steps), steps,
-                                     o.end_lr_ratio),
-          MASK_GROUP: warmup_cosine(o.mask_net.lr, 0, steps, o.end_lr_ratio)}
+  return {
+    TOWER_GROUP: warmup_cosine(
+      o.towers.lr, min(o.towers.warmup_steps, steps), steps, o.end_lr_ratio
+    ),
+    MASK_GROUP: warmup_cosine(o.mask_net.lr, 0, steps, o.end_lr_ratio),
+  }
 
 
 def _decay_mask(decay: str) -> Any:
   """`all`: every parameter; `matrices`: ndim >= 2, a scanned stack's layer axis not counted."""
+
   def per_layer_ndim(path, p) -> int:
     return p.ndim - any(getattr(k, "key", None) == SCANNED for k in path)
 
   def mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: decay == "all" or per_layer_ndim(path, p) >= 2, params)
+      lambda path, p: decay == "all" or per_layer_ndim(path, p) >= 2, params
+    )
 
   return mask
 
@@ -86,10 +92,22 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """clip -> per-group AdamW -> frozen position rows."""
   o, lrs = config.optim, schedules(config)
   groups = {
-      TOWER_GROUP: optax.adamw(lrs[TOWER_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
-                               weight_decay=o.towers.weight_decay, mask=_decay_mask(o.decay)),
-      MASK_GROUP: optax.adamw(lrs[MASK_GROUP], b1=o.b1, b2=o.b2, eps=o.eps,
-                              weight_decay=o.mask_net.weight_decay, mask=_decay_mask(o.decay)),
+    TOWER_GROUP: optax.adamw(
+      lrs[TOWER_GROUP],
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.towers.weight_decay,
+      mask=_decay_mask(o.decay),
+    ),
+    MASK_GROUP: optax.adamw(
+      lrs[MASK_GROUP],
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.mask_net.weight_decay,
+      mask=_decay_mask(o.decay),
+    ),
   }
   chain = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
   chain += [optax.multi_transform(groups, param_groups), freeze_rows(o.frozen_positions)]

@@ -21,8 +21,7 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger("smartclip_jax")
 
-MAINTENANCE_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/"
-                   "maintenance-event")
+MAINTENANCE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/maintenance-event"
 
 
 class StopRequest:

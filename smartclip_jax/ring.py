@@ -47,10 +47,12 @@ def _shift(tree: Any, size: int) -> Any:
 
 def _vary(tree: Any) -> Any:
   """Marks starting values as device-varying, as the loop carries they start will be."""
+
   def cast(x):
     varying = jax.typeof(x).manual_axis_type.varying
     missing = tuple(a for a in sharding.BATCH_AXES if a not in varying)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
+
   return jax.tree.map(cast, tree)
 
 
@@ -87,15 +89,19 @@ def _forward(fn: LogitsFn, size: int, chunk: int, sigmoid: bool, img, txt, theta
   me = jax.lax.axis_index(sharding.BATCH_AXES)
   neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
   first = {"best": neg_inf, "arg": jnp.full((b,), jnp.iinfo(jnp.int32).max, jnp.int32)}
-  stats = {"acc": jnp.zeros((b,), jnp.float32)} if sigmoid else {
-      "max": neg_inf, "sum": jnp.zeros((b,), jnp.float32)}
+  stats = (
+    {"acc": jnp.zeros((b,), jnp.float32)}
+    if sigmoid
+    else {"max": neg_inf, "sum": jnp.zeros((b,), jnp.float32)}
+  )
 
   def score(k, block, j, rows, cols):
     logits = fn(img, _take(block, j * c, c), theta)  # [b, c]
     part = _take(cols, j * c, c)
     source = (me - k) % size  # whose captions `block` holds
-    r_best = _better(logits.max(1), logits.argmax(1) + source * b + j * c, rows["best"],
-                     rows["arg"])
+    r_best = _better(
+      logits.max(1), logits.argmax(1) + source * b + j * c, rows["best"], rows["arg"]
+    )
     c_best = _better(logits.max(0), logits.argmax(0) + me * b, part["best"], part["arg"])
     if sigmoid:
       signs = _signs(k == 0, b, c, j)
@@ -103,14 +109,15 @@ def _forward(fn: LogitsFn, size: int, chunk: int, sigmoid: bool, img, txt, theta
       part = {}
     else:
       rows, part = _online_lse(rows, logits, 1), _online_lse(part, logits, 0)
-    return ({**rows, "best": r_best[0], "arg": r_best[1]},
-            _put(cols, {**part, "best": c_best[0], "arg": c_best[1]}, j * c))
+    return (
+      {**rows, "best": r_best[0], "arg": r_best[1]},
+      _put(cols, {**part, "best": c_best[0], "arg": c_best[1]}, j * c),
+    )
 
   def step(k, carry):
     rows, (block, cols) = carry
     upcoming = _shift(block, size)  # in flight while this block is scored
-    rows, cols = jax.lax.fori_loop(
-        0, b // c, lambda j, rc: score(k, block, j, *rc), (rows, cols))
+    rows, cols = jax.lax.fori_loop(0, b // c, lambda j, rc: score(k, block, j, *rc), (rows, cols))
     return rows, (upcoming, _shift(cols, size))
 
   start = (_vary({**first, **stats}), (txt, _vary({**first, **({} if sigmoid else stats)})))
@@ -124,8 +131,9 @@ def _forward(fn: LogitsFn, size: int, chunk: int, sigmoid: bool, img, txt, theta
 def _online_lse(state: dict, logits: jax.Array, axis: int) -> dict:
   new_max = jnp.maximum(state["max"], logits.max(axis))
   expand = (lambda v: v[:, None]) if axis == 1 else (lambda v: v[None, :])
-  total = state["sum"] * jnp.exp(state["max"] - new_max) + jnp.exp(
-      logits - expand(new_max)).sum(axis)
+  total = state["sum"] * jnp.exp(state["max"] - new_max) + jnp.exp(logits - expand(new_max)).sum(
+    axis
+  )
   return {"max": new_max, "sum": total}
 
 
@@ -155,19 +163,28 @@ def _ring_bwd(fn, size, chunk, sigmoid, residuals, cotangents):
       d_logits = g_row[:, None] * (-signs * jax.nn.sigmoid(-signs * logits))
     else:
       lse_c, g_cc = _take((col_lse, g_c), j * c, c)
-      d_logits = (g_row[:, None] * jnp.exp(logits - row_out[:, None])
-                  + g_cc[None, :] * jnp.exp(logits - lse_c[None, :]))
+      d_logits = g_row[:, None] * jnp.exp(logits - row_out[:, None]) + g_cc[None, :] * jnp.exp(
+        logits - lse_c[None, :]
+      )
     di, db, dt = back(d_logits)
     d_part = jax.tree.map(jnp.add, _take(d_block, j * c, c), db)
-    return (d_img + di, jax.tree.map(jnp.add, d_theta, dt),
-            (block, _put(d_block, d_part, j * c), col_lse, g_c))
+    return (
+      d_img + di,
+      jax.tree.map(jnp.add, d_theta, dt),
+      (block, _put(d_block, d_part, j * c), col_lse, g_c),
+    )
 
   def step(k, carry):
     d_img, d_theta, travel = jax.lax.fori_loop(0, b // c, lambda j, cr: pull(k, j, cr), carry)
     return d_img, d_theta, _shift(travel, size)
 
-  start = _vary((jnp.zeros_like(img), jax.tree.map(jnp.zeros_like, theta),
-                 (txt, jax.tree.map(jnp.zeros_like, txt), col_out, g_col)))
+  start = _vary(
+    (
+      jnp.zeros_like(img),
+      jax.tree.map(jnp.zeros_like, theta),
+      (txt, jax.tree.map(jnp.zeros_like, txt), col_out, g_col),
+    )
+  )
   d_img, d_theta, (_, d_txt, _, _) = jax.lax.fori_loop(0, size, step, start)
   return d_img, d_txt, d_theta
 
@@ -183,24 +200,24 @@ def _run(fn: LogitsFn, img: jax.Array, txt: Any, theta: Any, chunk: int, sigmoid
     # theta is the same on every device; its gradient is the sum of every device's part.
     return _ring(fn, size, chunk, sigmoid, img, txt, _vary(theta))
 
-  mapped = jax.shard_map(local, in_specs=(rows, jax.tree.map(lambda _: rows, txt),
-                                          jax.tree.map(lambda _: P(), theta)),
-                         out_specs=(rows,) * 4)
+  mapped = jax.shard_map(
+    local,
+    in_specs=(rows, jax.tree.map(lambda _: rows, txt), jax.tree.map(lambda _: P(), theta)),
+    out_specs=(rows,) * 4,
+  )
   row_out, col_out, row_arg, col_arg = mapped(img, txt, theta)
   labels = jnp.arange(img.shape[0])
   return row_out, col_out, {"i2t_correct": row_arg == labels, "t2i_correct": col_arg == labels}
 
 
-def softmax_stats(fn: LogitsFn, img: jax.Array, txt: Any, theta: Any,
-                  chunk: int = CHUNK) -> Stats:
+def softmax_stats(fn: LogitsFn, img: jax.Array, txt: Any, theta: Any, chunk: int = CHUNK) -> Stats:
   """Row and column log-sum-exps, the diagonal, and top-1 hits of logits fn(img, txt, theta)."""
   row_lse, col_lse, hits = _run(fn, img, txt, theta, chunk, sigmoid=False)
   pair = lambda i, t: fn(i[None], jax.tree.map(lambda a: a[None], t), theta)[0, 0]
   return {"row_lse": row_lse, "col_lse": col_lse, "diag": jax.vmap(pair)(img, txt), **hits}
 
 
-def sigmoid_stats(fn: LogitsFn, img: jax.Array, txt: Any, theta: Any,
-                  chunk: int = CHUNK) -> Stats:
+def sigmoid_stats(fn: LogitsFn, img: jax.Array, txt: Any, theta: Any, chunk: int = CHUNK) -> Stats:
   """Per image, the SigLIP loss summed over every caption, and top-1 hits."""
   row_loss, _, hits = _run(fn, img, txt, theta, chunk, sigmoid=True)
   return {"row_loss": row_loss, **hits}

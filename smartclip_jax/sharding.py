@@ -22,16 +22,16 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes. Parameters: embed/mlp/heads/vocab; activations: batch/act_embed.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("proj", None),
-    ("length", None),
-    ("act_embed", None),
-    ("layers", None),  # the stacked layer axis of `model.scan_layers`: not split
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("kv", None),
+  ("proj", None),
+  ("length", None),
+  ("act_embed", None),
+  ("layers", None),  # the stacked layer axis of `model.scan_layers`: not split
 )
 
 
@@ -47,26 +47,31 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
       raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
     sizes[MESH_AXES.index(free[0])] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{num_devices} are present")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+      f"{num_devices} are present"
+    )
   return tuple(sizes)
 
 
-def make_mesh(config: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """The (data, fsdp, tensor) mesh over all devices of all processes (or the ones given)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(config, len(devices))
   # Auto axes: XLA propagates shardings from the inputs and the rules' constraints (GSPMD).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Every device on `data`: for evaluation, which splits batches and replicates the rest."""
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices), 1, 1), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return jax.make_mesh(
+    (len(devices), 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def data_parallel_size(mesh: Mesh) -> int:

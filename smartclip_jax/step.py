@@ -22,6 +22,7 @@ Batch = dict[str, jax.Array]
 class TrainState(flax.struct.PyTreeNode):
   """Everything a step changes. Steps with a non-finite loss or gradient are counted, not
   applied: `skipped` in all, `skip_streak` in a row now, `max_skip_streak` the longest run."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -32,26 +33,34 @@ class TrainState(flax.struct.PyTreeNode):
 
 def dummy_batch(config: ml_collections.ConfigDict, size: int = 1) -> Batch:
   s, length = config.model.vision.image_size, config.model.text.context_length
-  return {"image": jnp.zeros((size, s, s, 3), jnp.float32),
-          "tokens": jnp.zeros((size, length), jnp.int32)}
+  return {
+    "image": jnp.zeros((size, s, s, 3), jnp.float32),
+    "tokens": jnp.zeros((size, length), jnp.int32),
+  }
 
 
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
   """Parameter shapes with their logical axis names (flax Partitioned boxes), nothing computed."""
   batch = dummy_batch(config)
-  return jax.eval_shape(lambda rng: model.init(rng, batch["image"], batch["tokens"])["params"],
-                        jax.random.key(0))
+  return jax.eval_shape(
+    lambda rng: model.init(rng, batch["image"], batch["tokens"])["params"], jax.random.key(0)
+  )
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+def state_shardings(
+  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
+) -> TrainState:
   """NamedShardings of every state leaf: parameters by the logical rules, and optimizer
   moments like the parameters they follow; anything else (counts) replicated."""
   boxed = abstract_params(model, config)
   param_sh = sharding.logical_shardings(boxed, mesh)
   params = nn.meta.unbox(boxed)
-  by_path = {_dict_keys(path): (leaf.shape, sh) for (path, leaf), sh in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_sh))}
+  by_path = {
+    _dict_keys(path): (leaf.shape, sh)
+    for (path, leaf), sh in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_sh)
+    )
+  }
 
   def like_param(path, leaf):
     keys = _dict_keys(path)
@@ -63,36 +72,49 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
 
   opt_sh = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
   rep = sharding.replicated(mesh)
-  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, skip_streak=rep,
-                    max_skip_streak=rep)
+  return TrainState(
+    step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, skip_streak=rep, max_skip_streak=rep
+  )
 
 
 def _dict_keys(path) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _state_factory(model: nn.Module, tx: optax.GradientTransformation,
-                   config: ml_collections.ConfigDict) -> Callable[[jax.Array], TrainState]:
+def _state_factory(
+  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> Callable[[jax.Array], TrainState]:
   batch = dummy_batch(config)
 
   def create(rng: jax.Array) -> TrainState:
     params = nn.meta.unbox(model.init(rng, batch["image"], batch["tokens"])["params"])
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
-                      skip_streak=zero, max_skip_streak=zero)
+    return TrainState(
+      step=zero,
+      params=params,
+      opt_state=tx.init(params),
+      skipped=zero,
+      skip_streak=zero,
+      max_skip_streak=zero,
+    )
 
   return create
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
-                   config: ml_collections.ConfigDict) -> TrainState:
+def abstract_state(
+  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> TrainState:
   """Shapes and dtypes of the state, nothing allocated (the target of a restore)."""
   return jax.eval_shape(_state_factory(model, tx, config), jax.random.key(0))
 
 
-def state_initializer(model: nn.Module, tx: optax.GradientTransformation,
-                      config: ml_collections.ConfigDict, mesh: Mesh,
-                      shardings: TrainState) -> Callable[[int], TrainState]:
+def state_initializer(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  shardings: TrainState,
+) -> Callable[[int], TrainState]:
   """seed -> random-initialised state, each leaf created directly in its sharding; compiled
   once, for callers that start many runs of one model."""
   create = jax.jit(_state_factory(model, tx, config), out_shardings=shardings)
@@ -104,33 +126,46 @@ def state_initializer(model: nn.Module, tx: optax.GradientTransformation,
   return init
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, mesh: Mesh,
-               shardings: TrainState) -> TrainState:
+def init_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  shardings: TrainState,
+) -> TrainState:
   """Random-initialised state from `config.seed`, each leaf created directly in its sharding."""
   return state_initializer(model, tx, config, mesh, shardings)(config.seed)
 
 
-def loss_of_outputs(config: ml_collections.ConfigDict,
-                    out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_of_outputs(
+  config: ml_collections.ConfigDict, out: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The configured loss over the global batch, from the model's outputs."""
   if config.loss == "smartclip":
     s = config.smartclip
-    return losses.smartclip_loss(out["img_emb"], out["txt_emb"], out["masks"],
-                                 temperature=s.temperature, align_weight=s.align_weight,
-                                 sparsity_weight=s.sparsity_weight, modular=s.modular,
-                                 impl=config.loss_impl)
+    return losses.smartclip_loss(
+      out["img_emb"],
+      out["txt_emb"],
+      out["masks"],
+      temperature=s.temperature,
+      align_weight=s.align_weight,
+      sparsity_weight=s.sparsity_weight,
+      modular=s.modular,
+      impl=config.loss_impl,
+    )
   if config.loss == "clip":
     scale = out["logit_scale"]
     if config.clip.temperature > 0:  # fixed: the learned scale gets no gradient
       scale = jnp.full_like(scale, -math.log(config.clip.temperature))
     return losses.clip_loss(out["img_emb"], out["txt_emb"], scale, impl=config.loss_impl)
-  return losses.siglip_loss(out["img_emb"], out["txt_emb"], out["logit_scale"],
-                            out["logit_bias"], impl=config.loss_impl)
+  return losses.siglip_loss(
+    out["img_emb"], out["txt_emb"], out["logit_scale"], out["logit_bias"], impl=config.loss_impl
+  )
 
 
-def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
-                 batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def compute_loss(
+  model: nn.Module, config: ml_collections.ConfigDict, params: Any, batch: Batch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Forward both towers (and the mask net), then the configured loss over the global batch."""
   return loss_of_outputs(config, model.apply({"params": params}, batch["image"], batch["tokens"]))
 
@@ -138,24 +173,30 @@ def compute_loss(model: nn.Module, config: ml_collections.ConfigDict, params: An
 def _split(tree: Any, k: int, groups: int) -> Any:
   """[B, ...] -> [k, B/k, ...], micro-batch i taking the i-th k-th of every device's rows, so
   no example changes device (the batch is split into `groups` contiguous device blocks)."""
+
   def split(x):
     x = x.reshape(groups, k, x.shape[0] // (groups * k), *x.shape[1:]).swapaxes(0, 1)
     return jax.lax.with_sharding_constraint(
-        x.reshape(k, -1, *x.shape[3:]), P(None, sharding.BATCH_AXES))
+      x.reshape(k, -1, *x.shape[3:]), P(None, sharding.BATCH_AXES)
+    )
+
   return jax.tree.map(split, tree)
 
 
 def _merge(tree: Any, groups: int) -> Any:
   """The inverse of `_split`: [k, B/k, ...] -> [B, ...] in the batch's own order."""
+
   def merge(x):
     k = x.shape[0]
     x = x.reshape(k, groups, -1, *x.shape[2:]).swapaxes(0, 1)
     return jax.lax.with_sharding_constraint(x.reshape(-1, *x.shape[3:]), P(sharding.BATCH_AXES))
+
   return jax.tree.map(merge, tree)
 
 
-def accumulated_loss_and_grads(model: nn.Module, config: ml_collections.ConfigDict, params: Any,
-                               batch: Batch, groups: int):
+def accumulated_loss_and_grads(
+  model: nn.Module, config: ml_collections.ConfigDict, params: Any, batch: Batch, groups: int
+):
   """The loss over the whole batch and its exact gradients, at one micro-batch's activations.
 
   A contrastive loss couples every pair, so summing micro-batch losses would change it. Instead
@@ -169,8 +210,9 @@ def accumulated_loss_and_grads(model: nn.Module, config: ml_collections.ConfigDi
   outs = jax.lax.map(lambda mb: embed(params, mb), micro)
   per_example = {key: v for key, v in outs.items() if v.ndim > 1}
   full = {**{key: v[0] for key, v in outs.items() if v.ndim == 1}, **_merge(per_example, groups)}
-  (loss, metrics), d_full = jax.value_and_grad(
-      lambda o: loss_of_outputs(config, o), has_aux=True)(full)
+  (loss, metrics), d_full = jax.value_and_grad(lambda o: loss_of_outputs(config, o), has_aux=True)(
+    full
+  )
   d_micro = _split({key: d_full[key] for key in per_example}, k, groups)
   d_scalars = {key: v for key, v in d_full.items() if key not in per_example}
 
@@ -182,13 +224,15 @@ def accumulated_loss_and_grads(model: nn.Module, config: ml_collections.ConfigDi
     (g,) = back({**d_mb, **scalars})
     return jax.tree.map(jnp.add, grads, g), None
 
-  grads, _ = jax.lax.scan(pull, jax.tree.map(jnp.zeros_like, params),
-                          (jnp.arange(k), micro, d_micro))
+  grads, _ = jax.lax.scan(
+    pull, jax.tree.map(jnp.zeros_like, params), (jnp.arange(k), micro, d_micro)
+  )
   return (loss, metrics), grads
 
 
-def keep_if_finite(finite: jax.Array, update: Callable[[Any], Any], state: Any, *,
-                   select: bool) -> Any:
+def keep_if_finite(
+  finite: jax.Array, update: Callable[[Any], Any], state: Any, *, select: bool
+) -> Any:
   """`update(state)` when `finite`, else `state` as it was: how a non-finite step is skipped.
 
   `select=True` picks leaf by leaf with `where`, which TPU and GPU XLA fuse into the optimizer's
@@ -203,21 +247,28 @@ def keep_if_finite(finite: jax.Array, update: Callable[[Any], Any], state: Any, 
   return jax.lax.cond(finite, update, lambda s: s, state)
 
 
-def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                   config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState):
+def jit_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  shardings: TrainState,
+):
   """One jit: loss, gradients, update. The state is donated; metrics come back replicated.
 
   Trace, lower or call it inside `sharding.activate(mesh)` (`make_train_step` does that).
   """
   lrs = optim.schedules(config)
   groups = sharding.data_parallel_size(mesh)
-  select = {"where": True, "cond": False,
-            "auto": mesh.devices.flat[0].platform != "cpu"}[config.skip_nonfinite]
+  select = {"where": True, "cond": False, "auto": mesh.devices.flat[0].platform != "cpu"}[
+    config.skip_nonfinite
+  ]
 
   def train_step(state: TrainState, batch: Batch):
     if config.accum_steps > 1:
-      (loss, metrics), grads = accumulated_loss_and_grads(model, config, state.params, batch,
-                                                          groups)
+      (loss, metrics), grads = accumulated_loss_and_grads(
+        model, config, state.params, batch, groups
+      )
     else:
       grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
       (loss, metrics), grads = grad_fn(state.params)
@@ -229,26 +280,43 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = keep_if_finite(finite, update, (state.params, state.opt_state),
-                                       select=select)
+    params, opt_state = keep_if_finite(
+      finite, update, (state.params, state.opt_state), select=select
+    )
     streak = jnp.where(finite, 0, state.skip_streak + 1)
     new_state = TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        skipped=state.skipped + (~finite).astype(jnp.int32), skip_streak=streak,
-        max_skip_streak=jnp.maximum(state.max_skip_streak, streak))
-    metrics = {**metrics, "grad_norm": grad_norm, "lr": lrs[optim.TOWER_GROUP](state.step),
-               "lr_mask_net": lrs[optim.MASK_GROUP](state.step),
-               "skipped_steps": new_state.skipped, "max_skip_streak": new_state.max_skip_streak}
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+      skip_streak=streak,
+      max_skip_streak=jnp.maximum(state.max_skip_streak, streak),
+    )
+    metrics = {
+      **metrics,
+      "grad_norm": grad_norm,
+      "lr": lrs[optim.TOWER_GROUP](state.step),
+      "lr_mask_net": lrs[optim.MASK_GROUP](state.step),
+      "skipped_steps": new_state.skipped,
+      "max_skip_streak": new_state.max_skip_streak,
+    }
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)))
+  return jax.jit(
+    train_step,
+    donate_argnums=0,
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+  )
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mesh: Mesh,
-                    shardings: TrainState) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  shardings: TrainState,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """The train step as a plain function of (state, batch) -> (state, metrics)."""
   jitted = jit_train_step(model, tx, config, mesh, shardings)
 

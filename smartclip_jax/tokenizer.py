@@ -27,8 +27,8 @@ SOT = "<start_of_text>"
 EOT = "<end_of_text>"
 # Contractions, letter runs, single digits, other non-space runs; special tokens kept whole.
 _PATTERN = regex.compile(
-    rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
-    regex.IGNORECASE,
+  rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+  regex.IGNORECASE,
 )
 
 
@@ -37,8 +37,11 @@ def _byte_alphabet() -> dict[int, str]:
 
   The dict's order (printable bytes first, then the rest) is the order of CLIP's base vocabulary.
   """
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-               *range(ord("®"), ord("ÿ") + 1)]
+  printable = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+  ]
   table = {b: chr(b) for b in printable}
   for extra, b in enumerate(b for b in range(256) if b not in table):
     table[b] = chr(256 + extra)
@@ -57,7 +60,7 @@ class Tokenizer:
 
   def __init__(self, bpe_path: pathlib.Path = BPE_PATH):
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-      lines = f.read().split("\n")[1:NUM_MERGES + 1]
+      lines = f.read().split("\n")[1 : NUM_MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     self.byte_chars = _byte_alphabet()
     base = list(self.byte_chars.values())
@@ -109,7 +112,7 @@ class Tokenizer:
       if len(ids) > context_length:
         ids = ids[:context_length]
         ids[-1] = self.eot_id
-      out[row, :len(ids)] = ids
+      out[row, : len(ids)] = ids
     return out
 
 

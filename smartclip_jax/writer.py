@@ -14,7 +14,6 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = pathlib.Path(workdir)

@@ -2,8 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after the flags)
@@ -20,9 +21,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
 # The demo config shrunk further so that a test compiles and steps in seconds.
-TINY = ["batch_size=16", "total_steps=50", "log_every=10", "checkpoint_every=25",
-        "model.vision.layers=1", "model.text.layers=1", "model.text.context_length=32",
-        "data.num_train=256", "data.num_eval=32", "data.eval_batch_size=16"]
+TINY = [
+  "batch_size=16",
+  "total_steps=50",
+  "log_every=10",
+  "checkpoint_every=25",
+  "model.vision.layers=1",
+  "model.text.layers=1",
+  "model.text.context_length=32",
+  "data.num_train=256",
+  "data.num_eval=32",
+  "data.eval_batch_size=16",
+]
 
 
 @pytest.fixture
@@ -36,8 +46,13 @@ def assert_gradients_close(got, ref, what: str = "") -> None:
   cannot change a softmax) and hold only that rounding noise."""
   floor = 1e-3 * max(np.abs(r).max() for r in jax.tree.leaves(ref))
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(np.abs(r).max(), floor),
-                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    np.testing.assert_allclose(
+      g,
+      r,
+      rtol=1e-5,
+      atol=1e-5 * max(np.abs(r).max(), floor),
+      err_msg=f"{what} {jax.tree_util.keystr(path)}",
+    )
 
 
 def pytest_report_header(config):

@@ -25,11 +25,11 @@ def _loss_and_grads(model, config, mesh, shardings, params, batch):
   if config.accum_steps > 1:
     fn = lambda p, b: step_lib.accumulated_loss_and_grads(model, config, p, b, groups)
   else:
-    fn = jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b),
-                            has_aux=True)
+    fn = jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b), has_aux=True)
   with sharding.activate(mesh):
-    return jax.device_get(jax.jit(fn, in_shardings=(shardings.params,
-                                                    sharding.batch_sharding(mesh)))(params, batch))
+    return jax.device_get(
+      jax.jit(fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))(params, batch)
+    )
 
 
 def _assert_same(got, ref):
@@ -42,10 +42,14 @@ def _assert_same(got, ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,impl,mesh", [
+@pytest.mark.parametrize(
+  "loss,impl,mesh",
+  [
     ("smartclip", "global", dict(data=4, fsdp=2, tensor=1)),
     ("clip", "ring", dict(data=2, fsdp=2, tensor=2)),
-    ("siglip", "global", dict(data=8, fsdp=1, tensor=1))])
+    ("siglip", "global", dict(data=8, fsdp=1, tensor=1)),
+  ],
+)
 def test_accumulated_gradients_equal_the_full_batch(demo_config, loss, impl, mesh):
   demo_config.update(loss=loss, loss_impl=impl, batch_size=32)
   demo_config.mesh.update(mesh)
@@ -73,6 +77,7 @@ def test_train_step_with_accumulation_matches_one_batch(demo_config):
     new_state, metrics = step(fresh, batch)
     params[k] = jax.device_get(new_state.params)
     assert int(metrics["skipped_steps"]) == 0
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params[2]),
-                          jax.tree.leaves(params[1])):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(params[2]), jax.tree.leaves(params[1])
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

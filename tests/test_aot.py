@@ -13,8 +13,17 @@ pytest.importorskip("libtpu", reason="needs requirements-tpu.txt")
 
 
 def run_aot(capsys, overrides, topology="v5e:2x2"):
-  code = aot.main(["--config", DEMO, "--topology", topology, "--step_time", "0.01",
-                   *(f"--config.{o}" for o in TINY + overrides)])
+  code = aot.main(
+    [
+      "--config",
+      DEMO,
+      "--topology",
+      topology,
+      "--step_time",
+      "0.01",
+      *(f"--config.{o}" for o in TINY + overrides),
+    ]
+  )
   out = capsys.readouterr().out
   return code, out, json.loads(out.splitlines()[-1])
 

@@ -43,14 +43,18 @@ def save_steps(config, directory, steps):
 def restore(config, directory, devices=None):
   model, tx, shardings, _ = fresh_state(config, devices)
   return checkpoint.Checkpointer(directory, keep=5).restore(
-      shardings, step_lib.abstract_state(model, tx, config), pipeline.train_iterator(config))
+    shardings, step_lib.abstract_state(model, tx, config), pipeline.train_iterator(config)
+  )
 
 
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(demo_config, tmp_path):
   saved = save_steps(demo_config, tmp_path / "ckpt", [10, 20])
-  files = [p for p in (tmp_path / "ckpt" / "20" / "state").rglob("*") if p.is_file()
-           and p.stat().st_size > 1000]
+  files = [
+    p
+    for p in (tmp_path / "ckpt" / "20" / "state").rglob("*")
+    if p.is_file() and p.stat().st_size > 1000
+  ]
   for f in files:  # a save cut short by a dying disk, not one Orbax left unfinished
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
   state, _ = restore(demo_config, tmp_path / "ckpt")
@@ -90,8 +94,9 @@ def test_restore_reshards_onto_a_smaller_mesh(tmp_path, devices, mesh):
   leaves = jax.tree.leaves(state)
   assert all(len(x.sharding.device_set) == devices for x in leaves)
   got = jax.device_get(state)
-  jax.tree.map(np.testing.assert_array_equal, (got.params, got.opt_state),
-               (saved.params, saved.opt_state))
+  jax.tree.map(
+    np.testing.assert_array_equal, (got.params, got.opt_state), (saved.params, saved.opt_state)
+  )
 
 
 @pytest.mark.slow
@@ -105,10 +110,12 @@ def test_init_from_takes_parameters_only_and_fills_in_the_rest(tmp_path):
   got, want = jax.device_get(params), saved.params
   np.testing.assert_array_equal(got["visual"]["proj"], want["visual"]["proj"])
   np.testing.assert_array_equal(  # 32 -> 68 positions, Long-CLIP's stretch (x4 after 20)
-      got["text"]["positional_embedding"],
-      stretch_positions(want["text"]["positional_embedding"], 68))
-  np.testing.assert_array_equal(got["mask_net"]["attn_pool"]["kernel"],
-                                jax.device_get(state.params)["mask_net"]["attn_pool"]["kernel"])
+    got["text"]["positional_embedding"], stretch_positions(want["text"]["positional_embedding"], 68)
+  )
+  np.testing.assert_array_equal(
+    got["mask_net"]["attn_pool"]["kernel"],
+    jax.device_get(state.params)["mask_net"]["attn_pool"]["kernel"],
+  )
   bad = config_lib.load(DEMO, TINY + ["model.embed_dim=32"])
   with pytest.raises(checkpoint.CheckpointError, match="shape"):
     checkpoint.load_params(tmp_path / "pretrained", fresh_state(bad)[3].params)
@@ -128,13 +135,16 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_pa
 
   class SignalAtFifthBatch(grain.DatasetIterator):
     n = 0
+
     def __next__(self):
       self.n += 1
       if self.n == 5:
         os.kill(os.getpid(), signal.SIGTERM)
       return next(self._parent)
+
     def get_state(self):
       return self._parent.get_state()
+
     def set_state(self, state):
       self._parent.set_state(state)
 
@@ -160,6 +170,7 @@ def test_a_maintenance_notice_is_a_stop_request():
       self.send_response(200)
       self.end_headers()
       self.wfile.write(body)
+
     def log_message(self, *args):
       pass
 
@@ -173,8 +184,10 @@ def test_a_maintenance_notice_is_a_stop_request():
     while not stop.reached(2) and time.time() < deadline:
       time.sleep(0.05)
     assert stop.reason == "maintenance event TERMINATE_ON_HOST_MAINTENANCE"
-    assert queries == [("/maintenance-event", "Google"),
-                       ("/maintenance-event?wait_for_change=true", "Google")]
+    assert queries == [
+      ("/maintenance-event", "Google"),
+      ("/maintenance-event?wait_for_change=true", "Google"),
+    ]
   finally:
     stop.close()
     server.shutdown()

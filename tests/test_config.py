@@ -10,8 +10,6 @@ from smartclip_jax import train
 from tests.conftest import DEMO, REPO
 
 
-
-
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
 def test_every_shipped_config_validates(path):
   config = config_lib.load(path)
@@ -19,8 +17,9 @@ def test_every_shipped_config_validates(path):
 
 
 def test_overrides_are_typed():
-  c = config_lib.load(DEMO, ["batch_size=32", "model.mask.hard=false", "optim.towers.lr=2e-4",
-                             "loss=clip"])
+  c = config_lib.load(
+    DEMO, ["batch_size=32", "model.mask.hard=false", "optim.towers.lr=2e-4", "loss=clip"]
+  )
   assert (c.batch_size, c.model.mask.hard, c.optim.towers.lr, c.loss) == (32, False, 2e-4, "clip")
 
 

@@ -32,11 +32,17 @@ def test_demo_caption_describes_the_drawn_pixels():
 
 
 def test_sentence_splitter_keeps_abbreviations_and_decimals():
-  text = ("Dr. Smith holds a 3.5 m pole, e.g. a long one. It is red! Is it? "
-          "J. R. Tolkien wrote \"The Hobbit.\" The end")
+  text = (
+    "Dr. Smith holds a 3.5 m pole, e.g. a long one. It is red! Is it? "
+    'J. R. Tolkien wrote "The Hobbit." The end'
+  )
   assert split_sentences(text) == [
-      "Dr. Smith holds a 3.5 m pole, e.g. a long one.", "It is red!", "Is it?",
-      "J. R. Tolkien wrote \"The Hobbit.\"", "The end"]
+    "Dr. Smith holds a 3.5 m pole, e.g. a long one.",
+    "It is red!",
+    "Is it?",
+    'J. R. Tolkien wrote "The Hobbit."',
+    "The end",
+  ]
   assert split_sentences("   ") == []
 
 
@@ -75,8 +81,14 @@ def test_train_iterator_batches_and_resumes_from_state(demo_config):
 def test_two_processes_read_disjoint_slices_covering_the_data(demo_config):
   demo_config.data.caption_mode = "full"
   source = make_source(demo_config, "train")
-  want = sorted(map(bytes, tokenize([source[i]["caption"] for i in range(len(source))],
-                                    demo_config.model.text.context_length)))
+  want = sorted(
+    map(
+      bytes,
+      tokenize(
+        [source[i]["caption"] for i in range(len(source))], demo_config.model.text.context_length
+      ),
+    )
+  )
   per_process = []
   for index in range(2):
     it = pipeline.train_iterator(demo_config, process_index=index, process_count=2)

@@ -29,14 +29,20 @@ def test_coco_keeps_five_captions_and_counts_what_it_leaves_out(tmp_path, monkey
   seven = [f"Image one, caption {k}." for k in range(7)]
   # Annotation ids fall as the file goes on: the first five are the file's, not the lowest ids.
   annotations = [{"id": 90 - k, "image_id": 1, "caption": c} for k, c in enumerate(seven[:3])]
-  annotations += [{"id": 20, "image_id": 2, "caption": " A cat on a mat.\n"},
-                  {"id": 21, "image_id": 2, "caption": "   "},
-                  {"id": 22, "image_id": 3, "caption": "Its file is gone."},
-                  {"id": 23, "image_id": 99, "caption": "No such image."}]
+  annotations += [
+    {"id": 20, "image_id": 2, "caption": " A cat on a mat.\n"},
+    {"id": 21, "image_id": 2, "caption": "   "},
+    {"id": 22, "image_id": 3, "caption": "Its file is gone."},
+    {"id": 23, "image_id": 99, "caption": "No such image."},
+  ]
   annotations += [{"id": 50 - k, "image_id": 1, "caption": c} for k, c in enumerate(seven[3:])]
-  write_json(tmp_path / "annotations" / "captions_val2017.json", {
+  write_json(
+    tmp_path / "annotations" / "captions_val2017.json",
+    {
       "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3, 4)],
-      "annotations": annotations})
+      "annotations": annotations,
+    },
+  )
   monkeypatch.chdir(tmp_path / "annotations")
   got = datasets.load_retrieval("coco", "captions_val2017.json")  # images in ../val2017
   assert got.name == "coco" and got.images == [a, b]
@@ -44,8 +50,7 @@ def test_coco_keeps_five_captions_and_counts_what_it_leaves_out(tmp_path, monkey
   assert got.text_to_image.dtype == np.int64
   assert got.text_to_image.tolist() == [0] * 5 + [1]
   # The sixth and seventh captions are the protocol's, not a record left out.
-  assert got.skipped == {"empty_caption": 1, "missing_file": 1, "no_caption": 1,
-                         "unknown_image": 1}
+  assert got.skipped == {"empty_caption": 1, "missing_file": 1, "no_caption": 1, "unknown_image": 1}
   assert len(got.examples) == 4
   assert any("000000000003.jpg" in e for e in got.examples)
   assert any("image 4" in e and e.startswith("no_caption") for e in got.examples)
@@ -54,8 +59,12 @@ def test_coco_keeps_five_captions_and_counts_what_it_leaves_out(tmp_path, monkey
 def karpathy_images(with_filepath: bool):
   images = []
   for i, split in enumerate(["train", "test", "val", "restval", "test"]):
-    image = {"filename": f"im{i}.jpg", "split": split, "imgid": i,
-             "sentences": [{"raw": f"Image {i} sentence {k}.", "tokens": []} for k in range(5)]}
+    image = {
+      "filename": f"im{i}.jpg",
+      "split": split,
+      "imgid": i,
+      "sentences": [{"raw": f"Image {i} sentence {k}.", "tokens": []} for k in range(5)],
+    }
     if with_filepath:
       image["filepath"] = "val2014" if split != "train" else "train2014"
     images.append(image)
@@ -65,11 +74,13 @@ def karpathy_images(with_filepath: bool):
 def test_karpathy_coco_reads_only_the_test_split(tmp_path):
   for i in range(5):
     write_image(tmp_path / "coco" / ("train2014" if i == 0 else "val2014") / f"im{i}.jpg")
-  path = write_json(tmp_path / "dataset_coco.json",
-                    {"images": karpathy_images(True), "dataset": "coco"})
+  path = write_json(
+    tmp_path / "dataset_coco.json", {"images": karpathy_images(True), "dataset": "coco"}
+  )
   got = datasets.load_retrieval("coco_karpathy", path, str(tmp_path / "coco"))
-  assert got.images == [os.path.abspath(tmp_path / "coco" / "val2014" / f"im{i}.jpg")
-                        for i in (1, 4)]
+  assert got.images == [
+    os.path.abspath(tmp_path / "coco" / "val2014" / f"im{i}.jpg") for i in (1, 4)
+  ]
   assert got.captions == [f"Image {i} sentence {k}." for i in (1, 4) for k in range(5)]
   assert got.text_to_image.tolist() == [0] * 5 + [1] * 5
   assert got.skipped == {}
@@ -77,8 +88,9 @@ def test_karpathy_coco_reads_only_the_test_split(tmp_path):
 
 def test_karpathy_flickr_takes_images_from_the_root(tmp_path):
   write_image(tmp_path / "im1.jpg")  # im4.jpg is missing
-  path = write_json(tmp_path / "dataset_flickr30k.json",
-                    {"images": karpathy_images(False), "dataset": "flickr30k"})
+  path = write_json(
+    tmp_path / "dataset_flickr30k.json", {"images": karpathy_images(False), "dataset": "flickr30k"}
+  )
   got = datasets.load_retrieval("flickr30k", path)  # root defaults to the JSON's folder
   assert got.images == [os.path.abspath(tmp_path / "im1.jpg")]
   assert got.captions == [f"Image 1 sentence {k}." for k in range(5)]
@@ -89,8 +101,14 @@ def test_karpathy_flickr_takes_images_from_the_root(tmp_path):
 def test_karpathy_coco_keeps_the_first_five_sentences(tmp_path):
   write_image(tmp_path / "val2014" / "im0.jpg")
   seven = [{"raw": f"Sentence {k}.", "tokens": []} for k in range(7)]
-  path = write_json(tmp_path / "dataset_coco.json", {"images": [
-      {"filename": "im0.jpg", "filepath": "val2014", "split": "test", "sentences": seven}]})
+  path = write_json(
+    tmp_path / "dataset_coco.json",
+    {
+      "images": [
+        {"filename": "im0.jpg", "filepath": "val2014", "split": "test", "sentences": seven}
+      ]
+    },
+  )
   got = datasets.load_retrieval("coco_karpathy", path)
   assert got.captions == [f"Sentence {k}." for k in range(5)]
   assert got.text_to_image.tolist() == [0] * 5 and got.skipped == {}
@@ -106,7 +124,9 @@ def write_token_file(path, lines):
 def test_flickr30k_full_reads_every_image_and_caption(tmp_path):
   b = write_image(tmp_path / "flickr30k-images" / "200.jpg")
   a = write_image(tmp_path / "flickr30k-images" / "100.jpg")
-  path = write_token_file(tmp_path / "results_20130124.token", [
+  path = write_token_file(
+    tmp_path / "results_20130124.token",
+    [
       "200.jpg#1\tB one .",
       "100.jpg#0\tTwo young guys with shaggy hair look at their hands .",
       "200.jpg#0\tB zero .",
@@ -119,19 +139,30 @@ def test_flickr30k_full_reads_every_image_and_caption(tmp_path):
       "999.jpg#0\tIts image is missing .",
       "100.jpg#2\t   ",
       "100.jpg#3\tA three .",
-      "200.jpg#10\tB ten ."])
+      "200.jpg#10\tB ten .",
+    ],
+  )
   got = datasets.load_retrieval("flickr30k_full", path)  # images in ./flickr30k-images
   assert got.name == "flickr30k_full"
   assert got.images == [b, a]  # in order of first appearance, not by name
-  assert got.captions == ["B zero .", "B one .", "B ten .",
-                          "Two young guys with shaggy hair look at their hands .",
-                          "A one\twith a tab inside .", "A three .", "A four ."]
+  assert got.captions == [
+    "B zero .",
+    "B one .",
+    "B ten .",
+    "Two young guys with shaggy hair look at their hands .",
+    "A one\twith a tab inside .",
+    "A three .",
+    "A four .",
+  ]
   assert got.text_to_image.dtype == np.int64
   assert got.text_to_image.tolist() == [0, 0, 0, 1, 1, 1, 1]
   assert got.skipped == {"malformed_line": 3, "missing_file": 1, "empty_caption": 1}
   malformed = [e for e in got.examples if e.startswith("malformed_line: ")]
   assert [e.split(" is not ")[0] for e in malformed] == [
-      "malformed_line: line 5", "malformed_line: line 7", "malformed_line: line 9"]
+    "malformed_line: line 5",
+    "malformed_line: line 7",
+    "malformed_line: line 9",
+  ]
   assert "no tab between" in malformed[0]
   assert f"missing_file: {tmp_path / 'flickr30k-images' / '999.jpg'}" in got.examples
 
@@ -139,9 +170,15 @@ def test_flickr30k_full_reads_every_image_and_caption(tmp_path):
 def test_flickr30k_full_image_dir_and_repeated_captions(tmp_path):
   (tmp_path / "flickr30k-images").mkdir()  # the default, empty: the given dir must be used
   image = write_image(tmp_path / "photos" / "1.jpg")
-  path = write_token_file(tmp_path / "ann" / "results_20130124.token", [
-      "1.jpg#0\tFirst .", "1.jpg#-1\tA negative index .", "1.jpg#0\tFirst again .",
-      "#1\tNo image name ."])
+  path = write_token_file(
+    tmp_path / "ann" / "results_20130124.token",
+    [
+      "1.jpg#0\tFirst .",
+      "1.jpg#-1\tA negative index .",
+      "1.jpg#0\tFirst again .",
+      "#1\tNo image name .",
+    ],
+  )
   got = datasets.load_retrieval("flickr30k_full", path, str(tmp_path / "photos"))
   assert got.images == [image] and got.captions == ["First ."]
   assert got.skipped == {"malformed_line": 2, "duplicate_caption": 1}
@@ -176,8 +213,10 @@ def test_urban1k_counts_orphan_images_and_captions(tmp_path):
   assert got.captions == ["A long street at dusk. Cars wait.", "A market square."]
   assert got.text_to_image.tolist() == [0, 1]
   assert got.skipped == {"no_caption": 1, "missing_file": 1}
-  assert got.examples == [f"no_caption: {tmp_path / 'image' / 'b.jpg'} has no caption file",
-                          f"missing_file: {tmp_path / 'image' / 'd.jpg'}"]
+  assert got.examples == [
+    f"no_caption: {tmp_path / 'image' / 'b.jpg'} has no caption file",
+    f"missing_file: {tmp_path / 'image' / 'd.jpg'}",
+  ]
 
 
 def test_sharegpt4v_1k_is_the_held_out_first_thousand(tmp_path):
@@ -191,8 +230,7 @@ def test_sharegpt4v_1k_is_the_held_out_first_thousand(tmp_path):
     write_image(tmp_path / "images" / "sam" / f"{i}.jpg")
   path = write_json(tmp_path / "share-captioner.json", records)
   got = datasets.load_retrieval("sharegpt4v_1k", path, str(tmp_path / "images"))
-  assert got.images == [os.path.abspath(tmp_path / "images" / "sam" / f"{i}.jpg")
-                        for i in (0, 999)]
+  assert got.images == [os.path.abspath(tmp_path / "images" / "sam" / f"{i}.jpg") for i in (0, 999)]
   assert got.captions == ["Record 0. A long description.", "Record 999. A long description."]
   assert got.skipped == {"missing_file": 997, "no_caption": 1}
   assert len(got.examples) == datasets.MAX_EXAMPLES
@@ -201,15 +239,36 @@ def test_sharegpt4v_1k_is_the_held_out_first_thousand(tmp_path):
 def test_dci_pairs_each_photo_with_its_extended_caption(tmp_path):
   root = tmp_path / "densely_captioned_images"
   photo = write_image(root / "photos" / "sa_1.jpg")
-  mask = {"0": {"label": "a dog", "caption": "Brown, sitting.", "idx": 0, "parent": -1,
-                "requirements": [], "mask_quality": 0}}
-  write_json(root / "annotations" / "sa_1.json", {
-      "image": "sa_1.jpg", "short_caption": "A dog in a park.",
-      "extra_caption": "The grass is wet. A bench stands behind.", "mask_data": mask,
-      "mask_keys": ["0"]})
-  write_json(root / "annotations" / "sa_2.json", {
-      "image": "sa_2.jpg", "short_caption": "Gone.", "extra_caption": "", "mask_data": {},
-      "mask_keys": []})
+  mask = {
+    "0": {
+      "label": "a dog",
+      "caption": "Brown, sitting.",
+      "idx": 0,
+      "parent": -1,
+      "requirements": [],
+      "mask_quality": 0,
+    }
+  }
+  write_json(
+    root / "annotations" / "sa_1.json",
+    {
+      "image": "sa_1.jpg",
+      "short_caption": "A dog in a park.",
+      "extra_caption": "The grass is wet. A bench stands behind.",
+      "mask_data": mask,
+      "mask_keys": ["0"],
+    },
+  )
+  write_json(
+    root / "annotations" / "sa_2.json",
+    {
+      "image": "sa_2.jpg",
+      "short_caption": "Gone.",
+      "extra_caption": "",
+      "mask_data": {},
+      "mask_keys": [],
+    },
+  )
   got = datasets.load_retrieval("dci", str(root))
   assert got.images == [photo]
   assert got.captions == ["A dog in a park.\nThe grass is wet. A bench stands behind."]
@@ -219,14 +278,32 @@ def test_dci_pairs_each_photo_with_its_extended_caption(tmp_path):
 def test_docci_reads_the_test_records(tmp_path):
   for name in ("test_01.jpg", "train_01.jpg", "qual_test_01.jpg"):
     write_image(tmp_path / "images" / name)
-  lines = [{"example_id": "train_01", "split": "train", "image_file": "train_01.jpg",
-            "description": "Train."},
-           {"example_id": "test_01", "split": "test", "image_file": "test_01.jpg",
-            "description": "A red mug on a desk. Light comes from the left."},
-           {"example_id": "qual_test_01", "split": "qual_test", "image_file": "qual_test_01.jpg",
-            "description": "Qual."},
-           {"example_id": "test_02", "split": "test", "image_file": "test_02.jpg",
-            "description": "Missing."}]
+  lines = [
+    {
+      "example_id": "train_01",
+      "split": "train",
+      "image_file": "train_01.jpg",
+      "description": "Train.",
+    },
+    {
+      "example_id": "test_01",
+      "split": "test",
+      "image_file": "test_01.jpg",
+      "description": "A red mug on a desk. Light comes from the left.",
+    },
+    {
+      "example_id": "qual_test_01",
+      "split": "qual_test",
+      "image_file": "qual_test_01.jpg",
+      "description": "Qual.",
+    },
+    {
+      "example_id": "test_02",
+      "split": "test",
+      "image_file": "test_02.jpg",
+      "description": "Missing.",
+    },
+  ]
   path = tmp_path / "docci_descriptions.jsonlines"
   path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
   got = datasets.load_retrieval("docci", str(path))
@@ -236,10 +313,17 @@ def test_docci_reads_the_test_records(tmp_path):
   assert got.skipped == {"missing_file": 1}
 
 
-@pytest.mark.parametrize("task,name", [
-    ("coco", "captions_val2017.json"), ("coco_karpathy", "dataset_coco.json"),
-    ("flickr30k", "dataset_flickr30k.json"), ("flickr30k_full", "results_20130124.token"),
-    ("sharegpt4v_1k", "share-captioner.json"), ("docci", "docci_descriptions.jsonlines")])
+@pytest.mark.parametrize(
+  "task,name",
+  [
+    ("coco", "captions_val2017.json"),
+    ("coco_karpathy", "dataset_coco.json"),
+    ("flickr30k", "dataset_flickr30k.json"),
+    ("flickr30k_full", "results_20130124.token"),
+    ("sharegpt4v_1k", "share-captioner.json"),
+    ("docci", "docci_descriptions.jsonlines"),
+  ],
+)
 @pytest.mark.parametrize("content", ["", "{not json", '{"unexpected": []}', "[1, 2]", None])
 def test_bad_annotation_files_name_the_file(tmp_path, task, name, content):
   path = tmp_path / name
@@ -271,9 +355,16 @@ def test_a_set_with_nothing_usable_is_an_error(tmp_path):
     datasets.load_retrieval("flickr30k", path)
   with pytest.raises(ValueError, match="unknown retrieval task"):
     datasets.load_retrieval("coco2014", path)
-  assert set(datasets.RETRIEVAL_TASKS) == {"coco", "coco_karpathy", "flickr30k",
-                                           "flickr30k_full", "urban1k", "sharegpt4v_1k", "dci",
-                                           "docci"}
+  assert set(datasets.RETRIEVAL_TASKS) == {
+    "coco",
+    "coco_karpathy",
+    "flickr30k",
+    "flickr30k_full",
+    "urban1k",
+    "sharegpt4v_1k",
+    "dci",
+    "docci",
+  }
 
 
 def test_folder_zero_shot(tmp_path):
@@ -302,8 +393,14 @@ def test_tfds_cifar10_zero_shot_mocked():
   def as_data_source(builder, split, decoders=None, **kwargs):
     calls.append((builder.name, split, decoders))
     skip = decoders is not None and isinstance(decoders["image"], tfds.decode.SkipDecoding)
-    return [{"id": f"test_{i}", "image": b"\xff\xd8 not decoded" if skip else pixels[i],
-             "label": np.int64(labels[i])} for i in range(4)]
+    return [
+      {
+        "id": f"test_{i}",
+        "image": b"\xff\xd8 not decoded" if skip else pixels[i],
+        "label": np.int64(labels[i]),
+      }
+      for i in range(4)
+    ]
 
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
     got = datasets.load_classification("cifar10")
@@ -335,9 +432,15 @@ def test_tfds_by_name_reads_a_prepared_array_record_set(tmp_path):
     code_path = None
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 1)),
-          "label": tfds.features.ClassLabel(names=["red_fox", "cat", "sea_lion"])}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.ClassLabel(names=["red_fox", "cat", "sea_lion"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"test": self._generate_examples()}

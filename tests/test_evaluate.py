@@ -46,8 +46,9 @@ def test_recall_matches_oracle_with_ties_and_several_captions_per_image(chunk):
 
 def test_ranks_are_the_same_on_one_device_and_sharded_over_eight():
   img, txt, text_to_image = tied_embeddings(n_img=50, per=5, seed=1)
-  one = retrieval.retrieval_ranks(img, txt, text_to_image, sharding.data_mesh(jax.devices()[:1]),
-                                  chunk=16)
+  one = retrieval.retrieval_ranks(
+    img, txt, text_to_image, sharding.data_mesh(jax.devices()[:1]), chunk=16
+  )
   eight = retrieval.retrieval_ranks(img, txt, text_to_image, sharding.data_mesh(), chunk=40)
   for d in ("i2t", "t2i"):
     np.testing.assert_array_equal(one[d], eight[d])
@@ -64,8 +65,10 @@ def test_ranks_of_a_stable_sort():
 
 def test_perfect_and_reversed_embeddings():
   eye = np.eye(12, dtype=np.float32)
-  assert all(v == 100.0 for v in retrieval.recalls(
-      retrieval.retrieval_ranks(eye, eye, np.arange(12))).values())
+  assert all(
+    v == 100.0
+    for v in retrieval.recalls(retrieval.retrieval_ranks(eye, eye, np.arange(12))).values()
+  )
   assert retrieval.recalls(retrieval.retrieval_ranks(eye, -eye, np.arange(12)))["t2i_r10"] == 0.0
 
 
@@ -76,13 +79,19 @@ def test_an_image_without_captions_is_an_error():
 
 def test_masked_ranks_match_the_full_masked_similarity_matrix():
   from smartclip_jax import losses
+
   img, txt, text_to_image = tied_embeddings(n_img=20, per=2, dim=8, seed=3)
   masks = np.random.default_rng(3).integers(0, 2, size=txt.shape).astype(np.float32)
   sim = np.asarray(losses.masked_similarity(img, txt, masks))  # [images, captions]
   got = retrieval.retrieval_ranks(img, txt, text_to_image, chunk=6, masks=masks)
-  t2i = [list(np.argsort(-sim[:, t], kind="stable")).index(text_to_image[t])
-         for t in range(len(txt))]
-  i2t = [min(list(np.argsort(-sim[i], kind="stable")).index(t)
-             for t in np.flatnonzero(text_to_image == i)) for i in range(len(img))]
+  t2i = [
+    list(np.argsort(-sim[:, t], kind="stable")).index(text_to_image[t]) for t in range(len(txt))
+  ]
+  i2t = [
+    min(
+      list(np.argsort(-sim[i], kind="stable")).index(t) for t in np.flatnonzero(text_to_image == i)
+    )
+    for i in range(len(img))
+  ]
   np.testing.assert_array_equal(got["t2i"], t2i)
   np.testing.assert_array_equal(got["i2t"], i2t)

@@ -41,12 +41,21 @@ def test_cli_matches_a_plain_torch_and_numpy_evaluation(tmp_path, capsys):
   torch = pytest.importorskip("torch")
   import smartclip_jax
   from tests.torch_reference import ReferenceCLIP
+
   torch.manual_seed(0)
   ref = ReferenceCLIP(image_size=32, context=77).eval()
   torch.save(ref.state_dict(), tmp_path / "random.pt")
   urban, colours = urban1k_folder(tmp_path / "urban"), class_folder(tmp_path / "colours")
-  argv = ["--model", str(tmp_path / "random.pt"), "--tasks",
-          f"urban1k:{urban},folder:{colours}", "--out", str(tmp_path / "out"), "--chunk", "5"]
+  argv = [
+    "--model",
+    str(tmp_path / "random.pt"),
+    "--tasks",
+    f"urban1k:{urban},folder:{colours}",
+    "--out",
+    str(tmp_path / "out"),
+    "--chunk",
+    "5",
+  ]
   evaluate.main(argv)
   printed = capsys.readouterr().out
   results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -57,8 +66,7 @@ def test_cli_matches_a_plain_torch_and_numpy_evaluation(tmp_path, capsys):
   # The same evaluation written plainly: torch embeddings, numpy similarities, a stable sort.
   model = smartclip_jax.load(tmp_path / "random.pt")
   stems = sorted(p.stem for p in (urban / "image").iterdir())
-  pixels = np.stack([model.preprocess(PIL.Image.open(urban / "image" / f"{s}.png"))
-                     for s in stems])
+  pixels = np.stack([model.preprocess(PIL.Image.open(urban / "image" / f"{s}.png")) for s in stems])
   tokens = model.tokenize([(urban / "caption" / f"{s}.txt").read_text() for s in stems])
   with torch.no_grad():
     img = ref.encode_image(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).numpy()
@@ -73,15 +81,20 @@ def test_cli_matches_a_plain_torch_and_numpy_evaluation(tmp_path, capsys):
   with torch.no_grad():
     cls = []
     for name in names:
-      t = ref.encode_text(torch.from_numpy(model.tokenize([x.format(name) for x in templates]))
-                          .long()).numpy()
+      t = ref.encode_text(
+        torch.from_numpy(model.tokenize([x.format(name) for x in templates])).long()
+      ).numpy()
       cls.append(retrieval.normalize(retrieval.normalize(t).mean(0)))
     files = [colours / n / f"{i}.png" for n in names for i in range(3)]
-    img = ref.encode_image(torch.from_numpy(np.stack(
-        [model.preprocess(PIL.Image.open(f)) for f in files]).transpose(0, 3, 1, 2))).numpy()
+    img = ref.encode_image(
+      torch.from_numpy(
+        np.stack([model.preprocess(PIL.Image.open(f)) for f in files]).transpose(0, 3, 1, 2)
+      )
+    ).numpy()
   predicted = np.argmax(retrieval.normalize(img) @ np.stack(cls).T, axis=1)
-  assert results["folder"]["top1"] == pytest.approx(100 * np.mean(predicted == np.repeat(
-      np.arange(3), 3)))
+  assert results["folder"]["top1"] == pytest.approx(
+    100 * np.mean(predicted == np.repeat(np.arange(3), 3))
+  )
 
   evaluate.main(argv)  # a second run reads the embeddings from the cache
   assert capsys.readouterr().err.count("embeddings from cache") == 2
@@ -91,18 +104,38 @@ def test_cli_matches_a_plain_torch_and_numpy_evaluation(tmp_path, capsys):
 def test_masks_on_is_labelled_and_needs_a_mask_network(tmp_path, capsys):
   torch = pytest.importorskip("torch")
   from tests.torch_reference import ReferenceCLIP
+
   torch.manual_seed(1)
   urban = urban1k_folder(tmp_path / "urban", n=6)
   for name, mask_net in (("smart.pt", True), ("plain.pt", False)):
-    torch.save(ReferenceCLIP(image_size=32, context=77, mask_net=mask_net).state_dict(),
-               tmp_path / name)
-  evaluate.main(["--model", str(tmp_path / "smart.pt"), "--tasks", f"urban1k:{urban}",
-                 "--out", str(tmp_path / "out"), "--masks"])
+    torch.save(
+      ReferenceCLIP(image_size=32, context=77, mask_net=mask_net).state_dict(), tmp_path / name
+    )
+  evaluate.main(
+    [
+      "--model",
+      str(tmp_path / "smart.pt"),
+      "--tasks",
+      f"urban1k:{urban}",
+      "--out",
+      str(tmp_path / "out"),
+      "--masks",
+    ]
+  )
   assert "MASKS ON" in capsys.readouterr().out
   assert json.loads((tmp_path / "out" / "results.json").read_text())["urban1k"]["masks"]
   with pytest.raises(ValueError, match="no mask network"):
-    evaluate.main(["--model", str(tmp_path / "plain.pt"), "--tasks", f"urban1k:{urban}",
-                   "--out", str(tmp_path / "out2"), "--masks"])
+    evaluate.main(
+      [
+        "--model",
+        str(tmp_path / "plain.pt"),
+        "--tasks",
+        f"urban1k:{urban}",
+        "--out",
+        str(tmp_path / "out2"),
+        "--masks",
+      ]
+    )
 
 
 def test_zero_shot_is_perfect_when_images_sit_on_their_class():
@@ -125,8 +158,9 @@ def test_unknown_task_is_refused():
 
 def test_flickr30k_full_task_takes_the_token_file_and_an_optional_image_dir():
   full, karpathy, default = evaluate.parse_tasks(
-      "flickr30k_full:/f/results_20130124.token:/f/images,flickr30k:/f/dataset_flickr30k.json,"
-      "flickr30k_full:/f/results_20130124.token")
+    "flickr30k_full:/f/results_20130124.token:/f/images,flickr30k:/f/dataset_flickr30k.json,"
+    "flickr30k_full:/f/results_20130124.token"
+  )
   assert full == evaluate.Task("flickr30k_full", "/f/results_20130124.token", "/f/images")
   assert karpathy.name == "flickr30k" and default.image_root == ""
   with pytest.raises(ValueError, match="needs a path"):
@@ -136,6 +170,7 @@ def test_flickr30k_full_task_takes_the_token_file_and_an_optional_image_dir():
 @pytest.mark.slow
 def test_training_evaluates_its_tasks_and_keeps_the_best_checkpoint(demo_config, tmp_path):
   from smartclip_jax import train
+
   urban = urban1k_folder(tmp_path / "urban", n=8)
   demo_config.update(total_steps=4, log_every=2)
   demo_config.eval.update(every=2, tasks=f"urban1k:{urban}", best_metric="urban1k/t2i_r1")

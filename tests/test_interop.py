@@ -14,8 +14,12 @@ from smartclip_jax.interop import layout
 torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
 from tests.torch_reference import ReferenceCLIP  # noqa: E402
 
-CAPTIONS = ["a red square.", "two blue circles above a small green triangle. " * 3,
-            "nothing", "a long caption " * 40]
+CAPTIONS = [
+  "a red square.",
+  "two blue circles above a small green triangle. " * 3,
+  "nothing",
+  "a long caption " * 40,
+]
 
 
 def inputs(model, n=4, seed=0):
@@ -31,33 +35,50 @@ def max_diff(got, want: "torch.Tensor") -> float:
 def save(state_dict, path):
   if path.suffix == ".safetensors":
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
   else:
     torch.save(state_dict, path)
   return path
 
 
-@pytest.mark.parametrize("context,quick_gelu,long_clip,mask_net,suffix,half", [
+@pytest.mark.parametrize(
+  "context,quick_gelu,long_clip,mask_net,suffix,half",
+  [
     (77, True, False, False, ".pt", False),  # OpenAI
-    pytest.param(77, False, False, False, ".safetensors", True,  # open_clip GELU, fp16
-                 marks=pytest.mark.slow),
+    pytest.param(
+      77,
+      False,
+      False,
+      False,
+      ".safetensors",
+      True,  # open_clip GELU, fp16
+      marks=pytest.mark.slow,
+    ),
     (248, True, True, False, ".pth", False),  # Long-CLIP
     (248, True, True, True, ".safetensors", True),  # SmartCLIP reference, fp16
     pytest.param(248, False, True, True, ".bin", False, marks=pytest.mark.slow),
-])
-def test_reference_layout_embeddings_match(tmp_path, context, quick_gelu, long_clip, mask_net,
-                                           suffix, half):
+  ],
+)
+def test_reference_layout_embeddings_match(
+  tmp_path, context, quick_gelu, long_clip, mask_net, suffix, half
+):
   torch.manual_seed(context + quick_gelu + 2 * mask_net)
-  ref = ReferenceCLIP(context=context, quick_gelu=quick_gelu, long_clip=long_clip,
-                      mask_net=mask_net).eval()
+  ref = ReferenceCLIP(
+    context=context, quick_gelu=quick_gelu, long_clip=long_clip, mask_net=mask_net
+  ).eval()
   if half:  # saved in fp16, like the reference; compare with the fp16 weights in fp32
     ref = ref.half().float()
   state = ref.state_dict()
   path = save({k: v.half() if half else v for k, v in state.items()}, tmp_path / f"w{suffix}")
   model = smartclip_jax.load(path, activation="quick_gelu" if quick_gelu else "gelu")
   m = model.config.model
-  assert (m.text.context_length, m.vision.width, m.vision.layers, m.embed_dim) == \
-      (context, 128, 2, 64)
+  assert (m.text.context_length, m.vision.width, m.vision.layers, m.embed_dim) == (
+    context,
+    128,
+    2,
+    64,
+  )
   assert model.config.loss == ("smartclip" if mask_net else "clip")
   images, tokens = inputs(model)
   with torch.no_grad():
@@ -77,12 +98,26 @@ def test_hf_clipmodel_embeddings_match(tmp_path, context, act):
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256,
-                       num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=context, hidden_act=act),
-      vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
-      projection_dim=64)
+    text_config=dict(
+      vocab_size=49408,
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=context,
+      hidden_act=act,
+    ),
+    vision_config=dict(
+      hidden_size=128,
+      intermediate_size=512,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+      hidden_act=act,
+    ),
+    projection_dim=64,
+  )
   ref = transformers.CLIPModel(config).eval()
   ref.save_pretrained(tmp_path / "hf")
   model = smartclip_jax.load(tmp_path / "hf")
@@ -100,11 +135,19 @@ def test_hf_clipmodel_embeddings_match(tmp_path, context, act):
 
 def test_layout_round_trips_are_bit_identical(demo_config):
   from smartclip_jax.models.clip import build_model
+
   model = build_model(demo_config)
-  params = jax.tree.map(np.asarray, jax.device_get(
-      model.init(jax.random.key(3), np.zeros((1, 32, 32, 3)), np.zeros((1, 32), np.int32))))
-  params = jax.tree.map(lambda b: b.unbox() if hasattr(b, "unbox") else b, params["params"],
-                        is_leaf=lambda x: hasattr(x, "unbox"))
+  params = jax.tree.map(
+    np.asarray,
+    jax.device_get(
+      model.init(jax.random.key(3), np.zeros((1, 32, 32, 3)), np.zeros((1, 32), np.int32))
+    ),
+  )
+  params = jax.tree.map(
+    lambda b: b.unbox() if hasattr(b, "unbox") else b,
+    params["params"],
+    is_leaf=lambda x: hasattr(x, "unbox"),
+  )
   state = layout.to_openai(params)
   assert "mask_net.attn_pool.attention.weight" in state and "ln_final.weight" in state
   assert state["logit_scale"].shape == ()  # a 0-d parameter in every PyTorch layout
@@ -121,20 +164,23 @@ def test_scanned_layers_export_and_import_like_unrolled_ones(demo_config):
   """A scanned model's stacks leave and enter every layout as one tensor per layer."""
   from smartclip_jax.models.clip import build_model
   from smartclip_jax.step import abstract_params, dummy_batch
+
   demo_config.model.update(scan_layers=True)
   demo_config.model.vision.layers, demo_config.model.text.layers = 2, 3  # order shows
   model = build_model(demo_config)
   batch = dummy_batch(demo_config)
-  params = nn.meta.unbox(jax.device_get(
-      model.init(jax.random.key(3), batch["image"], batch["tokens"])["params"]))
+  params = nn.meta.unbox(
+    jax.device_get(model.init(jax.random.key(3), batch["image"], batch["tokens"])["params"])
+  )
   state = layout.to_openai(params)
   layers = demo_config.model.text.layers
   assert f"transformer.resblocks.{layers - 1}.attn.in_proj_weight" in state
   assert not any(".resblocks.ln_" in k for k in state)
   last = demo_config.model.vision.layers - 1
   np.testing.assert_array_equal(
-      state[f"visual.transformer.resblocks.{last}.mlp.c_fc.weight"],
-      params["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"][last].T)
+    state[f"visual.transformer.resblocks.{last}.mlp.c_fc.weight"],
+    params["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"][last].T,
+  )
   assert layout.unused_keys(state, params) == []
   back = layout.from_openai(state, nn.meta.unbox(abstract_params(model, demo_config)))
   jax.tree.map(np.testing.assert_array_equal, back, params)
@@ -157,19 +203,27 @@ def demo_run(tmp_path_factory):
   """A 2-step TINY demo run (SmartCLIP: with a mask network, 32 positions, 4 heads of 16)."""
   from smartclip_jax import config as config_lib, train
   from tests.conftest import DEMO, TINY
+
   workdir = tmp_path_factory.mktemp("demo_run")
-  train.train_and_evaluate(config_lib.load(DEMO, TINY + ["total_steps=2", "log_every=1"]),
-                           workdir)
+  train.train_and_evaluate(config_lib.load(DEMO, TINY + ["total_steps=2", "log_every=1"]), workdir)
   return workdir, smartclip_jax.load(workdir)
 
 
 def reference_for(model, **kw):
   m = model.config.model
   return ReferenceCLIP(
-      embed_dim=m.embed_dim, image_size=m.vision.image_size, patch=m.vision.patch_size,
-      vision_width=m.vision.width, vision_layers=m.vision.layers, vision_heads=m.vision.heads,
-      context=m.text.context_length, text_width=m.text.width, text_layers=m.text.layers,
-      text_heads=m.text.heads, **kw).eval()
+    embed_dim=m.embed_dim,
+    image_size=m.vision.image_size,
+    patch=m.vision.patch_size,
+    vision_width=m.vision.width,
+    vision_layers=m.vision.layers,
+    vision_heads=m.vision.heads,
+    context=m.text.context_length,
+    text_width=m.text.width,
+    text_layers=m.text.layers,
+    text_heads=m.text.heads,
+    **kw,
+  ).eval()
 
 
 def assert_same_embeddings(model, encode_image, encode_text):
@@ -185,8 +239,9 @@ def test_orbax_workdir_loads_like_the_run_left_it(demo_run, monkeypatch):
   workdir, model = demo_run
   monkeypatch.chdir(workdir.parent)  # a relative path, as users type it
   relative = smartclip_jax.load(workdir.name)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(relative.params),
-               jax.device_get(model.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(relative.params), jax.device_get(model.params)
+  )
   assert model.config.model.text.context_length == 32 and model.config.loss == "smartclip"
   images, tokens = inputs(model)
   assert model.encode_image(images).shape == (4, 64)
@@ -195,6 +250,7 @@ def test_orbax_workdir_loads_like_the_run_left_it(demo_run, monkeypatch):
 
 def test_export_openai_layout_loads_in_the_reference_with_masks(demo_run, tmp_path):
   from smartclip_jax import convert
+
   workdir, model = demo_run
   convert.main(["--checkpoint", str(workdir), "--to", "openai", "--out", str(tmp_path / "m.pt")])
   ref = reference_for(model, mask_net=True)
@@ -206,21 +262,25 @@ def test_export_openai_layout_loads_in_the_reference_with_masks(demo_run, tmp_pa
   # And back: the exported file as an Orbax checkpoint has the run's parameters, bit for bit.
   convert.main(["--from", str(tmp_path / "m.pt"), "--out", str(tmp_path / "back")])
   back = smartclip_jax.load(tmp_path / "back")
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params),
-               jax.device_get(model.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(model.params)
+  )
 
 
 def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_path, capsys):
   from smartclip_jax import convert
+
   workdir, model = demo_run
-  convert.main(["--checkpoint", str(workdir), "--to", "open_clip", "--out",
-                str(tmp_path / "oc.safetensors")])
+  convert.main(
+    ["--checkpoint", str(workdir), "--to", "open_clip", "--out", str(tmp_path / "oc.safetensors")]
+  )
   assert "left out" in capsys.readouterr().out
   spec = json.loads((tmp_path / "oc.json").read_text())
   assert spec["text_cfg"]["context_length"] == 32 and spec["quick_gelu"]
   assert spec["vision_cfg"]["width"] // spec["vision_cfg"]["head_width"] == 4
   ref = reference_for(model)  # open_clip's CLIP has exactly these names (docs/method.md)
   from safetensors.torch import load_file
+
   ref.load_state_dict(load_file(str(tmp_path / "oc.safetensors")), strict=True)
   assert_same_embeddings(model, ref.encode_image, ref.encode_text)
 
@@ -228,12 +288,16 @@ def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_pat
 def test_export_hf_loads_in_transformers_without_missing_or_unexpected_keys(demo_run, tmp_path):
   transformers = pytest.importorskip("transformers")
   from smartclip_jax import convert
+
   workdir, model = demo_run
   convert.main(["--checkpoint", str(workdir), "--to", "hf", "--out", str(tmp_path / "hf")])
   ref, info = transformers.CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  assert_same_embeddings(model, lambda x: ref.eval().get_image_features(pixel_values=x),
-                         lambda t: ref.get_text_features(input_ids=t))
+  assert_same_embeddings(
+    model,
+    lambda x: ref.eval().get_image_features(pixel_values=x),
+    lambda t: ref.get_text_features(input_ids=t),
+  )
 
 
 def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
@@ -241,19 +305,30 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   from smartclip_jax.interop import loading
   from smartclip_jax.models.clip import build_model
   from tests.conftest import DEMO, TINY
+
   torch.manual_seed(0)
   config = config_lib.load(DEMO, TINY + ["model.text.context_length=68"])
-  ref = ReferenceCLIP(embed_dim=64, vision_width=64, vision_layers=1, vision_heads=4,
-                      context=32, text_width=64, text_layers=1, text_heads=4)
+  ref = ReferenceCLIP(
+    embed_dim=64,
+    vision_width=64,
+    vision_layers=1,
+    vision_heads=4,
+    context=32,
+    text_width=64,
+    text_layers=1,
+    text_heads=4,
+  )
   torch.save(ref.state_dict(), tmp_path / "clip.pt")
   mesh = sharding.make_mesh(config)
   model, tx = build_model(config), optim.make_optimizer(config)
-  state = step_lib.init_state(model, tx, config, mesh,
-                              step_lib.state_shardings(model, tx, config, mesh))
+  state = step_lib.init_state(
+    model, tx, config, mesh, step_lib.state_shardings(model, tx, config, mesh)
+  )
   params, fresh, unused = loading.params_from_torch(tmp_path / "clip.pt", state.params)
   assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []
   got = jax.device_get(params)
   np.testing.assert_array_equal(got["visual"]["proj"], ref.visual.proj.detach().numpy())
   assert got["text"]["positional_embedding"].shape == (68, 64)  # 32 -> 68, Long-CLIP's stretch
-  np.testing.assert_array_equal(got["text"]["positional_embedding"][:20],
-                                ref.positional_embedding.detach().numpy()[:20])
+  np.testing.assert_array_equal(
+    got["text"]["positional_embedding"][:20], ref.positional_embedding.detach().numpy()[:20]
+  )

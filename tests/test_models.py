@@ -53,14 +53,15 @@ def _tokens(rows, length=16, seed=0):
   for r in range(rows):
     n = rng.integers(3, length)
     out[r, 0] = 49406
-    out[r, 1:n - 1] = rng.integers(1, 49000, n - 2)
+    out[r, 1 : n - 1] = rng.integers(1, 49000, n - 2)
     out[r, n - 1] = 49407
   return jnp.asarray(out)
 
 
 def test_text_tower_is_causal_and_pools_end_of_text():
-  tower = TextTransformer(context_length=16, vocab_size=49408, width=32, layers=2, heads=4,
-                          embed_dim=24)
+  tower = TextTransformer(
+    context_length=16, vocab_size=49408, width=32, layers=2, heads=4, embed_dim=24
+  )
   tokens = _tokens(3)
   params = nn.meta.unbox(jax.jit(tower.init)(jax.random.key(0), tokens))
   apply = jax.jit(tower.apply)
@@ -73,7 +74,7 @@ def test_text_tower_is_causal_and_pools_end_of_text():
   assert eot[0] < 15
   emb2, seq2 = apply(params, tokens.at[0, -1].set(5))
   np.testing.assert_allclose(emb2[0], emb[0], atol=1e-6)
-  np.testing.assert_allclose(seq2[0, :eot[0] + 1], seq[0, :eot[0] + 1], atol=1e-6)
+  np.testing.assert_allclose(seq2[0, : eot[0] + 1], seq[0, : eot[0] + 1], atol=1e-6)
   assert not np.allclose(seq2[0, -1], seq[0, -1])
 
 
@@ -95,22 +96,37 @@ def test_parameter_names_follow_openai_clip(demo_config):
   model = build_model(demo_config)
   c = demo_config.model
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)),
-                         jnp.zeros((1, c.text.context_length), jnp.int32)))["params"]
+    lambda: model.init(
+      jax.random.key(0),
+      jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)),
+      jnp.zeros((1, c.text.context_length), jnp.int32),
+    )
+  )["params"]
   names = {"/".join(k) for k in traverse_util.flatten_dict(shapes)}
-  for name in ["visual/conv1/kernel", "visual/class_embedding", "visual/positional_embedding",
-               "visual/ln_pre/scale", "visual/transformer/resblocks_0/attn/in_proj_kernel",
-               "visual/transformer/resblocks_0/mlp/c_fc/kernel", "visual/ln_post/bias",
-               "visual/proj", "text/token_embedding/embedding", "text/positional_embedding",
-               "text/transformer/resblocks_0/ln_2/scale", "text/ln_final/scale",
-               "text/text_projection", "mask_net/resblocks_0/attn/out_proj_kernel",
-               "mask_net/attn_pool/kernel", "logit_scale"]:
+  for name in [
+    "visual/conv1/kernel",
+    "visual/class_embedding",
+    "visual/positional_embedding",
+    "visual/ln_pre/scale",
+    "visual/transformer/resblocks_0/attn/in_proj_kernel",
+    "visual/transformer/resblocks_0/mlp/c_fc/kernel",
+    "visual/ln_post/bias",
+    "visual/proj",
+    "text/token_embedding/embedding",
+    "text/positional_embedding",
+    "text/transformer/resblocks_0/ln_2/scale",
+    "text/ln_final/scale",
+    "text/text_projection",
+    "mask_net/resblocks_0/attn/out_proj_kernel",
+    "mask_net/attn_pool/kernel",
+    "logit_scale",
+  ]:
     assert name in names, name
 
 
 def _loss_and_grads(config, params, batch):
   from smartclip_jax import step as step_lib
+
   model = build_model(config)
   fn = jax.value_and_grad(lambda p: step_lib.compute_loss(model, config, p, batch)[0])
   return jax.device_get(jax.jit(fn)(params))
@@ -119,6 +135,7 @@ def _loss_and_grads(config, params, batch):
 @pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
   from smartclip_jax.data import pipeline
+
   batch = next(pipeline.train_iterator(demo_config))
   model = build_model(demo_config)
   params = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
@@ -127,8 +144,9 @@ def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
   got = _loss_and_grads(demo_config, params, batch)
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(ref[1])):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path)
+    )
 
 
 @pytest.mark.slow
@@ -140,15 +158,18 @@ def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, re
   from smartclip_jax import optim, step as step_lib
   from smartclip_jax.data import pipeline
   from smartclip_jax.interop import layout
+
   demo_config.model.vision.layers, demo_config.model.text.layers = 2, 3  # layer order shows
   batch = next(pipeline.train_iterator(demo_config))
   params = jax.jit(build_model(demo_config).init)(
-      jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
+    jax.random.key(0), batch["image"][:1], batch["tokens"][:1]
+  )["params"]
   params = nn.meta.unbox(params)
   scan_config = demo_config.copy_and_resolve_references()
   scan_config.model.update(scan_layers=True, remat=remat)
   boxed = traverse_util.flatten_dict(
-      step_lib.abstract_params(build_model(scan_config), scan_config), sep="/")
+    step_lib.abstract_params(build_model(scan_config), scan_config), sep="/"
+  )
   stack = boxed["visual/transformer/resblocks/attn/in_proj_kernel"]
   assert stack.names == ("layers", "embed", None, "heads", "kv")
   assert stack.value.shape[0] == demo_config.model.vision.layers
@@ -175,6 +196,7 @@ def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, re
 def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, loss):
   from smartclip_jax import train
   from smartclip_jax.data import pipeline
+
   demo_config.loss = loss
   demo_config.model.text.context_length = 64  # room to cut: the demo's captions are shorter
   batch = next(pipeline.train_iterator(demo_config))
@@ -190,6 +212,7 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, los
   got = _loss_and_grads(demo_config, params, {**batch, "tokens": batch["tokens"][:, :length]})
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
   from tests.conftest import assert_gradients_close
+
   assert_gradients_close(got[1], ref[1])
 
 
@@ -197,6 +220,7 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, los
 def test_bfloat16_compute_keeps_float32_params_and_gradients(demo_config):
   """bf16 matmuls and activations; parameters, embeddings and gradients float32; loss close."""
   from smartclip_jax.data import pipeline
+
   batch = next(pipeline.train_iterator(demo_config))
   ref_config = demo_config.copy_and_resolve_references()
   demo_config.model.dtype = "bfloat16"
@@ -219,11 +243,13 @@ def test_mask_net_initialisation_matches_the_reference():
   torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
   from smartclip_jax.interop import layout
   from tests.torch_reference import MaskNet
+
   width = 256
   torch.manual_seed(0)
   want = {k: v.numpy() for k, v in MaskNet(width, 4, True).state_dict().items()}
-  params = MaskNetwork(embed_dim=width, heads=4).init(jax.random.key(0),
-                                                      jnp.zeros((1, 8, width)))["params"]
+  params = MaskNetwork(embed_dim=width, heads=4).init(jax.random.key(0), jnp.zeros((1, 8, width)))[
+    "params"
+  ]
   got = layout.to_openai({"mask_net": nn.meta.unbox(params)})
   assert sorted(got) == sorted(f"mask_net.{k}" for k in want)
   for key, ref in want.items():

@@ -10,10 +10,12 @@ from smartclip_jax import optim
 
 
 def _params():
-  return {"visual": {"proj": jnp.ones((4, 3)), "ln_post": {"scale": jnp.ones((4,))}},
-          "text": {"positional_embedding": jnp.ones((6, 4))},
-          "mask_net": {"attn_pool": {"kernel": jnp.ones((4, 1))}},
-          "logit_scale": jnp.asarray(1.0)}
+  return {
+    "visual": {"proj": jnp.ones((4, 3)), "ln_post": {"scale": jnp.ones((4,))}},
+    "text": {"positional_embedding": jnp.ones((6, 4))},
+    "mask_net": {"attn_pool": {"kernel": jnp.ones((4, 1))}},
+    "logit_scale": jnp.asarray(1.0),
+  }
 
 
 def test_schedules_follow_the_recipe(demo_config):
@@ -23,10 +25,10 @@ def test_schedules_follow_the_recipe(demo_config):
   lrs = optim.schedules(demo_config)
   towers, mask = lrs["towers"], lrs["mask_net"]
   # The reference's warm-up: lr (step + 1) / 200, so the first step moves at lr / 200.
-  np.testing.assert_allclose([towers(0), towers(99), towers(199), towers(200)],
-                             [5e-9, 5e-7, 1e-6, 1e-6], rtol=1e-6)
-  np.testing.assert_allclose(towers(600), 1e-6 * 0.5 * (1 + np.cos(np.pi * 400 / 800)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [towers(0), towers(99), towers(199), towers(200)], [5e-9, 5e-7, 1e-6, 1e-6], rtol=1e-6
+  )
+  np.testing.assert_allclose(towers(600), 1e-6 * 0.5 * (1 + np.cos(np.pi * 400 / 800)), rtol=1e-5)
   np.testing.assert_allclose([mask(0), mask(500), mask(1000)], [1e-3, 5e-4, 0], atol=1e-9)
 
 
@@ -72,28 +74,40 @@ def test_recipe_optimizer_matches_torch_adamw():
   torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
   from smartclip_jax.config import recipe_config
   from tests.torch_reference import cosine_lr
+
   c = recipe_config("vit_b16")
   c.total_steps = 8
   c.optim.frozen_positions = 2
   c.optim.towers.update(lr=0.01, weight_decay=0.1, warmup_steps=3)
   c.optim.mask_net.lr = 0.02
   rng = np.random.default_rng(0)
-  shapes = {"visual": {"proj": (4, 3), "ln_post": {"scale": (4,), "bias": (4,)}},
-            "text": {"positional_embedding": (6, 4)},
-            "mask_net": {"attn_pool": {"kernel": (4, 1), "bias": (1,)}}}
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
-                        is_leaf=lambda s: isinstance(s, tuple))
+  shapes = {
+    "visual": {"proj": (4, 3), "ln_post": {"scale": (4,), "bias": (4,)}},
+    "text": {"positional_embedding": (6, 4)},
+    "mask_net": {"attn_pool": {"kernel": (4, 1), "bias": (1,)}},
+  }
+  params = jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=s), jnp.float32),
+    shapes,
+    is_leaf=lambda s: isinstance(s, tuple),
+  )
   leaves, treedef = jax.tree.flatten(params)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   frozen = paths.index("['text']['positional_embedding']")
   # Torch: the frozen rows are not parameters at all (the reference's frozen table).
-  ref = [torch.tensor(np.asarray(x)[2:] if i == frozen else np.asarray(x), requires_grad=True)
-         for i, x in enumerate(leaves)]
+  ref = [
+    torch.tensor(np.asarray(x)[2:] if i == frozen else np.asarray(x), requires_grad=True)
+    for i, x in enumerate(leaves)
+  ]
   is_mask = ["mask_net" in p for p in paths]
   towers_lr, mask_lr = cosine_lr(0.01, 3, 8), cosine_lr(0.02, 0, 8)
   opt = torch.optim.AdamW(  # torch's default betas and eps, as the reference
-      [{"params": [t for t, m in zip(ref, is_mask) if not m], "weight_decay": 0.1},
-       {"params": [t for t, m in zip(ref, is_mask) if m], "weight_decay": 0.0}], lr=0.0)
+    [
+      {"params": [t for t, m in zip(ref, is_mask) if not m], "weight_decay": 0.1},
+      {"params": [t for t, m in zip(ref, is_mask) if m], "weight_decay": 0.0},
+    ],
+    lr=0.0,
+  )
   tx = optim.make_optimizer(c)
   state = tx.init(params)
   for step in range(8):
@@ -103,13 +117,15 @@ def test_recipe_optimizer_matches_torch_adamw():
     for i, (t, g) in enumerate(zip(ref, grads)):
       t.grad = torch.from_numpy(g[2:] if i == frozen else g)
     opt.step()
-    updates, state = tx.update(jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]),
-                               state, params)
+    updates, state = tx.update(
+      jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), state, params
+    )
     params = optax.apply_updates(params, updates)
     for i, (got, want) in enumerate(zip(jax.tree.leaves(params), ref)):
       got = np.asarray(got)
       if i == frozen:
         np.testing.assert_array_equal(got[:2], np.asarray(leaves[i])[:2])
         got = got[2:]
-      np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6,
-                                 err_msg=f"step {step} {paths[i]}")
+      np.testing.assert_allclose(
+        got, want.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {step} {paths[i]}"
+      )

@@ -14,7 +14,11 @@ def test_finetune_configs_are_the_recipe_and_pretraining_is_from_scratch():
     c = pr.configure(f"smartclip@{lr}", sizes)
     assert (c.loss, c.optim.towers.lr, c.optim.mask_net.lr) == ("smartclip", rate, 1e-3)
     assert (c.optim.b2, c.optim.eps, c.optim.decay, c.optim.grad_clip_norm) == (
-        0.999, 1e-8, "all", 0.0)
+      0.999,
+      1e-8,
+      "all",
+      0.0,
+    )
     assert (c.optim.towers.weight_decay, c.optim.mask_net.weight_decay) == (1e-2, 0.0)
     assert c.optim.towers.warmup_steps == 11  # 200 of 3,650 of 200 steps
   assert pr.configure("clip@small", sizes).loss == "clip"
@@ -27,7 +31,7 @@ def test_partial_queries_name_some_never_all_objects_and_keep_their_draws():
   q = probes.make_partial(split, 64, per_image=3, seed=9)
   assert len(q.named) == 90
   for i, things in enumerate(split.scenes):
-    for named in q.named[3 * i:3 * i + 3]:
+    for named in q.named[3 * i : 3 * i + 3]:
       assert 1 <= len(named) < len(things)
       assert [t for t in things if t in named] == named  # caption order kept
   shorter = probes.make_partial(scenes.make_split(10, 48, 5, "test"), 64, per_image=3, seed=9)
@@ -51,7 +55,9 @@ def test_masked_score_with_all_one_masks_equals_the_plain_score():
   proj = rng.normal(size=(48 * 48 * 3, 16))
   table = rng.normal(size=(49408, 16))
   encode_image = lambda x: x.reshape(len(x), -1).astype(np.float64) @ proj / 1e3
-  encode_text = lambda t: (table[t] * np.arange(1, t.shape[1] + 1)[:, None]).sum(1)  # word order counts
+  encode_text = lambda t: (table[t] * np.arange(1, t.shape[1] + 1)[:, None]).sum(
+    1
+  )  # word order counts
   plain = probes.evaluate(encode_image, encode_text, p)
   ones = probes.evaluate(encode_image, encode_text, p, lambda t: np.ones((len(t), 16)))
   for metric in probes.METRICS:
@@ -64,8 +70,12 @@ def test_masked_score_with_all_one_masks_equals_the_plain_score():
 
 
 def test_gallery_rule_and_detectable_difference():
-  by = {"500": {pr.MAIN: 12.0}, "250": {pr.MAIN: 19.9}, "100": {pr.MAIN: 35.0},
-        "50": {pr.MAIN: 60.0}}
+  by = {
+    "500": {pr.MAIN: 12.0},
+    "250": {pr.MAIN: 19.9},
+    "100": {pr.MAIN: 35.0},
+    "50": {pr.MAIN: 60.0},
+  }
   assert pr.choose_gallery(by) == 100
   assert pr.choose_gallery({"500": {pr.MAIN: 5.0}, "50": {pr.MAIN: 90.0}}) == 500
   # 3 seeds: (t_.975,2 + t_.8,2) / sqrt(3) = (4.303 + 1.061) / 1.732
@@ -77,10 +87,24 @@ def test_paired_differences_per_seed():
   runs = []
   for seed, (a, b) in enumerate([(0.6, 0.4), (0.5, 0.5), (0.7, 0.4)]):
     hits = lambda p: (np.arange(100) < 100 * p).tolist()
-    runs.append({"setting": "prefix", "method": "smartclip", "lr": "small", "seed": seed,
-                 "hits": {"plain": hits(a), "masked": hits(b)}})
-    runs.append({"setting": "prefix", "method": "clip", "lr": "small", "seed": seed,
-                 "hits": {"plain": hits(b)}})
+    runs.append(
+      {
+        "setting": "prefix",
+        "method": "smartclip",
+        "lr": "small",
+        "seed": seed,
+        "hits": {"plain": hits(a), "masked": hits(b)},
+      }
+    )
+    runs.append(
+      {
+        "setting": "prefix",
+        "method": "clip",
+        "lr": "small",
+        "seed": seed,
+        "hits": {"plain": hits(b)},
+      }
+    )
   plain, masked = pr.paired(runs, np.random.default_rng(0))
   np.testing.assert_allclose(plain["differences"], [20.0, 0.0, 30.0])
   np.testing.assert_allclose(masked["differences"], [0.0, 0.0, 0.0])
@@ -99,6 +123,12 @@ def test_quick_run_writes_every_output(tmp_path):
   assert set(smart["modes"]) == {"plain", "masked"}
   assert len(smart["hits"]["plain"]) == len(smart["hits"]["masked"]) == 48
   assert {p["smartclip"] for p in results["paired"]} == {"plain", "masked"}
-  for name in ("table.md", "lr_sweep.png", "mask_size.png", "mask_heatmap_smartclip@small.png",
-               "models/base.msgpack", "models/prefix_clip@small_seed1.msgpack"):
+  for name in (
+    "table.md",
+    "lr_sweep.png",
+    "mask_size.png",
+    "mask_heatmap_smartclip@small.png",
+    "models/base.msgpack",
+    "models/prefix_clip@small_seed1.msgpack",
+  ):
     assert (tmp_path / name).is_file(), name

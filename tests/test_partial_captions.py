@@ -35,10 +35,11 @@ def test_captions_match_the_images_factor_by_factor():
     for thing, sentence_ids in zip(things, ids):
       size_name, colour, texture, shape, place = SENTENCE.match(thing.sentence()).groups()
       assert scenes.Thing(shape, colour, size_name, places[place], texture) == thing
-      assert sentence_ids == tokenize(thing.sentence(), 64)[0, 1:len(sentence_ids) + 1].tolist()
+      assert sentence_ids == tokenize(thing.sentence(), 64)[0, 1 : len(sentence_ids) + 1].tolist()
       cy, cx = (int((c + 0.5) * size / 3) for c in thing.cell)
-      is_colour = lambda y, x: (0 <= y < size and 0 <= x < size
-                                and np.array_equal(image[y, x], demo.COLOURS[colour]))
+      is_colour = lambda y, x: (
+        0 <= y < size and 0 <= x < size and np.array_equal(image[y, x], demo.COLOURS[colour])
+      )
       centre = [(y, x) for y in (cy - 1, cy, cy + 1) for x in (cx - 1, cx, cx + 1)]
       if texture == "solid":
         assert all(is_colour(y, x) for y, x in centre)
@@ -47,8 +48,7 @@ def test_captions_match_the_images_factor_by_factor():
       else:
         assert all(is_colour(y, x) == ((y // 2) % 2 == 0) for y, x in centre)
       if texture == "solid" and size_name == "large":
-        assert any(is_colour(cy + dy, cx + dx)
-                   for dy, dx in ((8, 0), (-7, 0), (0, 7), (0, -7)))
+        assert any(is_colour(cy + dy, cx + dx) for dy, dx in ((8, 0), (-7, 0), (0, 7), (0, -7)))
 
 
 def test_caption_tokens_equal_tokenising_the_joined_sentences():
@@ -56,8 +56,9 @@ def test_caption_tokens_equal_tokenising_the_joined_sentences():
   for things, ids in zip(split.scenes, split.sentence_ids):
     keep = scenes.sample_sentences(len(things), "subset", np.random.default_rng(len(things)))
     text = " ".join(things[k].sentence() for k in keep)
-    np.testing.assert_array_equal(scenes.caption_tokens([ids[k] for k in keep], 64),
-                                  tokenize(text, 64)[0])
+    np.testing.assert_array_equal(
+      scenes.caption_tokens([ids[k] for k in keep], 64), tokenize(text, 64)[0]
+    )
 
 
 def test_samplers():
@@ -97,8 +98,12 @@ def test_probe_scores_of_an_oracle_embedding():
     return v
 
   encode_image = lambda images: np.stack([embed(split.scenes[j]) for j in range(len(images))])
-  encode_text = lambda tokens: np.stack([embed(text_of[tuple(t)]) if tuple(t) in text_of
-                                         else np.ones(len(probes.CONCEPTS)) for t in tokens])
+  encode_text = lambda tokens: np.stack(
+    [
+      embed(text_of[tuple(t)]) if tuple(t) in text_of else np.ones(len(probes.CONCEPTS))
+      for t in tokens
+    ]
+  )
   scores = probes.evaluate(encode_image, encode_text, p)
   assert scores["colour_acc"] == scores["shape_acc"] == scores["presence_auc"] == 100.0
   assert scores["full_i2t_r1"] > 90 and scores["full_t2i_r1"] > 90  # ties aside
@@ -124,8 +129,12 @@ def test_quick_run_writes_every_output(tmp_path):
   assert set(results["masks"]) == {"smartclip"}
   table = (out / "table.md").read_text()
   assert all(f"| {m} |" in table for m in methods)
-  for name in ["recall_bars.png", "mask_size.png", "mask_heatmap_smartclip.png",
-               "mask_overlap_smartclip.png"]:
+  for name in [
+    "recall_bars.png",
+    "mask_size.png",
+    "mask_heatmap_smartclip.png",
+    "mask_overlap_smartclip.png",
+  ]:
     assert (out / name).stat().st_size > 1000, name
 
 
@@ -133,9 +142,16 @@ def test_quick_run_writes_every_output(tmp_path):
 def test_worker_processes_give_the_numbers_of_one_process(tmp_path):
   """Two spawned single-threaded workers, tasks in another order: every score the same."""
   scores = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-  one, two = (partial_captions.run(tmp_path / str(w), partial_captions.QUICK, seeds=(0,),
-                                   methods=partial_captions.QUICK_METHODS, workers=w)
-              for w in (1, 2))
+  one, two = (
+    partial_captions.run(
+      tmp_path / str(w),
+      partial_captions.QUICK,
+      seeds=(0,),
+      methods=partial_captions.QUICK_METHODS,
+      workers=w,
+    )
+    for w in (1, 2)
+  )
   assert [scores(r) for r in one["runs"]] == [scores(r) for r in two["runs"]]
   assert one["masks"] == two["masks"]
 
@@ -152,10 +168,12 @@ def test_schedule_is_shared_by_methods_and_fixed_by_seed(mode):
 
 
 def test_every_method_is_a_valid_config_of_the_same_towers():
-  configs = {m: partial_captions.method_config(m, partial_captions.Sizes())
-             for m in partial_captions.METHODS}
-  assert len({c.model.to_json(sort_keys=True) for m, c in configs.items()
-              if m != "smartclip_soft"}) == 1  # only the soft mask changes a model field
+  configs = {
+    m: partial_captions.method_config(m, partial_captions.Sizes()) for m in partial_captions.METHODS
+  }
+  assert (
+    len({c.model.to_json(sort_keys=True) for m, c in configs.items() if m != "smartclip_soft"}) == 1
+  )  # only the soft mask changes a model field
   assert configs["clip_tau0.01"].clip.temperature == 0.01
   assert not configs["smartclip_no_modular"].smartclip.modular
   assert configs["smartclip_no_sparsity"].smartclip.sparsity_weight == 0.0

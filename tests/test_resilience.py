@@ -22,12 +22,26 @@ pytestmark = pytest.mark.slow
 
 def launch(workdir, overrides, devices=8, flags=(), log=None):
   """`python -m smartclip_jax.train` on the TINY demo."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  cmd = [sys.executable, "-m", "smartclip_jax.train", "--config", DEMO, "--workdir",
-         str(workdir), *flags, *(f"--config.{o}" for o in TINY + overrides)]
-  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log or subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  }
+  cmd = [
+    sys.executable,
+    "-m",
+    "smartclip_jax.train",
+    "--config",
+    DEMO,
+    "--workdir",
+    str(workdir),
+    *flags,
+    *(f"--config.{o}" for o in TINY + overrides),
+  ]
+  return subprocess.Popen(
+    cmd, env=env, cwd=REPO, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def wait_for_step(proc, workdir, step, timeout=300):
@@ -94,10 +108,16 @@ def free_port():
 
 def launch_two(workdir, overrides):
   address = f"127.0.0.1:{free_port()}"
-  return [launch(workdir, overrides, devices=4, log=open(workdir.parent / f"{workdir.name}.{i}",
-                                                         "w"),
-                 flags=["--coordinator_address", address, "--num_processes", "2",
-                        "--process_id", str(i)]) for i in range(2)]
+  return [
+    launch(
+      workdir,
+      overrides,
+      devices=4,
+      log=open(workdir.parent / f"{workdir.name}.{i}", "w"),
+      flags=["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+    )
+    for i in range(2)
+  ]
 
 
 def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch):
@@ -109,11 +129,14 @@ def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch)
   class BothSlices(grain.DatasetIterator):
     def __init__(self, config):
       super().__init__([real(config, p, 2) for p in range(2)])
+
     def __next__(self):
       parts = [next(it) for it in self._parents]
       return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def get_state(self):
       return {str(p): it.get_state() for p, it in enumerate(self._parents)}
+
     def set_state(self, state):
       for p, it in enumerate(self._parents):
         it.set_state(state[str(p)])
@@ -131,8 +154,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch)
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-  procs = launch_two(tmp_path / "run", ["total_steps=1000", "log_every=1",
-                                        "checkpoint_every=1000"])
+  procs = launch_two(tmp_path / "run", ["total_steps=1000", "log_every=1", "checkpoint_every=1000"])
   wait_for_step(procs[0], tmp_path / "run", 3)
   procs[1].send_signal(signal.SIGTERM)
   for p in procs:

@@ -16,8 +16,9 @@ from tests.test_sharding import loss_and_grads
 
 
 def _mesh(data, fsdp, tensor):
-  return jax.make_mesh((data, fsdp, tensor), sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh(
+    (data, fsdp, tensor), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
 
 
 def _inputs(batch=32, dim=16, seed=0):
@@ -31,22 +32,30 @@ def _inputs(batch=32, dim=16, seed=0):
 
 
 LOSSES = {
-    "smartclip": (lambda a, impl: losses.smartclip_loss(*a, temperature=0.05, impl=impl), 3),
-    "clip": (lambda a, impl: losses.clip_loss(*a, impl=impl), 3),
-    "siglip": (lambda a, impl: losses.siglip_loss(*a, impl=impl), 4),
+  "smartclip": (lambda a, impl: losses.smartclip_loss(*a, temperature=0.05, impl=impl), 3),
+  "clip": (lambda a, impl: losses.clip_loss(*a, impl=impl), 3),
+  "siglip": (lambda a, impl: losses.siglip_loss(*a, impl=impl), 4),
 }
 
 
 def _args(name):
   img, txt, masks = _inputs()
-  return {"smartclip": (img, txt, masks), "clip": (img, txt, jnp.float32(2.5)),
-          "siglip": (img, txt, jnp.float32(2.3), jnp.float32(-4.0))}[name]
+  return {
+    "smartclip": (img, txt, masks),
+    "clip": (img, txt, jnp.float32(2.5)),
+    "siglip": (img, txt, jnp.float32(2.3), jnp.float32(-4.0)),
+  }[name]
 
 
 def _assert_close_trees(got, ref, what):
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(r).max()),
-                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    np.testing.assert_allclose(
+      g,
+      r,
+      rtol=1e-5,
+      atol=1e-5 * max(1.0, np.abs(r).max()),
+      err_msg=f"{what} {jax.tree_util.keystr(path)}",
+    )
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -80,9 +89,11 @@ def test_chunked_blocks_and_ties_match_the_full_matrix(chunk):
   logits = _masked_logits(img, (txt, masks), ())
   with sharding.activate(_mesh(8, 1, 1)):
     got = jax.jit(functools.partial(ring.softmax_stats, _masked_logits, chunk=chunk))(
-        img, (txt, masks), ())
+      img, (txt, masks), ()
+    )
     sig = jax.jit(functools.partial(ring.sigmoid_stats, _masked_logits, chunk=chunk))(
-        img, (txt, masks), ())
+      img, (txt, masks), ()
+    )
   _assert_close_trees(got, losses.softmax_stats(logits), "softmax stats")
   _assert_close_trees(sig, losses.sigmoid_stats(logits), "sigmoid stats")
   assert not np.all(got["t2i_correct"])  # the ties are really there
@@ -99,7 +110,7 @@ def _temp_mib(impl, batch, dim=64):
   fn = jax.value_and_grad(lambda *a: losses.smartclip_loss(*a, impl=impl)[0], argnums=(0, 1, 2))
   with sharding.activate(sharding.data_mesh()):
     compiled = jax.jit(fn).lower(spec, spec, spec).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def test_ring_memory_is_linear_in_the_batch():
@@ -116,7 +127,8 @@ def test_train_loss_ring_equals_global(demo_config):
   batch = next(pipeline.train_iterator(demo_config))
   batch = {"image": batch["image"], "tokens": batch["tokens"]}
   params = jax.jit(lambda r: model.init(r, batch["image"][:1], batch["tokens"][:1]))(
-      jax.random.key(0))["params"]
+    jax.random.key(0)
+  )["params"]
   demo_config.mesh.update(data=4, fsdp=2, tensor=1)
   mesh = sharding.make_mesh(demo_config)
   out = {}

@@ -14,22 +14,30 @@ from tests.conftest import assert_gradients_close
 def loss_and_grads(config, mesh, params, batch):
   model = build_model(config)
   shardings = step_lib.state_shardings(model, optim.make_optimizer(config), config, mesh)
-  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b),
-                                  has_aux=True),
-               in_shardings=(shardings.params, sharding.batch_sharding(mesh)))
+  fn = jax.jit(
+    jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b), has_aux=True),
+    in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+  )
   with sharding.activate(mesh):
     (loss, metrics), grads = fn(params, batch)
   return jax.device_get((loss, metrics, grads))
 
 
-@pytest.mark.parametrize("loss", ["smartclip", pytest.param("clip", marks=pytest.mark.slow),
-                                  pytest.param("siglip", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "loss",
+  [
+    "smartclip",
+    pytest.param("clip", marks=pytest.mark.slow),
+    pytest.param("siglip", marks=pytest.mark.slow),
+  ],
+)
 def test_one_device_equals_eight_devices(demo_config, loss):
   demo_config.loss = loss
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
   one = sharding.make_mesh(demo_config, jax.devices()[:1])
-  state = step_lib.init_state(model, tx, demo_config, one,
-                              step_lib.state_shardings(model, tx, demo_config, one))
+  state = step_lib.init_state(
+    model, tx, demo_config, one, step_lib.state_shardings(model, tx, demo_config, one)
+  )
   params = jax.device_get(state.params)
   batch = next(pipeline.train_iterator(demo_config))
   batch = {"image": batch["image"], "tokens": batch["tokens"]}
@@ -56,16 +64,22 @@ def test_fsdp_and_tensor_rules_shard_parameters(demo_config):
   assert block["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
   assert sh.params["text"]["token_embedding"]["embedding"].spec == P("tensor", "fsdp")
   # Adam's moments follow their parameters; counters stay replicated.
-  moments = {jax.tree_util.keystr(path): s.spec
-             for path, s in jax.tree_util.tree_leaves_with_path(sh.opt_state)}
-  c_fc = [spec for path, spec in moments.items()
-          if "resblocks_0']['mlp']['c_fc']['kernel']" in path and "visual" in path]
+  moments = {
+    jax.tree_util.keystr(path): s.spec
+    for path, s in jax.tree_util.tree_leaves_with_path(sh.opt_state)
+  }
+  c_fc = [
+    spec
+    for path, spec in moments.items()
+    if "resblocks_0']['mlp']['c_fc']['kernel']" in path and "visual" in path
+  ]
   assert len(c_fc) == 2 and all(spec == P("fsdp", "tensor") for spec in c_fc)
   assert P() in moments.values()
 
 
 def test_mesh_errors():
   import ml_collections
+
   c = ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 3, "tensor": 1}})
   with pytest.raises(ValueError, match="does not divide 8 devices"):
     sharding.mesh_shape(c, 8)

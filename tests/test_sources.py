@@ -16,7 +16,7 @@ from smartclip_jax.data import decode, pipeline, prepare, sources
 def image_bytes(mode: str = "RGB", size=(40, 30), fmt: str = "JPEG", seed: int = 0) -> bytes:
   rng = np.random.default_rng(seed)
   pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-  pixels = np.repeat(np.repeat(pixels[::8, ::8], 8, 0), 8, 1)[:size[1], :size[0]]  # blocky
+  pixels = np.repeat(np.repeat(pixels[::8, ::8], 8, 0), 8, 1)[: size[1], : size[0]]  # blocky
   image = PIL.Image.fromarray(pixels)
   if mode == "P":
     image = image.quantize(16)
@@ -39,21 +39,21 @@ def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
 
 
 GOOD = {  # name -> (bytes, caption)
-    "rgb.jpg": (image_bytes(), "A red fox. It jumps over a log."),
-    "gray.png": (image_bytes("L", fmt="PNG", seed=1), "A grey cat."),
-    "cmyk.jpg": (image_bytes("CMYK", seed=2), "A printed poster."),
-    "palette.png": (image_bytes("P", fmt="PNG", seed=3), "A pixel-art tree."),
-    "alpha.png": (image_bytes("RGBA", fmt="PNG", seed=4), "A logo. On white."),
-    "photo.webp": (image_bytes(fmt="WEBP", seed=5), "A bird in flight."),
+  "rgb.jpg": (image_bytes(), "A red fox. It jumps over a log."),
+  "gray.png": (image_bytes("L", fmt="PNG", seed=1), "A grey cat."),
+  "cmyk.jpg": (image_bytes("CMYK", seed=2), "A printed poster."),
+  "palette.png": (image_bytes("P", fmt="PNG", seed=3), "A pixel-art tree."),
+  "alpha.png": (image_bytes("RGBA", fmt="PNG", seed=4), "A logo. On white."),
+  "photo.webp": (image_bytes(fmt="WEBP", seed=5), "A bird in flight."),
 }
 BAD = {  # name -> (bytes or None for a missing file, caption, reason)
-    "truncated.jpg": (image_bytes(size=(64, 64), seed=6)[:300], "Cut off.", "undecodable_image"),
-    "empty.jpg": (b"", "Nothing here.", "undecodable_image"),
-    "missing.jpg": (None, "Gone.", "missing_file"),
-    "nocaption.jpg": (image_bytes(seed=7), "   ", "empty_caption"),
-    "badtext.jpg": (image_bytes(seed=8), b"caf\xe9 \xff", "invalid_text"),
-    "tiny.png": (image_bytes(size=(1, 1), fmt="PNG"), "A dot.", "too_small"),
-    "huge.png": (huge_png_header(), "A giant.", "too_large"),
+  "truncated.jpg": (image_bytes(size=(64, 64), seed=6)[:300], "Cut off.", "undecodable_image"),
+  "empty.jpg": (b"", "Nothing here.", "undecodable_image"),
+  "missing.jpg": (None, "Gone.", "missing_file"),
+  "nocaption.jpg": (image_bytes(seed=7), "   ", "empty_caption"),
+  "badtext.jpg": (image_bytes(seed=8), b"caf\xe9 \xff", "invalid_text"),
+  "tiny.png": (image_bytes(size=(1, 1), fmt="PNG"), "A dot.", "too_small"),
+  "huge.png": (huge_png_header(), "A giant.", "too_large"),
 }
 
 
@@ -82,12 +82,24 @@ def test_decode_converts_every_mode_to_rgb():
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_each_bad_record_gets_its_reason(name):
   data, caption, reason = BAD[name]
-  record = ({"id": name, "error": "missing_file"} if data is None
-            else {"id": name, "image": data, "caption": caption})
-  out = pipeline.featurize(record, np.random.default_rng(0), train=True, caption_mode="prefix",
-                           image_size=16, context_length=32, transform="random_resized_crop",
-                           crop_scale=(0.9, 1.0),
-                           crop_ratio=(0.75, 1.33), min_side=8, max_pixels=10**8)
+  record = (
+    {"id": name, "error": "missing_file"}
+    if data is None
+    else {"id": name, "image": data, "caption": caption}
+  )
+  out = pipeline.featurize(
+    record,
+    np.random.default_rng(0),
+    train=True,
+    caption_mode="prefix",
+    image_size=16,
+    context_length=32,
+    transform="random_resized_crop",
+    crop_scale=(0.9, 1.0),
+    crop_ratio=(0.75, 1.33),
+    min_side=8,
+    max_pixels=10**8,
+  )
   assert out["error"] == reason, out
 
 
@@ -97,14 +109,23 @@ def test_training_and_eval_images_get_the_reference_transform(size):
   with it): torchvision's Resize + CenterCrop + Normalize, written out in PyTorch."""
   pytest.importorskip("torch", reason="needs requirements-torch.txt")
   from tests.torch_reference import clip_transform
+
   pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), np.uint8)
   want = clip_transform(PIL.Image.fromarray(pixels), 24).permute(1, 2, 0).numpy()
   for train in (True, False):
-    out = pipeline.featurize({"id": "x", "image": pixels, "caption": "A cat. A dog."},
-                             np.random.default_rng(0), train=train, caption_mode="prefix",
-                             image_size=24, context_length=16, transform="centre_crop",
-                             crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33), min_side=8,
-                             max_pixels=10**8)
+    out = pipeline.featurize(
+      {"id": "x", "image": pixels, "caption": "A cat. A dog."},
+      np.random.default_rng(0),
+      train=train,
+      caption_mode="prefix",
+      image_size=24,
+      context_length=16,
+      transform="centre_crop",
+      crop_scale=(0.5, 1.0),
+      crop_ratio=(0.75, 1.33),
+      min_side=8,
+      max_pixels=10**8,
+    )
     np.testing.assert_allclose(out["image"], want, atol=1e-5)
 
 
@@ -112,17 +133,23 @@ def test_folder_sources_in_every_caption_format(folder):
   entries, root = sources.folder_entries(folder)
   by_id = {e[0]: e for e in entries}
   assert set(by_id) == set(GOOD) | set(BAD) - {"missing.jpg"} | {"missing"}
-  assert sources.FileListSource(entries, root, "t")[list(by_id).index("missing")]["error"] == \
-      "missing_file"
+  assert (
+    sources.FileListSource(entries, root, "t")[list(by_id).index("missing")]["error"]
+    == "missing_file"
+  )
   rows = [(name, caption) for name, (_, caption) in GOOD.items()]
   with open(folder / "captions.csv", "w", newline="") as f:
     csv.writer(f).writerows([("filepath", "title"), *rows])
   with open(folder / "captions.tsv", "w", newline="") as f:
     csv.writer(f, delimiter="\t").writerows([("path", "text"), *rows])
   (folder / "captions.jsonl").write_text(
-      "\n".join(json.dumps({"image": n, "caption": c}) for n, c in rows))
-  for path, keys in (("captions.csv", ()), ("captions.tsv", ("path", "text")),
-                     ("captions.jsonl", ())):
+    "\n".join(json.dumps({"image": n, "caption": c}) for n, c in rows)
+  )
+  for path, keys in (
+    ("captions.csv", ()),
+    ("captions.tsv", ("path", "text")),
+    ("captions.jsonl", ()),
+  ):
     entries, root = sources.folder_entries(folder / path, *keys)
     source = sources.FileListSource(entries, root, "test")
     got = {e[1]: e[2] for e in entries}
@@ -133,10 +160,17 @@ def test_folder_sources_in_every_caption_format(folder):
 
 
 def test_sharegpt4v_json_holds_out_the_first_records(tmp_path):
-  items = [{"id": f"img{i}", "image": f"sub/{i}.jpg",
-            "conversations": [{"from": "human", "value": "<image>\nDescribe."},
-                              {"from": "gpt", "value": f"Caption {i}. More."}]}
-           for i in range(12)]
+  items = [
+    {
+      "id": f"img{i}",
+      "image": f"sub/{i}.jpg",
+      "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."},
+        {"from": "gpt", "value": f"Caption {i}. More."},
+      ],
+    }
+    for i in range(12)
+  ]
   (tmp_path / "sub").mkdir()
   for i in range(12):
     (tmp_path / "sub" / f"{i}.jpg").write_bytes(image_bytes(seed=i))
@@ -152,8 +186,9 @@ def test_pipeline_skips_and_counts_bad_records_in_full_batches(folder, demo_conf
   # A caption list names every record, the missing file included; raw bytes keep bad UTF-8.
   lines = [b"filepath\ttitle"]
   for name, (_, caption, *_) in {**GOOD, **BAD}.items():
-    lines.append(name.encode() + b"\t" + (caption if isinstance(caption, bytes)
-                                          else caption.encode()))
+    lines.append(
+      name.encode() + b"\t" + (caption if isinstance(caption, bytes) else caption.encode())
+    )
   (folder / "all.tsv").write_bytes(b"\n".join(lines) + b"\n")
   demo_config.data.update(name="folder", path=str(folder / "all.tsv"), eval_path=str(folder))
   demo_config.batch_size = 2
@@ -180,9 +215,19 @@ def test_pipeline_skips_and_counts_bad_records_in_full_batches(folder, demo_conf
 def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_config):
   out = tmp_path / "shards"
   entries, root = sources.folder_entries(folder)
-  summary = prepare.prepare(entries, str(root), out, holdout=0, num_shards=3, max_side=512,
-                            min_side=8, max_pixels=10**8, quality=95, workers=2,
-                            progress=False)
+  summary = prepare.prepare(
+    entries,
+    str(root),
+    out,
+    holdout=0,
+    num_shards=3,
+    max_side=512,
+    min_side=8,
+    max_pixels=10**8,
+    quality=95,
+    workers=2,
+    progress=False,
+  )
   assert summary["written"] == len(GOOD)
   want = {r: 0 for r in decode.REASONS}
   for _, _, reason in BAD.values():
@@ -200,12 +245,24 @@ def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_con
     assert np.abs(got_px - want_px).mean() < 10, name
   # A rerun finds every shard done and rewrites nothing.
   stamps = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.array_record")}
-  prepare.prepare(entries, str(root), out, holdout=0, num_shards=3, max_side=512, min_side=8,
-                  max_pixels=10**8, quality=95, workers=1, progress=False)
+  prepare.prepare(
+    entries,
+    str(root),
+    out,
+    holdout=0,
+    num_shards=3,
+    max_side=512,
+    min_side=8,
+    max_pixels=10**8,
+    quality=95,
+    workers=1,
+    progress=False,
+  )
   assert stamps == {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.array_record")}
   # ...and the shards train: the pipeline reads them like any source.
-  demo_config.data.update(name="array_record", path=str(out / "train"),
-                          eval_path=str(out / "train"))
+  demo_config.data.update(
+    name="array_record", path=str(out / "train"), eval_path=str(out / "train")
+  )
   demo_config.batch_size = 2
   assert next(pipeline.train_iterator(demo_config))["tokens"].shape == (2, 32)
 
@@ -213,8 +270,16 @@ def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_con
 def test_prepare_resumes_an_interrupted_run(folder, tmp_path):
   out = tmp_path / "shards"
   entries, root = sources.folder_entries(folder)
-  kwargs = dict(holdout=0, num_shards=4, max_side=64, min_side=8, max_pixels=10**8,
-                quality=90, workers=1, progress=False)
+  kwargs = dict(
+    holdout=0,
+    num_shards=4,
+    max_side=64,
+    min_side=8,
+    max_pixels=10**8,
+    quality=90,
+    workers=1,
+    progress=False,
+  )
   first = prepare.prepare(entries, str(root), out, **kwargs)
   # Interrupted: one shard never finished (no summary), another left a partial .tmp.
   shards = sorted((out / "train").glob("*.array_record"))
@@ -234,9 +299,15 @@ def test_tfds_source_through_the_pipeline(demo_config):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       raise NotImplementedError("mock data only")

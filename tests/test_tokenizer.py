@@ -10,21 +10,99 @@ import numpy as np
 from smartclip_jax.tokenizer import get_tokenizer, tokenize
 
 OPEN_CLIP_IDS = {
-    "a photo of a cat.": [320, 1125, 539, 320, 2368, 269],
-    "A large red circle at the top left. A small blue square near the center!":
-        [320, 3638, 736, 7117, 536, 518, 1253, 1823, 269, 320, 2442, 1746, 3999, 2252, 518,
-         2119, 256],
-    "Two dogs playing in the snow, one wearing a bright-orange collar; it's 3:45 pm.":
-        [1237, 3255, 1629, 530, 518, 2583, 267, 637, 3309, 320, 4852, 268, 4287, 13497, 282,
-         585, 568, 274, 281, 275, 276, 990, 269],
-    "The café's menu lists crème brûlée for $7.50 &amp; espresso.":
-        [518, 15304, 568, 6225, 12281, 1075, 12138, 614, 711, 127, 119, 75, 13489, 556, 259,
-         278, 269, 276, 271, 261, 17098, 269],
-    "An aerial view of New York City's skyline at dusk, with the Empire State Building lit up.":
-        [550, 12440, 1093, 539, 686, 2705, 1305, 568, 14606, 536, 19708, 267, 593, 518, 7614,
-         1295, 2307, 4350, 705, 269],
-    "  Multiple   spaces\tand\nnewlines  ": [6470, 9006, 537, 1218, 3418],
-    "": [],
+  "a photo of a cat.": [320, 1125, 539, 320, 2368, 269],
+  "A large red circle at the top left. A small blue square near the center!": [
+    320,
+    3638,
+    736,
+    7117,
+    536,
+    518,
+    1253,
+    1823,
+    269,
+    320,
+    2442,
+    1746,
+    3999,
+    2252,
+    518,
+    2119,
+    256,
+  ],
+  "Two dogs playing in the snow, one wearing a bright-orange collar; it's 3:45 pm.": [
+    1237,
+    3255,
+    1629,
+    530,
+    518,
+    2583,
+    267,
+    637,
+    3309,
+    320,
+    4852,
+    268,
+    4287,
+    13497,
+    282,
+    585,
+    568,
+    274,
+    281,
+    275,
+    276,
+    990,
+    269,
+  ],
+  "The café's menu lists crème brûlée for $7.50 &amp; espresso.": [
+    518,
+    15304,
+    568,
+    6225,
+    12281,
+    1075,
+    12138,
+    614,
+    711,
+    127,
+    119,
+    75,
+    13489,
+    556,
+    259,
+    278,
+    269,
+    276,
+    271,
+    261,
+    17098,
+    269,
+  ],
+  "An aerial view of New York City's skyline at dusk, with the Empire State Building lit up.": [
+    550,
+    12440,
+    1093,
+    539,
+    686,
+    2705,
+    1305,
+    568,
+    14606,
+    536,
+    19708,
+    267,
+    593,
+    518,
+    7614,
+    1295,
+    2307,
+    4350,
+    705,
+    269,
+  ],
+  "  Multiple   spaces\tand\nnewlines  ": [6470, 9006, 537, 1218, 3418],
+  "": [],
 }
 LONG = " ".join(["A green triangle sits beside a yellow star."] * 40)
 
@@ -40,8 +118,8 @@ def test_tokenize_frames_and_pads():
   out = tokenize(list(OPEN_CLIP_IDS)[:2], context_length=77)
   assert out.shape == (2, 77) and out.dtype == np.int32
   ids = OPEN_CLIP_IDS["a photo of a cat."]
-  np.testing.assert_array_equal(out[0, :len(ids) + 2], [49406, *ids, 49407])
-  np.testing.assert_array_equal(out[0, len(ids) + 2:], 0)
+  np.testing.assert_array_equal(out[0, : len(ids) + 2], [49406, *ids, 49407])
+  np.testing.assert_array_equal(out[0, len(ids) + 2 :], 0)
 
 
 def test_truncation_to_248_keeps_end_of_text_last():

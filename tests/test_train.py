@@ -36,8 +36,7 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
   first = np.mean([m["loss"] for m in logged[:10]])
   last = np.mean([m["loss"] for m in logged[-10:]])
   assert last < 0.8 * first, (first, last)
-  assert json.loads((workdir / "eval" / "step_50.json").read_text())["t2i_r1"] == \
-      results["t2i_r1"]
+  assert json.loads((workdir / "eval" / "step_50.json").read_text())["t2i_r1"] == results["t2i_r1"]
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == config.batch_size
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
@@ -79,7 +78,8 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
 
   fresh_data = pipeline.train_iterator(demo_config)
   restored, _ = Checkpointer(tmp_path, keep=2).restore(
-      shardings, step_lib.abstract_state(model, tx, demo_config), fresh_data)
+    shardings, step_lib.abstract_state(model, tx, demo_config), fresh_data
+  )
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
   np.testing.assert_array_equal(next(fresh_data)["tokens"], batch["tokens"])
@@ -108,7 +108,9 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config, form):
   state, metrics = train_step(state, train.global_batch(batch, mesh))
   assert np.isfinite(metrics["loss"]) and int(metrics["skipped_steps"]) == 2
   assert (int(state.skip_streak), int(state.max_skip_streak)) == (0, 2)
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+  changed = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before
+  )
   assert any(jax.tree.leaves(changed))  # the finite step was applied
 
 
@@ -128,12 +130,15 @@ def test_run_stops_after_too_many_nonfinite_steps(demo_config, tmp_path, monkeyp
 
   def poisoned(config):
     it = real(config)
+
     class Poisoned:
       def __next__(self):
         batch = next(it)
         return {**batch, "image": np.full_like(batch["image"], np.nan)}
+
       def get_state(self):
         return it.get_state()
+
     return Poisoned()
 
   monkeypatch.setattr(pipeline, "train_iterator", poisoned)

@@ -52,13 +52,14 @@ class Visual(nn.Module):
   def __init__(self, image_size, patch, width, layers, heads, embed_dim, quick_gelu):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-    self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
+    self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
     self.positional_embedding = nn.Parameter(
-        torch.randn((image_size // patch) ** 2 + 1, width) * width ** -0.5)
+      torch.randn((image_size // patch) ** 2 + 1, width) * width**-0.5
+    )
     self.ln_pre = nn.LayerNorm(width)
     self.transformer = Transformer(width, layers, heads, quick_gelu)
     self.ln_post = nn.LayerNorm(width)
-    self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
+    self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 
   def forward(self, images):  # NCHW
     x = self.conv1(images).flatten(2).transpose(1, 2)
@@ -82,7 +83,7 @@ class MaskNet(nn.Module):
     """OpenAI CLIP's block initialisation with one layer; the pooling Linear normal(width^-0.5)
     with a zero bias. Biases not named keep PyTorch's defaults (MultiheadAttention zeroes its
     own, nn.Linear draws uniform +-1/sqrt(fan_in))."""
-    attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+    attn_std, proj_std = width**-0.5, width**-0.5 * (2 * layers) ** -0.5
     for block in self.resblocks:
       nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
       nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -101,8 +102,9 @@ class MaskNet(nn.Module):
     return (torch.sigmoid(self.logits(tokens)) >= 0.5).float()
 
 
-def smartclip_loss(img, txt, mask_logits, hard=True, temperature=0.01, align_weight=10.0,
-                   sparsity_weight=2.0):
+def smartclip_loss(
+  img, txt, mask_logits, hard=True, temperature=0.01, align_weight=10.0, sparsity_weight=2.0
+):
   """The SmartCLIP loss as the reference builds it on one device holding the global batch:
   the straight-through mask `(s >= 0.5) - s.detach() + s`, the explicit [images, captions, D]
   masked image embeddings, both cross-entropies of one similarity matrix, and the sparsity term
@@ -121,10 +123,12 @@ def smartclip_loss(img, txt, mask_logits, hard=True, temperature=0.01, align_wei
 def cosine_lr(base_lr, warmup, steps):
   """step -> learning rate: base_lr (step + 1) / warmup while step < warmup, then a cosine to 0
   at `steps` (the schedule the reference assigns to an optimizer group before each step)."""
+
   def lr(step):
     if step < warmup:
       return base_lr * (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))) * base_lr
+
   return lr
 
 
@@ -149,26 +153,42 @@ def clip_transform(image: PIL.Image.Image, size: int) -> torch.Tensor:
 
 
 class ReferenceCLIP(nn.Module):
-  def __init__(self, embed_dim=64, image_size=32, patch=8, vision_width=128, vision_layers=2,
-               context=77, vocab=49408, text_width=64, text_layers=2, quick_gelu=True,
-               long_clip=False, mask_net=False, vision_heads=None, text_heads=None):
+  def __init__(
+    self,
+    embed_dim=64,
+    image_size=32,
+    patch=8,
+    vision_width=128,
+    vision_layers=2,
+    context=77,
+    vocab=49408,
+    text_width=64,
+    text_layers=2,
+    quick_gelu=True,
+    long_clip=False,
+    mask_net=False,
+    vision_heads=None,
+    text_heads=None,
+  ):
     super().__init__()
     vision_heads = vision_heads or vision_width // 64  # OpenAI's head width, unless given
     text_heads = text_heads or text_width // 64
-    self.visual = Visual(image_size, patch, vision_width, vision_layers, vision_heads, embed_dim,
-                         quick_gelu)
+    self.visual = Visual(
+      image_size, patch, vision_width, vision_layers, vision_heads, embed_dim, quick_gelu
+    )
     self.token_embedding = nn.Embedding(vocab, text_width)
     self.positional_embedding = nn.Parameter(torch.randn(context, text_width) * 0.01)
     if long_clip:
       self.positional_embedding_res = nn.Parameter(torch.randn(context, text_width) * 0.01)
     self.transformer = Transformer(text_width, text_layers, text_heads, quick_gelu)
     self.ln_final = nn.LayerNorm(text_width)
-    self.text_projection = nn.Parameter(torch.randn(text_width, embed_dim) * text_width ** -0.5)
+    self.text_projection = nn.Parameter(torch.randn(text_width, embed_dim) * text_width**-0.5)
     self.logit_scale = nn.Parameter(torch.tensor(4.6052))
     if mask_net:
       self.mask_net = MaskNet(text_width, text_heads, quick_gelu)
-    self.register_buffer("attn_mask", torch.full((context, context), float("-inf")).triu(1),
-                         persistent=False)
+    self.register_buffer(
+      "attn_mask", torch.full((context, context), float("-inf")).triu(1), persistent=False
+    )
 
   def positions(self):
     if not hasattr(self, "positional_embedding_res"):

@@ -12,8 +12,9 @@ import re
 import numpy as np
 
 ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt ft vs etc e.g i.e approx no fig al inc ltd co dept est "
-    "jan feb mar apr jun jul aug sep sept oct nov dec".split())
+  "mr mrs ms dr prof sr jr st mt ft vs etc e.g i.e approx no fig al inc ltd co dept est "
+  "jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
 _END = re.compile(r"""[.!?]+["')\]]*(?=\s+)""")
 
 
@@ -21,12 +22,13 @@ def split_sentences(text: str) -> list[str]:
   """Sentences of `text`, stripped, in order; empty text gives []."""
   sentences, start = [], 0
   for match in _END.finditer(text):
-    head = text[start:match.start()].split()
+    head = text[start : match.start()].split()
     last_word = head[-1].lower().rstrip(".") if head else ""
     if match.group().startswith(".") and (
-        last_word in ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha())):
+      last_word in ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha())
+    ):
       continue
-    sentences.append(text[start:match.end()].strip())
+    sentences.append(text[start : match.end()].strip())
     start = match.end()
   tail = text[start:].strip()
   if tail:
@@ -44,5 +46,5 @@ def sample_caption(text: str, mode: str, rng: np.random.Generator) -> str:
   if mode == "first":
     return sentences[0]
   if mode == "prefix":
-    return " ".join(sentences[:int(rng.integers(1, len(sentences) + 1))])
+    return " ".join(sentences[: int(rng.integers(1, len(sentences) + 1))])
   raise ValueError(f"unknown caption mode {mode!r}")

@@ -14,8 +14,14 @@ import numpy as np
 import PIL.Image
 
 # Why a record was skipped; the order is the order of the counts in batches and summaries.
-REASONS = ("missing_file", "undecodable_image", "empty_caption", "invalid_text", "too_small",
-           "too_large")
+REASONS = (
+  "missing_file",
+  "undecodable_image",
+  "empty_caption",
+  "invalid_text",
+  "too_small",
+  "too_large",
+)
 
 # OpenAI CLIP's image normalisation (RGB in [0, 1]).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -85,8 +91,13 @@ def decode_image(data: bytes | np.ndarray, min_side: int, max_pixels: int) -> PI
   return image.convert("RGB")
 
 
-def random_resized_crop(image: PIL.Image.Image, size: int, scale: tuple[float, float],
-                        ratio: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+def random_resized_crop(
+  image: PIL.Image.Image,
+  size: int,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+  rng: np.random.Generator,
+) -> np.ndarray:
   """A random crop of `scale` x the area and aspect `ratio`, resized to size x size (bicubic).
 
   Ten tries to fit the crop inside the image, then a centre crop, as torchvision does.

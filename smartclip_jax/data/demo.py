@@ -12,16 +12,27 @@ import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
-    "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30),
-    "white": (240, 240, 240), "cyan": (40, 210, 220),
+  "red": (220, 40, 40),
+  "green": (40, 190, 60),
+  "blue": (50, 80, 230),
+  "yellow": (235, 215, 40),
+  "purple": (150, 60, 200),
+  "orange": (245, 140, 30),
+  "white": (240, 240, 240),
+  "cyan": (40, 210, 220),
 }
 SIZES = {"small": 0.11, "large": 0.2}  # radius as a fraction of the image side
 # A 3x3 grid of places, named the way a caption would say them.
 PLACES = {
-    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+  (0, 0): "at the top left",
+  (0, 1): "at the top",
+  (0, 2): "at the top right",
+  (1, 0): "on the left",
+  (1, 1): "in the center",
+  (1, 2): "on the right",
+  (2, 0): "at the bottom left",
+  (2, 1): "at the bottom",
+  (2, 2): "at the bottom right",
 }
 SPLITS = {"train": 0, "eval": 1}
 
@@ -41,8 +52,15 @@ def draw_scene(rng: np.random.Generator, max_objects: int = 4) -> list[Shape]:
   """1..max_objects shapes in distinct grid cells, factors uniform at random."""
   count = int(rng.integers(1, max_objects + 1))
   cells = rng.choice(len(PLACES), size=count, replace=False)
-  return [Shape(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
-                list(SIZES)[rng.integers(len(SIZES))], divmod(int(c), 3)) for c in cells]
+  return [
+    Shape(
+      SHAPES[rng.integers(len(SHAPES))],
+      list(COLOURS)[rng.integers(len(COLOURS))],
+      list(SIZES)[rng.integers(len(SIZES))],
+      divmod(int(c), 3),
+    )
+    for c in cells
+  ]
 
 
 def shape_mask(shape: str, cell: tuple[int, int], radius: float, size: int) -> np.ndarray:
@@ -78,8 +96,14 @@ def render(shapes: list[Shape], size: int, rng: np.random.Generator) -> np.ndarr
 class DemoSource:
   """A Grain random-access source of {"id", "image": uint8 [H, W, 3], "caption": str} records."""
 
-  def __init__(self, num_records: int, image_size: int, seed: int = 0, split: str = "train",
-               max_objects: int = 4):
+  def __init__(
+    self,
+    num_records: int,
+    image_size: int,
+    seed: int = 0,
+    split: str = "train",
+    max_objects: int = 4,
+  ):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     self.num_records, self.image_size = num_records, image_size
@@ -96,9 +120,14 @@ class DemoSource:
 
   def __getitem__(self, index: int) -> dict:
     shapes, rng = self.scene(int(index))
-    return {"id": f"{self.split}-{index}", "image": render(shapes, self.image_size, rng),
-            "caption": " ".join(s.sentence() for s in shapes)}
+    return {
+      "id": f"{self.split}-{index}",
+      "image": render(shapes, self.image_size, rng),
+      "caption": " ".join(s.sentence() for s in shapes),
+    }
 
   def __repr__(self) -> str:  # Grain logs sources by repr.
-    return (f"DemoSource(num_records={self.num_records}, image_size={self.image_size}, "
-            f"seed={self.seed}, split={self.split!r})")
+    return (
+      f"DemoSource(num_records={self.num_records}, image_size={self.image_size}, "
+      f"seed={self.seed}, split={self.split!r})"
+    )

@@ -28,10 +28,20 @@ from smartclip_jax.tokenizer import tokenize
 HOST_FIELDS = ("skipped", "bad_example")  # batch fields that stay on the host
 
 
-def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mode: str,
-              image_size: int, context_length: int, transform: str,
-              crop_scale: tuple[float, float], crop_ratio: tuple[float, float], min_side: int,
-              max_pixels: int) -> dict:
+def featurize(
+  record: dict,
+  rng: np.random.Generator,
+  *,
+  train: bool,
+  caption_mode: str,
+  image_size: int,
+  context_length: int,
+  transform: str,
+  crop_scale: tuple[float, float],
+  crop_ratio: tuple[float, float],
+  min_side: int,
+  max_pixels: int,
+) -> dict:
   """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
   if record.get("error"):
     return record
@@ -53,7 +63,6 @@ def featurize(record: dict, rng: np.random.Generator, *, train: bool, caption_mo
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-
   def __next__(self) -> dict:
     skipped, example = np.zeros(len(decode.REASONS), np.int32), ""
     while True:
@@ -80,14 +89,24 @@ class SkipBad(grain.IterDataset):
 def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.partial:
   d = config.data
   return functools.partial(
-      featurize, train=train, caption_mode=d.caption_mode if train else "full",
-      image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
-      transform=d.train_transform, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
-      min_side=d.min_image_side, max_pixels=d.max_image_pixels)
+    featurize,
+    train=train,
+    caption_mode=d.caption_mode if train else "full",
+    image_size=config.model.vision.image_size,
+    context_length=config.model.text.context_length,
+    transform=d.train_transform,
+    crop_scale=tuple(d.crop_scale),
+    crop_ratio=tuple(d.crop_ratio),
+    min_side=d.min_image_side,
+    max_pixels=d.max_image_pixels,
+  )
 
 
-def train_iterator(config: ml_collections.ConfigDict, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+def train_iterator(
+  config: ml_collections.ConfigDict,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """Endless, per-epoch reshuffled batches of this process's slice of the train split.
 
   Process p of P reads records p, p + P, ...: the slices are disjoint and cover the data once
@@ -114,8 +133,9 @@ def eval_batches(config: ml_collections.ConfigDict) -> tuple[Iterator[dict], int
   """The held-out split in order, full captions, eval transform (the last batch may be short),
   and the number of records in the split, usable or not."""
   source = make_source(config, "eval")
-  ds = grain.MapDataset.source(source).random_map(_featurizer(config, train=False),
-                                                  seed=config.seed)
+  ds = grain.MapDataset.source(source).random_map(
+    _featurizer(config, train=False), seed=config.seed
+  )
   return iter(SkipBad(ds.to_iter_dataset()).batch(config.data.eval_batch_size)), len(source)
 
 
@@ -129,24 +149,28 @@ class DataStats:
 
   `restored` holds the global totals a checkpoint carried, so counts survive a resume.
   """
+
   used: int = 0
   skipped: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.zeros(len(decode.REASONS), np.int64))
+    default_factory=lambda: np.zeros(len(decode.REASONS), np.int64)
+  )
   examples: list[str] = dataclasses.field(default_factory=list)
   restored: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.zeros(1 + len(decode.REASONS), np.int64))
+    default_factory=lambda: np.zeros(1 + len(decode.REASONS), np.int64)
+  )
 
   def update(self, batch: dict) -> None:
     """Counts a local batch's host fields."""
     self.used += len(batch["skipped"])
     self.skipped += batch["skipped"].sum(axis=0)
-    self.examples += [e for e in batch["bad_example"] if e][:5 - len(self.examples)]
+    self.examples += [e for e in batch["bad_example"] if e][: 5 - len(self.examples)]
 
   def totals(self) -> tuple[int, np.ndarray]:
     """(used, skipped per reason) over all processes; every process must call it together."""
     local = np.concatenate([[self.used], self.skipped]).astype(np.int64)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       local = multihost_utils.process_allgather(local).sum(axis=0)
     total = local + self.restored
     return int(total[0]), total[1:]
@@ -160,8 +184,9 @@ class DataStats:
   def from_state_dict(cls, state: dict | None) -> DataStats:
     stats = cls()
     if state:
-      stats.restored = np.array([state["used"], *(state["skipped"].get(r, 0)
-                                                 for r in decode.REASONS)], np.int64)
+      stats.restored = np.array(
+        [state["used"], *(state["skipped"].get(r, 0) for r in decode.REASONS)], np.int64
+      )
     return stats
 
   def metrics(self) -> dict[str, float]:
@@ -178,6 +203,7 @@ class DataStats:
     seen = used + int(skipped.sum())
     if seen >= min_seen and skipped.sum() > max_fraction * seen:
       reasons = ", ".join(f"{r}: {n}" for r, n in zip(decode.REASONS, skipped) if n)
-      raise DataError(f"{skipped.sum()} of {seen} records could not be used ({reasons}), more "
-                      f"than data.max_bad_fraction={max_fraction}; for example: "
-                      + "; ".join(self.examples))
+      raise DataError(
+        f"{skipped.sum()} of {seen} records could not be used ({reasons}), more "
+        f"than data.max_bad_fraction={max_fraction}; for example: " + "; ".join(self.examples)
+      )

@@ -35,8 +35,9 @@ from smartclip_jax.data import decode, sources
 Entry = tuple[str, str, object]
 
 
-def encode_record(record: dict, max_side: int, min_side: int, max_pixels: int,
-                  quality: int) -> bytes:
+def encode_record(
+  record: dict, max_side: int, min_side: int, max_pixels: int, quality: int
+) -> bytes:
   """A raw record as packed bytes of a resized JPEG; raises BadRecord when unusable."""
   if record.get("error"):
     raise decode.BadRecord(record["error"], record.get("detail", ""))
@@ -44,15 +45,24 @@ def encode_record(record: dict, max_side: int, min_side: int, max_pixels: int,
   image = decode.decode_image(record["image"], min_side, max_pixels)
   if max(image.size) > max_side:
     scale = max_side / max(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         PIL.Image.Resampling.BICUBIC)
+    image = image.resize(
+      (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+      PIL.Image.Resampling.BICUBIC,
+    )
   out = io.BytesIO()
   image.save(out, format="JPEG", quality=quality)
   return sources.pack(str(record["id"]), caption, out.getvalue())
 
 
-def write_shard(entries: list[Entry], image_root: str, path: str, max_side: int, min_side: int,
-                max_pixels: int, quality: int) -> dict:
+def write_shard(
+  entries: list[Entry],
+  image_root: str,
+  path: str,
+  max_side: int,
+  min_side: int,
+  max_pixels: int,
+  quality: int,
+) -> dict:
   """Writes one shard atomically (tmp + rename), then its summary `<path>.json`."""
   source = sources.FileListSource(entries, image_root, "prepare")
   skipped = dict.fromkeys(decode.REASONS, 0)
@@ -70,27 +80,43 @@ def write_shard(entries: list[Entry], image_root: str, path: str, max_side: int,
         examples.append(f"{record['id']}: {e}")
   writer.close()
   os.replace(tmp, path)
-  summary = {"records": len(entries), "written": written, "skipped": skipped,
-             "examples": examples}
+  summary = {"records": len(entries), "written": written, "skipped": skipped, "examples": examples}
   pathlib.Path(path + ".json").write_text(json.dumps(summary))
   return summary
 
 
-def plan_shards(entries: list[Entry], out_dir: pathlib.Path, num_shards: int
-                ) -> list[tuple[list[Entry], str]]:
+def plan_shards(
+  entries: list[Entry], out_dir: pathlib.Path, num_shards: int
+) -> list[tuple[list[Entry], str]]:
   """Contiguous, nearly equal slices of `entries`, each with its shard path."""
   bounds = [round(k * len(entries) / num_shards) for k in range(num_shards + 1)]
-  return [(entries[bounds[k]:bounds[k + 1]],
-           str(out_dir / f"shard-{k:05d}-of-{num_shards:05d}.array_record"))
-          for k in range(num_shards)]
+  return [
+    (
+      entries[bounds[k] : bounds[k + 1]],
+      str(out_dir / f"shard-{k:05d}-of-{num_shards:05d}.array_record"),
+    )
+    for k in range(num_shards)
+  ]
 
 
-def prepare(entries: list[Entry], image_root: str, out: pathlib.Path, *, holdout: int,
-            num_shards: int | None, max_side: int, min_side: int, max_pixels: int,
-            quality: int, workers: int, progress: bool = True) -> dict:
+def prepare(
+  entries: list[Entry],
+  image_root: str,
+  out: pathlib.Path,
+  *,
+  holdout: int,
+  num_shards: int | None,
+  max_side: int,
+  min_side: int,
+  max_pixels: int,
+  quality: int,
+  workers: int,
+  progress: bool = True,
+) -> dict:
   """Writes train (and eval, with a holdout) shards in parallel; returns the summary."""
-  splits = {"train": entries[holdout:], "eval": entries[:holdout]} if holdout else {
-      "train": entries}
+  splits = (
+    {"train": entries[holdout:], "eval": entries[:holdout]} if holdout else {"train": entries}
+  )
   jobs = []
   for split, items in splits.items():
     if not items:
@@ -102,8 +128,13 @@ def prepare(entries: list[Entry], image_root: str, out: pathlib.Path, *, holdout
     jobs += plan_shards(items, out / split, min(shards, len(items)))
   todo = [(e, p) for e, p in jobs if not pathlib.Path(p + ".json").exists()]
   done_records = sum(len(e) for e, _ in jobs) - sum(len(e) for e, _ in todo)
-  bar = tqdm(total=len(entries), initial=done_records, unit="img", disable=not progress,
-             desc=f"{len(todo)}/{len(jobs)} shards to write")
+  bar = tqdm(
+    total=len(entries),
+    initial=done_records,
+    unit="img",
+    disable=not progress,
+    desc=f"{len(todo)}/{len(jobs)} shards to write",
+  )
   args = (max_side, min_side, max_pixels, quality)
   # spawn, not fork: a caller may have started threads (JAX does) that fork would copy broken.
   spawn = multiprocessing.get_context("spawn")
@@ -115,33 +146,42 @@ def prepare(entries: list[Entry], image_root: str, out: pathlib.Path, *, holdout
   bar.close()
   shard_summaries = [json.loads(pathlib.Path(p + ".json").read_text()) for _, p in jobs]
   summary = {
-      "records": len(entries), "shards": len(jobs),
-      "written": sum(s["written"] for s in shard_summaries),
-      "skipped": {r: sum(s["skipped"][r] for s in shard_summaries) for r in decode.REASONS},
-      "examples": [x for s in shard_summaries for x in s["examples"]][:20],
-      "splits": {split: str(out / split) for split in splits if splits[split]},
+    "records": len(entries),
+    "shards": len(jobs),
+    "written": sum(s["written"] for s in shard_summaries),
+    "skipped": {r: sum(s["skipped"][r] for s in shard_summaries) for r in decode.REASONS},
+    "examples": [x for s in shard_summaries for x in s["examples"]][:20],
+    "splits": {split: str(out / split) for split in splits if splits[split]},
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m smartclip_jax.data.prepare",
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m smartclip_jax.data.prepare",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--format", choices=("sharegpt4v", "folder"), required=True)
-  parser.add_argument("--input", required=True,
-                      help="ShareGPT4V JSON; or a folder, CSV/TSV or JSONL of captions")
+  parser.add_argument(
+    "--input", required=True, help="ShareGPT4V JSON; or a folder, CSV/TSV or JSONL of captions"
+  )
   parser.add_argument("--image-root", default="", help="image paths are relative to this")
   parser.add_argument("--out", required=True)
-  parser.add_argument("--num-shards", type=int, default=None,
-                      help="train shards (default: one per 5,000 records)")
+  parser.add_argument(
+    "--num-shards", type=int, default=None, help="train shards (default: one per 5,000 records)"
+  )
   parser.add_argument("--max-side", type=int, default=512)
   parser.add_argument("--min-side", type=int, default=16)
   parser.add_argument("--max-pixels", type=int, default=100_000_000)
   parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
-  parser.add_argument("--holdout", type=int, default=None,
-                      help="first records written to eval/ (default: 1000 for ShareGPT4V, 0)")
+  parser.add_argument(
+    "--holdout",
+    type=int,
+    default=None,
+    help="first records written to eval/ (default: 1000 for ShareGPT4V, 0)",
+  )
   parser.add_argument("--image-key", default="filepath", help="CSV/TSV image column")
   parser.add_argument("--caption-key", default="title", help="CSV/TSV caption column")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -152,13 +192,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
   else:
     entries, root = sources.folder_entries(args.input, args.image_key, args.caption_key)
     holdout = args.holdout or 0
-  summary = prepare(entries, str(args.image_root or root), pathlib.Path(args.out),
-                    holdout=holdout, num_shards=args.num_shards, max_side=args.max_side,
-                    min_side=args.min_side, max_pixels=args.max_pixels, quality=args.quality,
-                    workers=args.workers)
+  summary = prepare(
+    entries,
+    str(args.image_root or root),
+    pathlib.Path(args.out),
+    holdout=holdout,
+    num_shards=args.num_shards,
+    max_side=args.max_side,
+    min_side=args.min_side,
+    max_pixels=args.max_pixels,
+    quality=args.quality,
+    workers=args.workers,
+  )
   skipped = ", ".join(f"{r} {n}" for r, n in summary["skipped"].items() if n) or "none"
-  print(f"wrote {summary['written']} of {summary['records']} records in {summary['shards']} "
-        f"shards to {args.out}; skipped: {skipped}")
+  print(
+    f"wrote {summary['written']} of {summary['records']} records in {summary['shards']} "
+    f"shards to {args.out}; skipped: {skipped}"
+  )
   return summary
 
 

@@ -31,8 +31,9 @@ def _read_file(path: pathlib.Path, record_id: str, caption) -> dict:
 class FileListSource:
   """Records from (id, image path, caption) triples; images are read when a record is asked for."""
 
-  def __init__(self, entries: list[tuple[str, str, object]], image_root: str | pathlib.Path,
-               name: str):
+  def __init__(
+    self, entries: list[tuple[str, str, object]], image_root: str | pathlib.Path, name: str
+  ):
     self.entries, self.image_root, self.name = entries, pathlib.Path(image_root), name
 
   def __len__(self) -> int:
@@ -69,8 +70,9 @@ def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int)
   return FileListSource(entries, image_root, "ShareGPT4V")
 
 
-def folder_entries(path: str | pathlib.Path, image_key: str = "filepath",
-                   caption_key: str = "title") -> tuple[list[tuple[str, str, str]], pathlib.Path]:
+def folder_entries(
+  path: str | pathlib.Path, image_key: str = "filepath", caption_key: str = "title"
+) -> tuple[list[tuple[str, str, str]], pathlib.Path]:
   """(id, image path, caption) of an image folder, and the root the paths are relative to.
 
   `path` is a CSV/TSV with `image_key`/`caption_key` columns (open_clip's `filepath`/`title`),
@@ -107,8 +109,10 @@ def folder_entries(path: str | pathlib.Path, image_key: str = "filepath",
       rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
     missing = {image_key, caption_key} - set(rows[0] if rows else ())
     if missing:
-      raise ValueError(f"{path} has no column(s) {sorted(missing)}; set data.image_key / "
-                       "data.caption_key to its column names")
+      raise ValueError(
+        f"{path} has no column(s) {sorted(missing)}; set data.image_key / "
+        "data.caption_key to its column names"
+      )
     return [(str(i), r[image_key], r[caption_key]) for i, r in enumerate(rows)], path.parent
   raise ValueError(f"{path}: give a directory, a .csv/.tsv or a .jsonl of captions")
 
@@ -118,6 +122,7 @@ class ArrayRecordSource:
 
   def __init__(self, pattern: str):
     import grain  # deferred: keeps `prepare`'s writer processes light
+
     paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     if pathlib.Path(pattern).is_dir():
       paths = sorted(str(p) for p in pathlib.Path(pattern).glob("*.array_record"))
@@ -144,22 +149,25 @@ class TfdsSource:
   and one is drawn per load.
   """
 
-  def __init__(self, name: str, split: str, image_key: str, caption_key: str,
-               data_dir: str | None = None):
+  def __init__(
+    self, name: str, split: str, image_key: str, caption_key: str, data_dir: str | None = None
+  ):
     import tensorflow_datasets as tfds  # deferred: heavy, and only this source needs it
+
     self.name, self.split = name, split
     self.image_key, self.caption_key = image_key.split("/"), caption_key.split("/")
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                    download=False)
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict:
     example = self._source[index]
-    return {"id": f"{self.name}/{self.split}/{index}",
-            "image": _lookup(example, self.image_key),
-            "caption": _lookup(example, self.caption_key)}
+    return {
+      "id": f"{self.name}/{self.split}/{index}",
+      "image": _lookup(example, self.image_key),
+      "caption": _lookup(example, self.caption_key),
+    }
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name}, {self.split}, {len(self)} records)"
@@ -188,8 +196,13 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   if d.name == "sharegpt4v":
     return sharegpt4v_source(d.path, d.image_root, split, d.holdout)
   if d.name == "tfds":
-    return TfdsSource(d.path, d.tfds_train_split if split == "train" else d.tfds_eval_split,
-                      d.tfds_image_key, d.tfds_caption_key, d.tfds_data_dir)
+    return TfdsSource(
+      d.path,
+      d.tfds_train_split if split == "train" else d.tfds_eval_split,
+      d.tfds_image_key,
+      d.tfds_caption_key,
+      d.tfds_data_dir,
+    )
   path = d.path if split == "train" else d.eval_path
   if not path:
     raise ValueError(f"data.name={d.name!r} has no held-out split: set data.eval_path")

@@ -22,8 +22,16 @@ import numpy as np
 
 from smartclip_jax.data.sources import IMAGE_SUFFIXES, sharegpt4v_entries
 
-RETRIEVAL_TASKS = ("coco", "coco_karpathy", "flickr30k", "flickr30k_full", "urban1k",
-                   "sharegpt4v_1k", "dci", "docci")
+RETRIEVAL_TASKS = (
+  "coco",
+  "coco_karpathy",
+  "flickr30k",
+  "flickr30k_full",
+  "urban1k",
+  "sharegpt4v_1k",
+  "dci",
+  "docci",
+)
 # Class-name and prompt lists (see assets/README.md for where each comes from).
 ZEROSHOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "zeroshot"
 # The first records of the ShareGPT4V JSON, which training holds out (`data.holdout`).
@@ -33,29 +41,34 @@ SHAREGPT4V_HOLDOUT = 1000
 COCO_CAPTIONS = 5
 MAX_EXAMPLES = 5
 # TFDS sets whose class names are OpenAI's/the data set's readable ones, not TFDS's ids.
-_TFDS_CLASSNAMES = {"cifar10": "cifar10_classes.txt", "cifar100": "cifar100_classes.txt",
-                    "imagenet2012": "imagenet_classes.txt"}
+_TFDS_CLASSNAMES = {
+  "cifar10": "cifar10_classes.txt",
+  "cifar100": "cifar100_classes.txt",
+  "imagenet2012": "imagenet_classes.txt",
+}
 
 
 @dataclasses.dataclass
 class RetrievalSet:
   """A retrieval benchmark: caption i describes image `text_to_image[i]`."""
+
   name: str
-  images: list[str]            # absolute image file paths, one per image
-  captions: list[str]          # every evaluated caption, flattened
-  text_to_image: np.ndarray    # int64 [len(captions)]: the image index of each caption
-  skipped: dict[str, int]      # reason -> count of records left out
-  examples: list[str]          # up to MAX_EXAMPLES readable examples of what was left out
+  images: list[str]  # absolute image file paths, one per image
+  captions: list[str]  # every evaluated caption, flattened
+  text_to_image: np.ndarray  # int64 [len(captions)]: the image index of each caption
+  skipped: dict[str, int]  # reason -> count of records left out
+  examples: list[str]  # up to MAX_EXAMPLES readable examples of what was left out
 
 
 @dataclasses.dataclass
 class ClassificationSet:
   """A zero-shot classification benchmark."""
+
   name: str
-  images: Sequence             # file paths, or uint8 [H, W, 3] arrays (from TFDS)
-  labels: np.ndarray           # int64 [N]
+  images: Sequence  # file paths, or uint8 [H, W, 3] arrays (from TFDS)
+  labels: np.ndarray  # int64 [N]
   classnames: list[str]
-  templates: list[str]         # prompt templates with "{}" for the class name
+  templates: list[str]  # prompt templates with "{}" for the class name
 
 
 def load_retrieval(task: str, path: str, image_root: str = "") -> RetrievalSet:
@@ -65,9 +78,16 @@ def load_retrieval(task: str, path: str, image_root: str = "") -> RetrievalSet:
   puts them. An annotation file that is missing, empty, not JSON or not in the task's format
   raises a ValueError naming it, as does a set left with no usable image.
   """
-  loaders = {"coco": _coco, "coco_karpathy": _karpathy, "flickr30k": _karpathy,
-             "flickr30k_full": _flickr30k_full, "urban1k": _urban1k,
-             "sharegpt4v_1k": _sharegpt4v_1k, "dci": _dci, "docci": _docci}
+  loaders = {
+    "coco": _coco,
+    "coco_karpathy": _karpathy,
+    "flickr30k": _karpathy,
+    "flickr30k_full": _flickr30k_full,
+    "urban1k": _urban1k,
+    "sharegpt4v_1k": _sharegpt4v_1k,
+    "dci": _dci,
+    "docci": _docci,
+  }
   if task not in loaders:
     raise ValueError(f"unknown retrieval task {task!r}; choose one of {RETRIEVAL_TASKS}")
   out = _Collector(task, path)
@@ -114,12 +134,20 @@ class _Collector:
 
   def result(self) -> RetrievalSet:
     if not self.images:
-      why = (f"left out: {dict(self.skipped)}, e.g. {self.examples}" if self.skipped
-             else "it lists no image of the evaluated split")
+      why = (
+        f"left out: {dict(self.skipped)}, e.g. {self.examples}"
+        if self.skipped
+        else "it lists no image of the evaluated split"
+      )
       raise ValueError(f"{self.source}: no usable {self.task} image ({why})")
-    return RetrievalSet(self.task, self.images, self.captions,
-                        np.asarray(self.text_to_image, np.int64), dict(self.skipped),
-                        self.examples)
+    return RetrievalSet(
+      self.task,
+      self.images,
+      self.captions,
+      np.asarray(self.text_to_image, np.int64),
+      dict(self.skipped),
+      self.examples,
+    )
 
 
 def _coco(out: _Collector, path: pathlib.Path, image_root: str) -> None:
@@ -135,11 +163,15 @@ def _coco(out: _Collector, path: pathlib.Path, image_root: str) -> None:
     if annotation["image_id"] in captions:
       captions[annotation["image_id"]].append(annotation["caption"])
     else:
-      out.skip("unknown_image", f"caption {annotation.get('id')} is of image "
-               f"{annotation['image_id']}, which the file does not list")
+      out.skip(
+        "unknown_image",
+        f"caption {annotation.get('id')} is of image "
+        f"{annotation['image_id']}, which the file does not list",
+      )
   for image in data["images"]:
-    out.add(root / image["file_name"], captions[image["id"]][:COCO_CAPTIONS],
-            f"image {image['id']}")
+    out.add(
+      root / image["file_name"], captions[image["id"]][:COCO_CAPTIONS], f"image {image['id']}"
+    )
 
 
 def _karpathy(out: _Collector, path: pathlib.Path, image_root: str) -> None:
@@ -154,8 +186,11 @@ def _karpathy(out: _Collector, path: pathlib.Path, image_root: str) -> None:
   for image in data["images"]:
     if image["split"] != "test":
       continue
-    file = (pathlib.Path(image["filepath"], image["filename"]) if out.task == "coco_karpathy"
-            else pathlib.Path(image["filename"]))
+    file = (
+      pathlib.Path(image["filepath"], image["filename"])
+      if out.task == "coco_karpathy"
+      else pathlib.Path(image["filename"])
+    )
     sentences = [sentence["raw"] for sentence in image["sentences"]]
     if out.task == "coco_karpathy":
       sentences = sentences[:COCO_CAPTIONS]
@@ -196,8 +231,9 @@ def _flickr30k_full(out: _Collector, path: pathlib.Path, image_root: str) -> Non
       continue
     by_index[int(index)] = caption
   if not captions:  # a wrong file, not a set with nothing usable
-    raise ValueError(f"{path} is not a Flickr30k results_20130124.token file "
-                     f"({first_malformed or 'it is empty'})")
+    raise ValueError(
+      f"{path} is not a Flickr30k results_20130124.token file ({first_malformed or 'it is empty'})"
+    )
   for name, by_index in captions.items():
     out.add(root / name, [by_index[k] for k in sorted(by_index)], name)
 
@@ -312,16 +348,21 @@ def load_classification(task: str, path: str = "", split: str = "test") -> Class
   elif task.startswith("tfds:"):
     name, classnames = task.removeprefix("tfds:"), None
   else:
-    raise ValueError(f"unknown classification task {task!r}; choose folder, cifar10, cifar100, "
-                     "imagenet2012 or tfds:<name>")
+    raise ValueError(
+      f"unknown classification task {task!r}; choose folder, cifar10, cifar100, "
+      "imagenet2012 or tfds:<name>"
+    )
   if name == "imagenet2012" and split == "test":
     split = "validation"
   return _tfds(name, path, split, classnames)
 
 
 def _folder(root: pathlib.Path) -> ClassificationSet:
-  classes = (sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-             if root.is_dir() else [])
+  classes = (
+    sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if root.is_dir()
+    else []
+  )
   if not classes:
     raise ValueError(f"{root}: expected one subfolder of images per class")
   images, labels = [], []
@@ -331,14 +372,18 @@ def _folder(root: pathlib.Path) -> ClassificationSet:
       labels.append(label)
   if not images:
     raise ValueError(f"{root}: its class folders hold no images")
-  return ClassificationSet(root.name, images, np.asarray(labels, np.int64),
-                           [folder.name.replace("_", " ") for folder in classes],
-                           _lines("generic_templates.txt"))
+  return ClassificationSet(
+    root.name,
+    images,
+    np.asarray(labels, np.int64),
+    [folder.name.replace("_", " ") for folder in classes],
+    _lines("generic_templates.txt"),
+  )
 
 
-def _tfds(name: str, data_dir: str, split: str,
-          classnames: list[str] | None) -> ClassificationSet:
+def _tfds(name: str, data_dir: str, split: str, classnames: list[str] | None) -> ClassificationSet:
   import tensorflow_datasets as tfds  # deferred: heavy, and only these sets need it
+
   data_dir = data_dir or None
   builder = tfds.builder(name, data_dir=data_dir)
   features = builder.info.features
@@ -346,22 +391,26 @@ def _tfds(name: str, data_dir: str, split: str,
     raise ValueError(f"TFDS {name} has no `image` and `label` features: not a classification set")
   if name == "imagenet2012" and not builder.is_prepared():
     raise FileNotFoundError(
-        f"imagenet2012 is not prepared under {builder.data_dir}. TFDS cannot download it: put "
-        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in a folder, "
-        "run `tfds build imagenet2012 --manual_dir=<that folder> --data_dir=<data dir> "
-        "--file_format=array_record`, and pass the data dir as `path`")
+      f"imagenet2012 is not prepared under {builder.data_dir}. TFDS cannot download it: put "
+      "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in a folder, "
+      "run `tfds build imagenet2012 --manual_dir=<that folder> --data_dir=<data dir> "
+      "--file_format=array_record`, and pass the data dir as `path`"
+    )
   images = tfds.data_source(name, split=split, data_dir=data_dir)
   # Labels without decoding a single image (ImageNet's 50,000 would take minutes).
-  encoded = tfds.data_source(name, split=split, data_dir=data_dir,
-                             decoders={"image": tfds.decode.SkipDecoding()})
+  encoded = tfds.data_source(
+    name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+  )
   labels = np.asarray([example["label"] for example in encoded], np.int64)
   if classnames is None:
     classnames = [label.replace("_", " ") for label in features["label"].names]
   if labels.size and (labels.min() < 0 or labels.max() >= len(classnames)):
-    raise ValueError(f"TFDS {name}/{split} has labels outside 0..{len(classnames) - 1}; "
-                     "is it an unlabelled split?")
-  return ClassificationSet(name, _TfdsImages(images), labels, classnames,
-                           _lines("imagenet_templates.txt"))
+    raise ValueError(
+      f"TFDS {name}/{split} has labels outside 0..{len(classnames) - 1}; is it an unlabelled split?"
+    )
+  return ClassificationSet(
+    name, _TfdsImages(images), labels, classnames, _lines("imagenet_templates.txt")
+  )
 
 
 class _TfdsImages(Sequence):

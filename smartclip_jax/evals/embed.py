@@ -30,8 +30,9 @@ def model_key(path: str | pathlib.Path) -> str:
   path = pathlib.Path(path).absolute()
   if is_torch_path(path):
     files = [path] if path.is_file() else sorted(path.iterdir())
-    return f"{path}|" + ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                 for f in files)
+    return f"{path}|" + ",".join(
+      f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files
+    )
   return str(checkpoint.resolve_step_dir(path))
 
 
@@ -41,7 +42,7 @@ def apply_padded(fn: Callable, inputs: np.ndarray, batch_size: int, mesh: Mesh) 
   pad = batch_size - len(inputs)
   padded = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
   out = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
-  return np.asarray(jax.device_get(out))[:len(inputs)]
+  return np.asarray(jax.device_get(out))[: len(inputs)]
 
 
 class Encoder:
@@ -55,17 +56,26 @@ class Encoder:
     rows, rep = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
 
     def jit(method: str) -> Callable:
-      fn = jax.jit(lambda p, x: model.model.apply({"params": p}, x, method=method),
-                   in_shardings=(rep, rows), out_shardings=rep)
+      fn = jax.jit(
+        lambda p, x: model.model.apply({"params": p}, x, method=method),
+        in_shardings=(rep, rows),
+        out_shardings=rep,
+      )
       return lambda x: fn(params, x)
 
     self._image, self._text = jit("encode_image"), jit("encode_text")
     self._masks = jit("text_masks") if model.config.loss == "smartclip" else None
 
   def _batched(self, fn: Callable, items: Sequence, prepare: Callable) -> np.ndarray:
-    out = [apply_padded(fn, np.stack([prepare(x) for x in items[start:start + self.batch_size]]),
-                        self.batch_size, self.mesh)
-           for start in range(0, len(items), self.batch_size)]
+    out = [
+      apply_padded(
+        fn,
+        np.stack([prepare(x) for x in items[start : start + self.batch_size]]),
+        self.batch_size,
+        self.mesh,
+      )
+      for start in range(0, len(items), self.batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, self.model.config.model.embed_dim))
 
   def images(self, images: Sequence[str | np.ndarray]) -> np.ndarray:
@@ -87,7 +97,6 @@ class Encoder:
     tokenizer = get_tokenizer()
     truncated = sum(len(tokenizer.encode(c)) + 2 > length for c in captions)
     return self._batched(self._text, captions, lambda c: self.model.tokenize(c)[0]), truncated
-
 
   def masks(self, captions: Sequence[str]) -> np.ndarray:
     """Each caption's SmartCLIP mask over the image embedding [N, D] (for analysis)."""

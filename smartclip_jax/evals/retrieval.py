@@ -20,8 +20,9 @@ from smartclip_jax import losses, sharding
 KS = (1, 5, 10)
 
 
-def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array,
-                 masks: jax.Array | None, masked: str) -> jax.Array:
+def _chunk_ranks(
+  queries: jax.Array, keys: jax.Array, targets: jax.Array, masks: jax.Array | None, masked: str
+) -> jax.Array:
   if masked == "queries":  # queries are captions with their masks, keys images
     scores = losses.masked_similarity(keys, queries, masks).T
   elif masked == "keys":  # keys are captions with their masks, queries images
@@ -34,9 +35,15 @@ def _chunk_ranks(queries: jax.Array, keys: jax.Array, targets: jax.Array,
   return ahead.sum(axis=1, dtype=jnp.int32)
 
 
-def ranks(queries: np.ndarray, keys: np.ndarray, targets: np.ndarray, mesh: Mesh | None = None,
-          chunk: int = 1024, query_masks: np.ndarray | None = None,
-          key_masks: np.ndarray | None = None) -> np.ndarray:
+def ranks(
+  queries: np.ndarray,
+  keys: np.ndarray,
+  targets: np.ndarray,
+  mesh: Mesh | None = None,
+  chunk: int = 1024,
+  query_masks: np.ndarray | None = None,
+  key_masks: np.ndarray | None = None,
+) -> np.ndarray:
   """0-based rank of `keys[targets[q]]` among all keys by score with `queries[q]` (ties: the
   lower key index first), for every query q. Scores are dot products, or SmartCLIP's masked
   similarity when the caption side (queries or keys) comes with its masks."""
@@ -50,24 +57,30 @@ def ranks(queries: np.ndarray, keys: np.ndarray, targets: np.ndarray, mesh: Mesh
   chunk_ranks = jax.jit(_chunk_ranks, static_argnames="masked", out_shardings=rep)
   keys_dev = jax.device_put(keys, rep)
   masked = "queries" if query_masks is not None else "keys" if key_masks is not None else ""
-  key_masks_dev = None if key_masks is None else jax.device_put(
-      np.asarray(key_masks, np.float32), rep)
+  key_masks_dev = (
+    None if key_masks is None else jax.device_put(np.asarray(key_masks, np.float32), rep)
+  )
   out = np.empty(len(queries), np.int64)
   for start in range(0, len(queries), chunk):
     stop = min(start + chunk, len(queries))
     pad = chunk - (stop - start)  # one shape for every chunk: one compilation
-    padded = lambda x: jax.device_put(np.concatenate(
-        [x[start:stop], np.zeros((pad, *x.shape[1:]), x.dtype)]), rows)
-    masks = (padded(np.asarray(query_masks, np.float32)) if masked == "queries"
-             else key_masks_dev)
+    padded = lambda x: jax.device_put(
+      np.concatenate([x[start:stop], np.zeros((pad, *x.shape[1:]), x.dtype)]), rows
+    )
+    masks = padded(np.asarray(query_masks, np.float32)) if masked == "queries" else key_masks_dev
     got = chunk_ranks(padded(queries), keys_dev, padded(targets), masks, masked)
-    out[start:stop] = np.asarray(got)[:stop - start]
+    out[start:stop] = np.asarray(got)[: stop - start]
   return out
 
 
-def retrieval_ranks(img_emb: np.ndarray, txt_emb: np.ndarray, text_to_image: Sequence[int],
-                    mesh: Mesh | None = None, chunk: int = 1024,
-                    masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def retrieval_ranks(
+  img_emb: np.ndarray,
+  txt_emb: np.ndarray,
+  text_to_image: Sequence[int],
+  mesh: Mesh | None = None,
+  chunk: int = 1024,
+  masks: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
   """Per-query ranks. `t2i`: of each caption's image among all images. `i2t`: of each image's
   best-ranked caption among all captions (any of its captions counts as a hit). With `masks`
   (one per caption), pairs are scored with the caption's mask on the image embedding."""
@@ -76,8 +89,9 @@ def retrieval_ranks(img_emb: np.ndarray, txt_emb: np.ndarray, text_to_image: Seq
     raise ValueError("every image needs at least one caption")
   img_emb, txt_emb = np.asarray(img_emb, np.float32), np.asarray(txt_emb, np.float32)
   t2i = ranks(txt_emb, img_emb, text_to_image, mesh, chunk, query_masks=masks)
-  each = ranks(img_emb[text_to_image], txt_emb, np.arange(len(txt_emb)), mesh, chunk,
-               key_masks=masks)
+  each = ranks(
+    img_emb[text_to_image], txt_emb, np.arange(len(txt_emb)), mesh, chunk, key_masks=masks
+  )
   i2t = np.full(len(img_emb), np.iinfo(np.int64).max)
   np.minimum.at(i2t, text_to_image, each)
   return {"i2t": i2t, "t2i": t2i}

@@ -11,8 +11,9 @@ from smartclip_jax.evals import retrieval
 from smartclip_jax.evals.embed import Encoder
 
 
-def class_embeddings(encoder: Encoder, classnames: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(
+  encoder: Encoder, classnames: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
   """[classes, D], unit rows: every template filled with the class name, embedded,
   normalised, averaged over templates and normalised again."""
   prompts = [t.format(c) for c in classnames for t in templates]
@@ -20,8 +21,13 @@ def class_embeddings(encoder: Encoder, classnames: Sequence[str],
   return retrieval.normalize(emb.reshape(len(classnames), len(templates), -1).mean(axis=1))
 
 
-def accuracy(img_emb: np.ndarray, cls_emb: np.ndarray, labels: np.ndarray,
-             mesh: Mesh | None = None, ks: Sequence[int] = (1, 5)) -> tuple[dict, np.ndarray]:
+def accuracy(
+  img_emb: np.ndarray,
+  cls_emb: np.ndarray,
+  labels: np.ndarray,
+  mesh: Mesh | None = None,
+  ks: Sequence[int] = (1, 5),
+) -> tuple[dict, np.ndarray]:
   """Top-k accuracy in percent (`top1`, `top5`) and the rank of the true class per image
   (ties: the lower class index first, as in retrieval)."""
   rank = retrieval.ranks(retrieval.normalize(img_emb), cls_emb, labels, mesh)

@@ -19,21 +19,28 @@ MAX_NAMED = 5  # scenes hold 2..5 objects
 
 def _values() -> list[tuple[str, str]]:
   """(factor, value) for every value of every factor, in `scenes.FACTORS` order."""
-  options = {"shape": scenes.SHAPES, "colour": scenes.COLOURS, "size": scenes.SIZES,
-             "texture": scenes.TEXTURES, "place": tuple(scenes.PLACES.values())}
+  options = {
+    "shape": scenes.SHAPES,
+    "colour": scenes.COLOURS,
+    "size": scenes.SIZES,
+    "texture": scenes.TEXTURES,
+    "place": tuple(scenes.PLACES.values()),
+  }
   return [(f, v) for f in scenes.FACTORS for v in options[f]]
 
 
-def mask_analysis(masks: Callable[[np.ndarray], np.ndarray], probes: Probes,
-                  context_length: int) -> dict:
+def mask_analysis(
+  masks: Callable[[np.ndarray], np.ndarray], probes: Probes, context_length: int
+) -> dict:
   """Masks of the test captions: the mean mask of the one-object sentences with each factor
   value, the mean number of active dimensions of captions naming 1..5 objects, and the Jaccard
   overlap between factor values' masks (a dimension counts for a value when it is on in at least
   half of that value's sentences). `masks`: caption tokens [N, L] -> masks [N, D]."""
   single = masks(probes.single)
   values = _values()
-  rows = np.stack([
-      single[[t.value(f) == v for _, t in probes.single_things]].mean(0) for f, v in values])
+  rows = np.stack(
+    [single[[t.value(f) == v for _, t in probes.single_things]].mean(0) for f, v in values]
+  )
   on = rows >= 0.5
   union = (on[:, None] | on[None]).sum(-1)
   jaccard = np.where(union > 0, (on[:, None] & on[None]).sum(-1) / np.maximum(union, 1), 0.0)
@@ -44,9 +51,13 @@ def mask_analysis(masks: Callable[[np.ndarray], np.ndarray], probes: Probes,
     if scenes_k:
       tokens = np.stack([scenes.caption_tokens(ids[:k], context_length) for ids in scenes_k])
       size_by_named[str(k)] = float(masks(tokens).sum(-1).mean())  # JSON's keys
-  return {"values": [f"{f}={v}" for f, v in values], "mean_mask": rows.tolist(),
-          "jaccard": jaccard.tolist(), "active_by_objects_named": size_by_named,
-          "dims": int(single.shape[-1])}
+  return {
+    "values": [f"{f}={v}" for f, v in values],
+    "mean_mask": rows.tolist(),
+    "jaccard": jaccard.tolist(),
+    "active_by_objects_named": size_by_named,
+    "dims": int(single.shape[-1]),
+  }
 
 
 def write_all(out: pathlib.Path, summary: dict, analysis: dict) -> list[pathlib.Path]:
@@ -58,13 +69,19 @@ def mask_figures(out: pathlib.Path, analysis: dict) -> list[pathlib.Path]:
   one plot of mask size against objects named for all of them."""
   paths = [_mask_size(out / "mask_size.png", analysis)] if analysis else []
   for method, a in analysis.items():
-    paths += [_heatmap(out / f"mask_heatmap_{method}.png", a, method),
-              _overlap(out / f"mask_overlap_{method}.png", a, method)]
+    paths += [
+      _heatmap(out / f"mask_heatmap_{method}.png", a, method),
+      _overlap(out / f"mask_overlap_{method}.png", a, method),
+    ]
   return paths
 
 
-def lr_sweep(path: pathlib.Path, curves: dict[str, tuple[list[float], list[float], list[float]]],
-             baseline: float, metric: str) -> pathlib.Path:
+def lr_sweep(
+  path: pathlib.Path,
+  curves: dict[str, tuple[list[float], list[float], list[float]]],
+  baseline: float,
+  metric: str,
+) -> pathlib.Path:
   """`metric` against the towers' learning rate: one line per curve name, (lrs, means, stds),
   with the untouched base model as a horizontal line; lr 0 (frozen) drawn at the left edge."""
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -108,8 +125,12 @@ def _mask_size(path: pathlib.Path, analysis: dict) -> pathlib.Path:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method, a in analysis.items():
     named = sorted(a["active_by_objects_named"], key=int)
-    ax.plot([int(k) for k in named], [a["active_by_objects_named"][k] for k in named],
-            marker="o", label=method)
+    ax.plot(
+      [int(k) for k in named],
+      [a["active_by_objects_named"][k] for k in named],
+      marker="o",
+      label=method,
+    )
   ax.set_xlabel("objects named by the caption")
   ax.set_ylabel("active mask dimensions (mean)")
   ax.legend(fontsize=7)

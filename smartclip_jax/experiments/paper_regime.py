@@ -32,8 +32,13 @@ import scipy.stats
 
 from smartclip_jax import config as config_lib
 from smartclip_jax.experiments import figures, probes as probes_lib, scenes
-from smartclip_jax.experiments.partial_captions import (TEST_SEED, Trainer, executor,
-                                                        experiment_main, pin_to_core)
+from smartclip_jax.experiments.partial_captions import (
+  TEST_SEED,
+  Trainer,
+  executor,
+  experiment_main,
+  pin_to_core,
+)
 from smartclip_jax.experiments.partial_captions import schedule as caption_schedule
 
 log = logging.getLogger("smartclip_jax")
@@ -54,14 +59,28 @@ class Sizes:
   partial_per_image: int = 3
 
 
-QUICK = Sizes(train=256, test=48, pretrain=256, pretrain_steps=3, steps=3, batch=16, layers=1,
-              width=32, heads=2, patch=12, partial_per_image=1)
+QUICK = Sizes(
+  train=256,
+  test=48,
+  pretrain=256,
+  pretrain_steps=3,
+  steps=3,
+  batch=16,
+  layers=1,
+  width=32,
+  heads=2,
+  patch=12,
+  partial_per_image=1,
+)
 
 TOWER_LRS = {"frozen": 0.0, "small": 1e-5, "large": 1e-3}
 # Every fine-tuning run of a seed: (caption mode, loss, towers' learning rate).
-RUNS = (*(("prefix", "smartclip", lr) for lr in TOWER_LRS),
-        *(("prefix", "clip", lr) for lr in ("small", "large")),
-        ("subset", "smartclip", "small"), ("subset", "clip", "small"))
+RUNS = (
+  *(("prefix", "smartclip", lr) for lr in TOWER_LRS),
+  *(("prefix", "clip", lr) for lr in ("small", "large")),
+  ("subset", "smartclip", "small"),
+  ("subset", "clip", "small"),
+)
 QUICK_RUNS = (("prefix", "smartclip", "small"), ("prefix", "clip", "small"))
 SEEDS = (0, 1, 2, 3)
 BASE_SEED = 0
@@ -83,10 +102,10 @@ def towers(sizes: Sizes) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.batch_size = sizes.batch
   c.model.embed_dim = 64
-  c.model.vision.update(image_size=48, patch_size=sizes.patch, width=sizes.width,
-                        layers=sizes.layers, heads=sizes.heads)
-  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers,
-                      heads=sizes.heads)
+  c.model.vision.update(
+    image_size=48, patch_size=sizes.patch, width=sizes.width, layers=sizes.layers, heads=sizes.heads
+  )
+  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers, heads=sizes.heads)
   c.model.mask.heads = sizes.heads
   c.optim.frozen_positions = 0  # nothing was stretched: every position of the base trained
   return c
@@ -105,8 +124,7 @@ def configure(name: str, sizes: Sizes) -> ml_collections.ConfigDict:
   else:
     loss, lr = name.split("@")
     c.loss = loss
-    c.optim.towers.update(lr=TOWER_LRS[lr],
-                          warmup_steps=max(1, round(sizes.steps * 200 / 3650)))
+    c.optim.towers.update(lr=TOWER_LRS[lr], warmup_steps=max(1, round(sizes.steps * 200 / 3650)))
   config_lib.validate(c)
   return c
 
@@ -114,17 +132,20 @@ def configure(name: str, sizes: Sizes) -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class TestSet:
   """The probes and partial queries on the first `gallery` test scenes."""
+
   gallery: int
   probes: probes_lib.Probes
   partial: probes_lib.PartialQueries
 
 
 def test_set(split: scenes.Split, gallery: int, sizes: Sizes) -> TestSet:
-  part = scenes.Split(split.images[:gallery], split.scenes[:gallery],
-                      split.sentence_ids[:gallery])
+  part = scenes.Split(split.images[:gallery], split.scenes[:gallery], split.sentence_ids[:gallery])
   context = towers(sizes).model.text.context_length
-  return TestSet(gallery, probes_lib.make_probes(part, context),
-                 probes_lib.make_partial(part, context, sizes.partial_per_image, PARTIAL_SEED))
+  return TestSet(
+    gallery,
+    probes_lib.make_probes(part, context),
+    probes_lib.make_partial(part, context, sizes.partial_per_image, PARTIAL_SEED),
+  )
 
 
 def score(parts: Any, params: Any, test: TestSet, masked: bool) -> tuple[dict, list[bool]]:
@@ -134,8 +155,7 @@ def score(parts: Any, params: Any, test: TestSet, masked: bool) -> tuple[dict, l
   masks = parts.batched("text_masks", params) if masked else None
   scorer = probes_lib.scorer(encode_image(test.probes.split.images), encode_text, masks)
   metrics = probes_lib.evaluate_scores(scorer, test.probes)
-  hits = probes_lib.named_hits(scorer(test.partial.tokens), test.partial.named,
-                               test.probes.split)
+  hits = probes_lib.named_hits(scorer(test.partial.tokens), test.partial.named, test.probes.split)
   return {MAIN: 100 * float(hits.mean()), **metrics}, hits.tolist()
 
 
@@ -152,10 +172,13 @@ def start_process(sizes: Sizes, cores: Any = None) -> None:
   size = towers(sizes).model.vision.image_size
   test = scenes.make_split(sizes.test, size, TEST_SEED, "test")
   _PROCESS.update(
-      sizes=sizes, test=test, tests={},
-      train=scenes.make_split(sizes.train, size, 0, "train"),
-      pretrain=scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
-      trainer=Trainer(lambda name: configure(name, sizes)))
+    sizes=sizes,
+    test=test,
+    tests={},
+    train=scenes.make_split(sizes.train, size, 0, "train"),
+    pretrain=scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
+    trainer=Trainer(lambda name: configure(name, sizes)),
+  )
 
 
 def _test(gallery: int) -> TestSet:
@@ -170,36 +193,52 @@ def pretrain_task(out: pathlib.Path) -> tuple[dict, Any]:
   sizes, trainer = _PROCESS["sizes"], _PROCESS["trainer"]
   t0 = time.perf_counter()
   context = towers(sizes).model.text.context_length
-  index, tokens = caption_schedule(_PROCESS["pretrain"], sizes.pretrain_steps, sizes.batch,
-                                   "full", BASE_SEED, context)
+  index, tokens = caption_schedule(
+    _PROCESS["pretrain"], sizes.pretrain_steps, sizes.batch, "full", BASE_SEED, context
+  )
   parts, params, loss = trainer.train("pretrain", BASE_SEED, _PROCESS["pretrain"], index, tokens)
   by_gallery = {str(g): score(parts, params, _test(g), False)[0] for g in galleries(sizes)}
   _save(out / "models" / "base.msgpack", params)
   return {"loss": loss, "by_gallery": by_gallery, "seconds": time.perf_counter() - t0}, params
 
 
-def finetune_task(out: pathlib.Path, seed: int, mode: str, loss: str, lr: str, base: Any,
-                  gallery: int, analyse: bool) -> dict:
+def finetune_task(
+  out: pathlib.Path,
+  seed: int,
+  mode: str,
+  loss: str,
+  lr: str,
+  base: Any,
+  gallery: int,
+  analyse: bool,
+) -> dict:
   """One fine-tuning run from the base, scored (SmartCLIP both ways), its model saved."""
   sizes, trainer = _PROCESS["sizes"], _PROCESS["trainer"]
   t0 = time.perf_counter()
   context = towers(sizes).model.text.context_length
-  index, tokens = caption_schedule(_PROCESS["train"], sizes.steps, sizes.batch, mode, seed,
-                                   context)
+  index, tokens = caption_schedule(_PROCESS["train"], sizes.steps, sizes.batch, mode, seed, context)
   init = {k: base[k] for k in ("visual", "text")}
   if loss == "clip":
     init["logit_scale"] = base["logit_scale"]  # the base's temperature, as CLIP goes on
   name = f"{loss}@{lr}"
   parts, params, final = trainer.train(name, seed, _PROCESS["train"], index, tokens, init)
   test = _test(gallery)
-  record = {"setting": mode, "method": loss, "lr": lr, "seed": seed, "loss": final,
-            "modes": {}, "hits": {}}
+  record = {
+    "setting": mode,
+    "method": loss,
+    "lr": lr,
+    "seed": seed,
+    "loss": final,
+    "modes": {},
+    "hits": {},
+  }
   for masked in (False, True) if loss == "smartclip" else (False,):
     view = "masked" if masked else "plain"
     record["modes"][view], record["hits"][view] = score(parts, params, test, masked)
   if analyse:
-    record["masks"] = figures.mask_analysis(parts.batched("text_masks", params), test.probes,
-                                            context)
+    record["masks"] = figures.mask_analysis(
+      parts.batched("text_masks", params), test.probes, context
+    )
   _save(out / "models" / f"{mode}_{name}_seed{seed}.msgpack", params)
   record["seconds"] = time.perf_counter() - t0
   return record
@@ -240,8 +279,11 @@ def paired(runs: list[dict], rng: np.random.Generator) -> list[dict]:
   cells = sorted({(mode, lr) for mode, method, lr, _ in by_key if method == "smartclip"})
   out = []
   for mode, lr in cells:
-    seeds = sorted(s for m, method, l, s in by_key if (m, method, l) == (mode, "clip", lr)
-                   and (mode, "smartclip", lr, s) in by_key)
+    seeds = sorted(
+      s
+      for m, method, l, s in by_key
+      if (m, method, l) == (mode, "clip", lr) and (mode, "smartclip", lr, s) in by_key
+    )
     for view in ("plain", "masked") if seeds else ():
       diffs, intervals = [], []
       for s in seeds:
@@ -254,10 +296,20 @@ def paired(runs: list[dict], rng: np.random.Generator) -> list[dict]:
       n, mean = len(diffs), float(np.mean(diffs))
       sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
       half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
-      out.append({"setting": mode, "lr": lr, "smartclip": view, "seeds": seeds,
-                  "differences": diffs, "mean": mean, "sd": sd,
-                  "t_interval": [mean - half, mean + half], "detectable": detectable(sd, n),
-                  "bootstrap_per_seed": intervals})
+      out.append(
+        {
+          "setting": mode,
+          "lr": lr,
+          "smartclip": view,
+          "seeds": seeds,
+          "differences": diffs,
+          "mean": mean,
+          "sd": sd,
+          "t_interval": [mean - half, mean + half],
+          "detectable": detectable(sd, n),
+          "bootstrap_per_seed": intervals,
+        }
+      )
   return out
 
 
@@ -266,12 +318,19 @@ def summarize(runs: list[dict]) -> dict:
   groups: dict = {}
   for r in runs:
     for view, metrics in r["modes"].items():
-      groups.setdefault(r["setting"], {}).setdefault(f"{r['method']}@{r['lr']} {view}",
-                                                     []).append(metrics)
-  return {setting: {row: {m: [float(np.mean([x[m] for x in rows])),
-                              float(np.std([x[m] for x in rows]))] for m in METRICS}
-                    for row, rows in by_row.items()}
-          for setting, by_row in groups.items()}
+      groups.setdefault(r["setting"], {}).setdefault(f"{r['method']}@{r['lr']} {view}", []).append(
+        metrics
+      )
+  return {
+    setting: {
+      row: {
+        m: [float(np.mean([x[m] for x in rows])), float(np.std([x[m] for x in rows]))]
+        for m in METRICS
+      }
+      for row, rows in by_row.items()
+    }
+    for setting, by_row in groups.items()
+  }
 
 
 def table(results: dict) -> str:
@@ -279,25 +338,44 @@ def table(results: dict) -> str:
   differences on the main metric."""
   gallery, base = results["gallery"], results["base"]
   heads = " | ".join(METRICS)
-  lines = [f"Main metric `{MAIN}` on a gallery of {gallery} test scenes; the other retrieval "
-           "metrics on the same gallery.", "", "### base CLIP (one model)", "",
-           f"| gallery | {heads} |", "|---" * (len(METRICS) + 1) + "|"]
+  lines = [
+    f"Main metric `{MAIN}` on a gallery of {gallery} test scenes; the other retrieval "
+    "metrics on the same gallery.",
+    "",
+    "### base CLIP (one model)",
+    "",
+    f"| gallery | {heads} |",
+    "|---" * (len(METRICS) + 1) + "|",
+  ]
   for g, metrics in base["by_gallery"].items():
     lines.append(f"| {g} | " + " | ".join(f"{metrics[m]:.1f}" for m in METRICS) + " |")
   for setting, rows in results["summary"].items():
-    lines += ["", f"### fine-tuned on {setting} captions (mean ± std over seeds)", "",
-              f"| run | {heads} |", "|---" * (len(METRICS) + 1) + "|"]
+    lines += [
+      "",
+      f"### fine-tuned on {setting} captions (mean ± std over seeds)",
+      "",
+      f"| run | {heads} |",
+      "|---" * (len(METRICS) + 1) + "|",
+    ]
     for row, metrics in rows.items():
-      lines.append(f"| {row} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in metrics.values())
-                   + " |")
-  lines += ["", f"### SmartCLIP − CLIP fine-tuned, `{MAIN}`, paired by seed (points)", "",
-            "| captions | towers' lr | SmartCLIP scored | per seed | mean | 95 % t interval | "
-            "detectable (80 % power) |", "|---|---|---|---|---|---|---|"]
+      lines.append(
+        f"| {row} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in metrics.values()) + " |"
+      )
+  lines += [
+    "",
+    f"### SmartCLIP − CLIP fine-tuned, `{MAIN}`, paired by seed (points)",
+    "",
+    "| captions | towers' lr | SmartCLIP scored | per seed | mean | 95 % t interval | "
+    "detectable (80 % power) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for p in results["paired"]:
     lo, hi = p["t_interval"]
-    lines.append(f"| {p['setting']} | {p['lr']} | {p['smartclip']} | "
-                 + ", ".join(f"{d:+.1f}" for d in p["differences"])
-                 + f" | {p['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {p['detectable']:.1f} |")
+    lines.append(
+      f"| {p['setting']} | {p['lr']} | {p['smartclip']} | "
+      + ", ".join(f"{d:+.1f}" for d in p["differences"])
+      + f" | {p['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {p['detectable']:.1f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -306,18 +384,29 @@ def write_outputs(out: pathlib.Path, results: dict) -> None:
   prefix = results["summary"].get("prefix", {})
   curves = {}
   for method, view in (("smartclip", "plain"), ("smartclip", "masked"), ("clip", "plain")):
-    rows = [(TOWER_LRS[lr], prefix[f"{method}@{lr} {view}"][MAIN]) for lr in TOWER_LRS
-            if f"{method}@{lr} {view}" in prefix]
+    rows = [
+      (TOWER_LRS[lr], prefix[f"{method}@{lr} {view}"][MAIN])
+      for lr in TOWER_LRS
+      if f"{method}@{lr} {view}" in prefix
+    ]
     if rows:
-      curves[f"{method} ({view})"] = ([r[0] for r in rows], [r[1][0] for r in rows],
-                                      [r[1][1] for r in rows])
+      curves[f"{method} ({view})"] = (
+        [r[0] for r in rows],
+        [r[1][0] for r in rows],
+        [r[1][1] for r in rows],
+      )
   base = results["base"]["by_gallery"][str(results["gallery"])][MAIN]
   figures.lr_sweep(out / "lr_sweep.png", curves, base, MAIN)
   figures.mask_figures(out, results["masks"])
 
 
-def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
-        runs: Sequence[tuple[str, str, str]] = RUNS, workers: int = 1) -> dict:
+def run(
+  out: pathlib.Path,
+  sizes: Sizes,
+  seeds: Sequence[int] = SEEDS,
+  runs: Sequence[tuple[str, str, str]] = RUNS,
+  workers: int = 1,
+) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   total = 1 + len(seeds) * len(runs)
@@ -328,25 +417,38 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
   gallery = choose_gallery(base["by_gallery"])
   full = base["by_gallery"][str(galleries(sizes)[0])]
   base["passes_bar"] = all(full[m] >= v for m, v in BAR.items())
-  log.info("[1/%d] base CLIP (%.0f s): %s; gallery %d; bar %s", total, base["seconds"],
-           _brief(full), gallery, "met" if base["passes_bar"] else "NOT met")
+  log.info(
+    "[1/%d] base CLIP (%.0f s): %s; gallery %d; bar %s",
+    total,
+    base["seconds"],
+    _brief(full),
+    gallery,
+    "met" if base["passes_bar"] else "NOT met",
+  )
   base_params = jax.device_get(params)
   with executor(workers, start_process, sizes) as pool:
 
     def done(future: futures.Future) -> None:
       r = future.result()
       records.append(r)
-      log.info("[%d/%d] %s %s@%s seed %d (%.0f s, %.0f s in): %s", len(records) + 1, total,
-               r["setting"], r["method"], r["lr"], r["seed"], r["seconds"],
-               time.perf_counter() - start,
-               "  ".join(f"{v} {_brief(m)}" for v, m in r["modes"].items()))
+      log.info(
+        "[%d/%d] %s %s@%s seed %d (%.0f s, %.0f s in): %s",
+        len(records) + 1,
+        total,
+        r["setting"],
+        r["method"],
+        r["lr"],
+        r["seed"],
+        r["seconds"],
+        time.perf_counter() - start,
+        "  ".join(f"{v} {_brief(m)}" for v, m in r["modes"].items()),
+      )
 
     jobs = []
     for seed in seeds:
       for mode, loss, lr in runs:
         analyse = loss == "smartclip" and mode == "prefix" and seed == seeds[0]
-        job = pool.submit(finetune_task, out, seed, mode, loss, lr, base_params, gallery,
-                          analyse)
+        job = pool.submit(finetune_task, out, seed, mode, loss, lr, base_params, gallery, analyse)
         job.add_done_callback(done)
         jobs.append(job)
     for job in futures.as_completed(jobs):
@@ -354,11 +456,23 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
   order = {r: i for i, r in enumerate(runs)}
   records.sort(key=lambda r: (order[(r["setting"], r["method"], r["lr"])], r["seed"]))
   masks = {f"smartclip@{r['lr']}": r.pop("masks") for r in records if "masks" in r}
-  results = {"sizes": dataclasses.asdict(sizes), "seeds": list(seeds), "runs_per_seed": runs,
-             "tower_lrs": TOWER_LRS, "bar": BAR, "main": MAIN, "main_range": MAIN_RANGE,
-             "gallery": gallery, "base": base, "summary": summarize(records),
-             "paired": paired(records, np.random.default_rng(0)), "runs": records,
-             "masks": masks, "workers": workers, "wall_seconds": time.perf_counter() - start}
+  results = {
+    "sizes": dataclasses.asdict(sizes),
+    "seeds": list(seeds),
+    "runs_per_seed": runs,
+    "tower_lrs": TOWER_LRS,
+    "bar": BAR,
+    "main": MAIN,
+    "main_range": MAIN_RANGE,
+    "gallery": gallery,
+    "base": base,
+    "summary": summarize(records),
+    "paired": paired(records, np.random.default_rng(0)),
+    "runs": records,
+    "masks": masks,
+    "workers": workers,
+    "wall_seconds": time.perf_counter() - start,
+  }
   (out / "results.json").write_text(json.dumps(results, indent=1))
   write_outputs(out, results)
   log.info("done in %.0f s; %s", results["wall_seconds"], out)
@@ -366,16 +480,21 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
 
 
 def _brief(metrics: dict) -> str:
-  return " ".join(f"{k} {metrics[k]:.1f}" for k in (MAIN, "full_i2t_r1", "full_t2i_r1",
-                                                    "colour_acc", "shape_acc"))
+  return " ".join(
+    f"{k} {metrics[k]:.1f}" for k in (MAIN, "full_i2t_r1", "full_t2i_r1", "colour_acc", "shape_acc")
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   experiment_main(
-      argv, "python -m smartclip_jax.experiments.paper_regime", __doc__,
-      "tiny sizes, two seeds, two runs each: every output file, for the tests",
-      lambda out, workers: run(out, QUICK, seeds=SEEDS[:2], runs=QUICK_RUNS, workers=workers),
-      lambda out, workers: run(out, Sizes(), workers=workers), write_outputs)
+    argv,
+    "python -m smartclip_jax.experiments.paper_regime",
+    __doc__,
+    "tiny sizes, two seeds, two runs each: every output file, for the tests",
+    lambda out, workers: run(out, QUICK, seeds=SEEDS[:2], runs=QUICK_RUNS, workers=workers),
+    lambda out, workers: run(out, Sizes(), workers=workers),
+    write_outputs,
+  )
 
 
 if __name__ == "__main__":

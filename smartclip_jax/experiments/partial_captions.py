@@ -39,17 +39,20 @@ log = logging.getLogger("smartclip_jax")
 
 # Each method is config overrides on `base(...)`; the names are the table's rows.
 METHODS: dict[str, list[str]] = {
-    "clip": ["loss=clip"],
-    "clip_tau0.01": ["loss=clip", "clip.temperature=0.01"],
-    "smartclip": ["loss=smartclip"],
-    "smartclip_soft": ["loss=smartclip", "model.mask.hard=false"],
-    "smartclip_no_sparsity": ["loss=smartclip", "smartclip.sparsity_weight=0.0"],
-    "smartclip_no_modular": ["loss=smartclip", "smartclip.modular=false"],
-    "siglip": ["loss=siglip"],
+  "clip": ["loss=clip"],
+  "clip_tau0.01": ["loss=clip", "clip.temperature=0.01"],
+  "smartclip": ["loss=smartclip"],
+  "smartclip_soft": ["loss=smartclip", "model.mask.hard=false"],
+  "smartclip_no_sparsity": ["loss=smartclip", "smartclip.sparsity_weight=0.0"],
+  "smartclip_no_modular": ["loss=smartclip", "smartclip.modular=false"],
+  "siglip": ["loss=siglip"],
 }
 # (name, start, caption mode): `finetune` starts from the CLIP pretrained on full captions.
-SETTINGS = (("scratch/prefix", "scratch", "prefix"), ("finetune/prefix", "finetune", "prefix"),
-            ("finetune/subset", "finetune", "subset"))
+SETTINGS = (
+  ("scratch/prefix", "scratch", "prefix"),
+  ("finetune/prefix", "finetune", "prefix"),
+  ("finetune/subset", "finetune", "subset"),
+)
 SEEDS = (0, 1, 2)
 TEST_SEED = 1000  # the test split's scenes: one fixed set for every run
 
@@ -78,10 +81,10 @@ def base(sizes: Sizes) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.batch_size, c.total_steps = sizes.batch, sizes.steps
   c.model.embed_dim = 64
-  c.model.vision.update(image_size=48, patch_size=sizes.patch, width=sizes.width,
-                        layers=sizes.layers, heads=sizes.heads)
-  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers,
-                      heads=sizes.heads)
+  c.model.vision.update(
+    image_size=48, patch_size=sizes.patch, width=sizes.width, layers=sizes.layers, heads=sizes.heads
+  )
+  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers, heads=sizes.heads)
   c.model.mask.heads = sizes.heads
   c.optim.towers.update(lr=1e-3, weight_decay=0.1, warmup_steps=min(50, sizes.steps))
   c.optim.mask_net.lr = 1e-3
@@ -98,20 +101,27 @@ def method_config(method: str, sizes: Sizes) -> ml_collections.ConfigDict:
   return c
 
 
-def schedule(split: scenes.Split, steps: int, batch: int, mode: str, seed: int,
-             context_length: int) -> tuple[np.ndarray, np.ndarray]:
+def schedule(
+  split: scenes.Split, steps: int, batch: int, mode: str, seed: int, context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Image indices [steps, batch] (epochs of fresh permutations) and caption tokens
   [steps, batch, L] with each caption's sentences sampled by `mode`: one data order per seed,
   the same for every method."""
   rng = np.random.default_rng([seed, 7, ("full", "prefix", "subset").index(mode)])
   n = len(split.scenes)
   order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch // n))])
-  index = order[:steps * batch].reshape(steps, batch)
-  tokens = np.stack([
-      scenes.caption_tokens([split.sentence_ids[i][k] for k in
-                             scenes.sample_sentences(len(split.scenes[i]), mode, rng)],
-                            context_length)
-      for i in index.reshape(-1)]).reshape(steps, batch, context_length)
+  index = order[: steps * batch].reshape(steps, batch)
+  tokens = np.stack(
+    [
+      scenes.caption_tokens(
+        [
+          split.sentence_ids[i][k] for k in scenes.sample_sentences(len(split.scenes[i]), mode, rng)
+        ],
+        context_length,
+      )
+      for i in index.reshape(-1)
+    ]
+  ).reshape(steps, batch, context_length)
   return index, tokens
 
 
@@ -135,13 +145,23 @@ class Trainer:
       apply = lambda fn: jax.jit(lambda p, x: model.apply({"params": p}, x, method=fn))
       names = ("encode_image", "encode_text") + (("text_masks",) if c.loss == "smartclip" else ())
       self._parts[key] = Parts(
-          mesh, shardings, step_lib.state_initializer(model, tx, c, mesh, shardings),
-          step_lib.make_train_step(model, tx, c, mesh, shardings),
-          {fn: apply(fn) for fn in names})
+        mesh,
+        shardings,
+        step_lib.state_initializer(model, tx, c, mesh, shardings),
+        step_lib.make_train_step(model, tx, c, mesh, shardings),
+        {fn: apply(fn) for fn in names},
+      )
     return self._parts[key]
 
-  def train(self, method: str, seed: int, split: scenes.Split, index: np.ndarray,
-            tokens: np.ndarray, init: Any = None) -> tuple[Parts, Any, float]:
+  def train(
+    self,
+    method: str,
+    seed: int,
+    split: scenes.Split,
+    index: np.ndarray,
+    tokens: np.ndarray,
+    init: Any = None,
+  ) -> tuple[Parts, Any, float]:
     """Trains `method` from `seed`, the top-level parameters `init` holds (e.g. a pretrained
     CLIP's `visual` and `text`) taken from it and the rest fresh; returns (its parts, params,
     last loss)."""
@@ -166,22 +186,27 @@ class Trainer:
 class Parts:
   """What a method's runs share: its mesh, state shardings, initialiser (seed -> state), train
   step, and jitted (params, inputs) -> outputs per model method."""
+
   mesh: Any
   shardings: Any
   init: Callable[[int], Any]
   step: Callable
   apply: dict[str, Callable]
 
-  def batched(self, method: str, params: Any, prepare: Callable = lambda x: x,
-              batch: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+  def batched(
+    self, method: str, params: Any, prepare: Callable = lambda x: x, batch: int = 256
+  ) -> Callable[[np.ndarray], np.ndarray]:
     """inputs [N, ...] -> numpy outputs [N, ...], `batch` rows at a time."""
     fn = self.apply[method]
-    return lambda x: np.concatenate([np.asarray(fn(params, prepare(x[i:i + batch])))
-                                     for i in range(0, len(x), batch)])
+    return lambda x: np.concatenate(
+      [np.asarray(fn(params, prepare(x[i : i + batch]))) for i in range(0, len(x), batch)]
+    )
 
   def encoders(self, params: Any) -> tuple[Callable, Callable]:
-    return (self.batched("encode_image", params, normalize_image),
-            self.batched("encode_text", params))
+    return (
+      self.batched("encode_image", params, normalize_image),
+      self.batched("encode_text", params),
+    )
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -189,19 +214,28 @@ def summarize(runs: list[dict]) -> dict:
   out: dict = {}
   for r in runs:
     out.setdefault(r["setting"], {}).setdefault(r["method"], []).append(r)
-  return {setting: {method: {m: [float(np.mean([r[m] for r in rs])),
-                                 float(np.std([r[m] for r in rs]))]
-                             for m in probes_lib.METRICS}
-                    for method, rs in by_method.items()}
-          for setting, by_method in out.items()}
+  return {
+    setting: {
+      method: {
+        m: [float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs]))]
+        for m in probes_lib.METRICS
+      }
+      for method, rs in by_method.items()
+    }
+    for setting, by_method in out.items()
+  }
 
 
 def table(summary: dict) -> str:
   heads = " | ".join(probes_lib.METRICS)
   lines = []
   for setting, by_method in summary.items():
-    lines += [f"### {setting}", "", f"| method | {heads} |",
-              "|---" * (len(probes_lib.METRICS) + 1) + "|"]
+    lines += [
+      f"### {setting}",
+      "",
+      f"| method | {heads} |",
+      "|---" * (len(probes_lib.METRICS) + 1) + "|",
+    ]
     for method, metrics in by_method.items():
       cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in metrics.values())
       lines.append(f"| {method} | {cells} |")
@@ -212,6 +246,7 @@ def table(summary: dict) -> str:
 @dataclasses.dataclass
 class Data:
   """Every split a run reads, generated once per process."""
+
   train: scenes.Split
   pretrain: scenes.Split
   test: probes_lib.Probes
@@ -220,10 +255,11 @@ class Data:
 def make_data(sizes: Sizes) -> Data:
   c = base(sizes)
   context, size = c.model.text.context_length, c.model.vision.image_size
-  return Data(scenes.make_split(sizes.train, size, 0, "train"),
-              scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
-              probes_lib.make_probes(scenes.make_split(sizes.test, size, TEST_SEED, "test"),
-                                     context))
+  return Data(
+    scenes.make_split(sizes.train, size, 0, "train"),
+    scenes.make_split(sizes.pretrain, size, 0, "pretrain"),
+    probes_lib.make_probes(scenes.make_split(sizes.test, size, TEST_SEED, "test"), context),
+  )
 
 
 _PROCESS: dict[str, Any] = {}  # this process's sizes, Data and Trainer (`start_process`)
@@ -253,12 +289,14 @@ def start_process(sizes: Sizes, cores: Any = None) -> None:
   """Makes this process ready to run tasks (`pin_to_core` for a pool worker)."""
   if cores is not None:
     pin_to_core(cores)
-  _PROCESS.update(sizes=sizes, data=make_data(sizes),
-                  trainer=Trainer(lambda method: method_config(method, sizes)))
+  _PROCESS.update(
+    sizes=sizes, data=make_data(sizes), trainer=Trainer(lambda method: method_config(method, sizes))
+  )
 
 
-def run_task(seed: int, setting: str, mode: str, method: str, pretrained: Any = None,
-             analyse: bool = False) -> tuple[dict, Any]:
+def run_task(
+  seed: int, setting: str, mode: str, method: str, pretrained: Any = None, analyse: bool = False
+) -> tuple[dict, Any]:
   """One training run on captions sampled by `mode`, and its scores, in a process readied by
   `start_process`. Returns (its record, extra): extra is the towers of a `pretrained` run, the
   mask analysis when `analyse`, else None."""
@@ -271,9 +309,14 @@ def run_task(seed: int, setting: str, mode: str, method: str, pretrained: Any = 
     split, steps = data.train, sizes.steps
   index, tokens = schedule(split, steps, sizes.batch, mode, seed, context)
   parts, params, loss = trainer.train(method, seed, split, index, tokens, pretrained)
-  record = {"setting": setting, "method": method, "seed": seed, "loss": loss,
-            **probes_lib.evaluate(*parts.encoders(params), data.test),
-            "seconds": time.perf_counter() - t0}
+  record = {
+    "setting": setting,
+    "method": method,
+    "seed": seed,
+    "loss": loss,
+    **probes_lib.evaluate(*parts.encoders(params), data.test),
+    "seconds": time.perf_counter() - t0,
+  }
   if setting == "pretrained":
     return record, {k: params[k] for k in ("visual", "text")}
   if analyse:
@@ -303,12 +346,19 @@ def executor(workers: int, start: Callable, *args) -> futures.Executor:
   available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
   for i in range(workers):
     cores.put(available[i % len(available)])
-  return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start,
-                                     initargs=(*args, cores))
+  return futures.ProcessPoolExecutor(
+    workers, mp_context=context, initializer=start, initargs=(*args, cores)
+  )
 
 
-def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
-        methods: Sequence[str] = tuple(METHODS), settings=SETTINGS, workers: int = 1) -> dict:
+def run(
+  out: pathlib.Path,
+  sizes: Sizes,
+  seeds: Sequence[int] = SEEDS,
+  methods: Sequence[str] = tuple(METHODS),
+  settings=SETTINGS,
+  workers: int = 1,
+) -> dict:
   """Every (seed, setting, method) run on `workers` processes; a seed's fine-tuning runs start
   when its pretraining is done. Writes the outputs to `out`."""
   out.mkdir(parents=True, exist_ok=True)
@@ -322,12 +372,21 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
   def done(future: futures.Future) -> None:
     record, _ = future.result()
     runs.append(record)
-    log.info("[%d/%d] %s %s seed %d (%.0f s, %.0f s in): %s", len(runs), total,
-             record["setting"], record["method"], record["seed"], record["seconds"],
-             time.perf_counter() - start, _brief(record))
+    log.info(
+      "[%d/%d] %s %s seed %d (%.0f s, %.0f s in): %s",
+      len(runs),
+      total,
+      record["setting"],
+      record["method"],
+      record["seed"],
+      record["seconds"],
+      time.perf_counter() - start,
+      _brief(record),
+    )
 
-  def submit(seed: int, setting: str, mode: str, method: str,
-             pretrained: Any = None) -> futures.Future:
+  def submit(
+    seed: int, setting: str, mode: str, method: str, pretrained: Any = None
+  ) -> futures.Future:
     analyse = method.startswith("smartclip") and seed == seeds[0] and setting == "finetune/prefix"
     future = pool.submit(run_task, seed, setting, mode, method, pretrained, analyse)
     future.add_done_callback(done)
@@ -337,8 +396,9 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
 
   log.info("%d runs on %d process(es); %s", total, workers, sizes)
   with executor(workers, start_process, sizes) as pool:
-    pretraining = ({seed: submit(seed, "pretrained", "full", "clip") for seed in seeds}
-                   if finetune else {})
+    pretraining = (
+      {seed: submit(seed, "pretrained", "full", "clip") for seed in seeds} if finetune else {}
+    )
     jobs = [submit(seed, s, mode, m) for seed in seeds for s, mode in scratch for m in methods]
     for seed, future in pretraining.items():
       towers = future.result()[1]
@@ -350,10 +410,18 @@ def run(out: pathlib.Path, sizes: Sizes, seeds: Sequence[int] = SEEDS,
   runs.sort(key=lambda r: (order.index(r["setting"]), rank[r["method"]], r["seed"]))
   summary = summarize(runs)
   masks = {m: masks[m] for m in methods if m in masks}
-  results = {"sizes": dataclasses.asdict(sizes), "seeds": list(seeds), "methods": METHODS,
-             "settings": [s[0] for s in settings], "test_seed": TEST_SEED, "workers": workers,
-             "runs": runs, "summary": summary, "masks": masks,
-             "wall_seconds": time.perf_counter() - start}
+  results = {
+    "sizes": dataclasses.asdict(sizes),
+    "seeds": list(seeds),
+    "methods": METHODS,
+    "settings": [s[0] for s in settings],
+    "test_seed": TEST_SEED,
+    "workers": workers,
+    "runs": runs,
+    "summary": summary,
+    "masks": masks,
+    "wall_seconds": time.perf_counter() - start,
+  }
   (out / "results.json").write_text(json.dumps(results, indent=1))
   write_outputs(out, results)
   log.info("done in %.0f s; %s", results["wall_seconds"], out)
@@ -370,21 +438,34 @@ def _brief(record: dict) -> str:
   return "  ".join(f"{k} {record[k]:.1f}" for k in probes_lib.METRICS)
 
 
-def experiment_main(argv: Sequence[str] | None, prog: str, doc: str, quick: str,
-                    run_quick: Callable[[pathlib.Path, int], Any],
-                    run_full: Callable[[pathlib.Path, int], Any],
-                    replot: Callable[[pathlib.Path, dict], None]) -> None:
+def experiment_main(
+  argv: Sequence[str] | None,
+  prog: str,
+  doc: str,
+  quick: str,
+  run_quick: Callable[[pathlib.Path, int], Any],
+  run_full: Callable[[pathlib.Path, int], Any],
+  replot: Callable[[pathlib.Path, dict], None],
+) -> None:
   """The command line an experiment shares: --out, --workers, --quick, --replot; prints the
   table it wrote."""
-  parser = argparse.ArgumentParser(prog=prog, description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--out", type=pathlib.Path, required=True)
-  parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                      help="processes running runs side by side, one core each (default: "
-                           "this machine's cores, at most 8)")
+  parser.add_argument(
+    "--workers",
+    type=int,
+    default=min(os.cpu_count() or 1, 8),
+    help="processes running runs side by side, one core each (default: "
+    "this machine's cores, at most 8)",
+  )
   parser.add_argument("--quick", action="store_true", help=quick)
-  parser.add_argument("--replot", action="store_true",
-                      help="no runs: redraw table.md and the figures from --out's results.json")
+  parser.add_argument(
+    "--replot",
+    action="store_true",
+    help="no runs: redraw table.md and the figures from --out's results.json",
+  )
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
   if args.replot:
@@ -398,11 +479,14 @@ def experiment_main(argv: Sequence[str] | None, prog: str, doc: str, quick: str,
 
 def main(argv: Sequence[str] | None = None) -> None:
   experiment_main(
-      argv, "python -m smartclip_jax.experiments.partial_captions", __doc__,
-      "tiny sizes, one seed, CLIP and SmartCLIP only: every output file, for the tests",
-      lambda out, workers: run(out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS,
-                               workers=workers),
-      lambda out, workers: run(out, Sizes(), workers=workers), write_outputs)
+    argv,
+    "python -m smartclip_jax.experiments.partial_captions",
+    __doc__,
+    "tiny sizes, one seed, CLIP and SmartCLIP only: every output file, for the tests",
+    lambda out, workers: run(out, QUICK, seeds=SEEDS[:1], methods=QUICK_METHODS, workers=workers),
+    lambda out, workers: run(out, Sizes(), workers=workers),
+    write_outputs,
+  )
 
 
 if __name__ == "__main__":

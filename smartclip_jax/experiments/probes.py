@@ -26,8 +26,15 @@ from smartclip_jax.experiments import scenes
 from smartclip_jax.tokenizer import tokenize
 
 CONCEPTS = list(itertools.product(scenes.COLOURS, scenes.SHAPES))  # (colour, shape) prompts
-METRICS = ("full_i2t_r1", "full_t2i_r1", "single_t2i_r1", "colour_acc", "shape_acc",
-           "presence_auc", "swap_acc")
+METRICS = (
+  "full_i2t_r1",
+  "full_t2i_r1",
+  "single_t2i_r1",
+  "colour_acc",
+  "shape_acc",
+  "presence_auc",
+  "swap_acc",
+)
 
 
 def prompt(colour: str, shape: str) -> str:
@@ -47,12 +54,14 @@ class Probes:
 @dataclasses.dataclass
 class PartialQueries:
   """Captions that name some, never all, of a scene's objects, each to retrieve its scene."""
+
   tokens: np.ndarray  # [Q, L]
   named: list[list[scenes.Thing]]  # the objects each query names
 
 
-def make_partial(split: scenes.Split, context_length: int, per_image: int,
-                 seed: int) -> PartialQueries:
+def make_partial(
+  split: scenes.Split, context_length: int, per_image: int, seed: int
+) -> PartialQueries:
   """`per_image` queries per scene: k of its n sentences, k uniform in 1..n-1, kept in caption
   order. Scene i's draws depend on (seed, i) only, so the first K scenes of a split have the
   same queries whatever its length."""
@@ -61,8 +70,7 @@ def make_partial(split: scenes.Split, context_length: int, per_image: int,
     rng = np.random.default_rng([seed, 17, i])
     for _ in range(per_image):
       keep = sorted(rng.choice(len(things), int(rng.integers(1, len(things))), replace=False))
-      tokens.append(scenes.caption_tokens([split.sentence_ids[i][k] for k in keep],
-                                          context_length))
+      tokens.append(scenes.caption_tokens([split.sentence_ids[i][k] for k in keep], context_length))
       named.append([things[k] for k in keep])
   return PartialQueries(np.stack(tokens), named)
 
@@ -70,8 +78,13 @@ def make_partial(split: scenes.Split, context_length: int, per_image: int,
 def make_probes(split: scenes.Split, context_length: int) -> Probes:
   full = np.stack([scenes.caption_tokens(ids, context_length) for ids in split.sentence_ids])
   single_things = [(i, t) for i, things in enumerate(split.scenes) for t in things]
-  single = np.stack([scenes.caption_tokens([split.sentence_ids[i][k]], context_length)
-                     for i, things in enumerate(split.scenes) for k in range(len(things))])
+  single = np.stack(
+    [
+      scenes.caption_tokens([split.sentence_ids[i][k]], context_length)
+      for i, things in enumerate(split.scenes)
+      for k in range(len(things))
+    ]
+  )
   pairs = []
   for i, things in enumerate(split.scenes):
     a, b = things[0], things[1]
@@ -79,8 +92,14 @@ def make_probes(split: scenes.Split, context_length: int) -> Probes:
       true = f"{prompt(a.colour, a.shape)} {prompt(b.colour, b.shape)}"
       swapped = f"{prompt(b.colour, a.shape)} {prompt(a.colour, b.shape)}"
       pairs.append((i, *tokenize([true, swapped], context_length)))
-  return Probes(split, full, single, single_things,
-                tokenize([prompt(c, s) for c, s in CONCEPTS], context_length), pairs)
+  return Probes(
+    split,
+    full,
+    single,
+    single_things,
+    tokenize([prompt(c, s) for c, s in CONCEPTS], context_length),
+    pairs,
+  )
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -97,32 +116,41 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 Scorer = Callable[[np.ndarray], np.ndarray]  # caption tokens [M, L] -> scores [images, M]
 
 
-def scorer(img_emb: np.ndarray, encode_text: Callable[[np.ndarray], np.ndarray],
-           text_masks: Callable[[np.ndarray], np.ndarray] | None = None) -> Scorer:
+def scorer(
+  img_emb: np.ndarray,
+  encode_text: Callable[[np.ndarray], np.ndarray],
+  text_masks: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Scorer:
   """Scores of every image against captions: plain cosines (the paper's inference), or with
   `text_masks` each caption's mask on the image side, the training score (`losses`)."""
   if text_masks is None:
     img = _normalize(img_emb)
     return lambda tokens: img @ _normalize(encode_text(tokens)).T
-  return lambda tokens: np.asarray(losses.masked_similarity(
-      img_emb, encode_text(tokens), text_masks(tokens)))
+  return lambda tokens: np.asarray(
+    losses.masked_similarity(img_emb, encode_text(tokens), text_masks(tokens))
+  )
 
 
-def named_hits(scores: np.ndarray, named: list[list[scenes.Thing]], split: scenes.Split,
-               ) -> np.ndarray:
+def named_hits(
+  scores: np.ndarray,
+  named: list[list[scenes.Thing]],
+  split: scenes.Split,
+) -> np.ndarray:
   """bool [Q]: whether each query's top-1 image (scores [images, Q]) holds every object the
   query names, each equal in all five factors."""
   top = scores.argmax(0)
   return np.array([all(t in split.scenes[j] for t in things) for things, j in zip(named, top)])
 
 
-def evaluate(encode_image: Callable[[np.ndarray], np.ndarray],
-             encode_text: Callable[[np.ndarray], np.ndarray], probes: Probes,
-             text_masks: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+def evaluate(
+  encode_image: Callable[[np.ndarray], np.ndarray],
+  encode_text: Callable[[np.ndarray], np.ndarray],
+  probes: Probes,
+  text_masks: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict[str, float]:
   """Every test set's score in percent (AUC too), from unnormalised embedding functions; with
   `text_masks`, pairs are scored with each caption's mask (`scorer`)."""
-  return evaluate_scores(scorer(encode_image(probes.split.images), encode_text, text_masks),
-                         probes)
+  return evaluate_scores(scorer(encode_image(probes.split.images), encode_text, text_masks), probes)
 
 
 def evaluate_scores(score: Scorer, probes: Probes) -> dict[str, float]:
@@ -130,10 +158,13 @@ def evaluate_scores(score: Scorer, probes: Probes) -> dict[str, float]:
   p = probes
   sims = score(p.full)
   n = len(sims)
-  out = {"full_i2t_r1": np.mean(sims.argmax(1) == np.arange(n)),
-         "full_t2i_r1": np.mean(sims.argmax(0) == np.arange(n))}
-  out["single_t2i_r1"] = np.mean(named_hits(score(p.single), [[t] for _, t in p.single_things],
-                                            p.split))
+  out = {
+    "full_i2t_r1": np.mean(sims.argmax(1) == np.arange(n)),
+    "full_t2i_r1": np.mean(sims.argmax(0) == np.arange(n)),
+  }
+  out["single_t2i_r1"] = np.mean(
+    named_hits(score(p.single), [[t] for _, t in p.single_things], p.split)
+  )
 
   concept = score(p.concepts)  # [N, colours x shapes]
   grid = concept.reshape(n, len(scenes.COLOURS), len(scenes.SHAPES))
@@ -150,8 +181,9 @@ def evaluate_scores(score: Scorer, probes: Probes) -> dict[str, float]:
   out["colour_acc"], out["shape_acc"] = np.mean(colour_hits), np.mean(shape_hits)
   aucs = []
   for k, (colour, shape) in enumerate(CONCEPTS):
-    labels = np.array([any(t.colour == colour and t.shape == shape for t in things)
-                       for things in p.split.scenes])
+    labels = np.array(
+      [any(t.colour == colour and t.shape == shape for t in things) for things in p.split.scenes]
+    )
     if labels.any() and not labels.all():
       aucs.append(auc(concept[:, k], labels))
   out["presence_auc"] = np.mean(aucs)

@@ -26,6 +26,7 @@ SPLITS = {"train": 0, "test": 1, "pretrain": 2}
 @dataclasses.dataclass(frozen=True)
 class Thing(demo.Shape):
   """A demo shape with a texture."""
+
   texture: str = "solid"
 
   def sentence(self) -> str:
@@ -41,9 +42,16 @@ def draw(rng: np.random.Generator, min_objects: int = 2, max_objects: int = 5) -
   sentence order, which is therefore random with respect to place."""
   count = int(rng.integers(min_objects, max_objects + 1))
   cells = rng.choice(len(PLACES), size=count, replace=False)
-  return [Thing(SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))],
-                SIZES[rng.integers(len(SIZES))], divmod(int(c), 3),
-                TEXTURES[rng.integers(len(TEXTURES))]) for c in cells]
+  return [
+    Thing(
+      SHAPES[rng.integers(len(SHAPES))],
+      COLOURS[rng.integers(len(COLOURS))],
+      SIZES[rng.integers(len(SIZES))],
+      divmod(int(c), 3),
+      TEXTURES[rng.integers(len(TEXTURES))],
+    )
+    for c in cells
+  ]
 
 
 def render(things: list[Thing], size: int, rng: np.random.Generator) -> np.ndarray:
@@ -66,6 +74,7 @@ def render(things: list[Thing], size: int, rng: np.random.Generator) -> np.ndarr
 class Split:
   """A whole split in memory: images uint8 [N, S, S, 3], each scene's objects, and each
   object's sentence as token ids (no start/end tokens) for building captions fast."""
+
   images: np.ndarray
   scenes: list[list[Thing]]
   sentence_ids: list[list[list[int]]]
@@ -94,7 +103,7 @@ def caption_tokens(sentences: list[list[int]], context_length: int) -> np.ndarra
   if len(ids) > context_length:
     raise ValueError(f"a caption of {len(ids)} tokens exceeds the context of {context_length}")
   out = np.zeros(context_length, np.int32)
-  out[:len(ids)] = ids
+  out[: len(ids)] = ids
   return out
 
 

@@ -92,10 +92,11 @@ def restack_layers(flat: Mapping[str, Any], like: Mapping[str, Any]) -> Flat:
 
 # ---- ours <-> OpenAI ----------------------------------------------------------------------
 
+
 def openai_name(path: str) -> str:
   """Our flat name -> its OpenAI-layout key ('text/ln_final/scale' -> 'ln_final.weight')."""
   if path.startswith("text/"):
-    path = path[len("text/"):]  # OpenAI's text tower lives at the top level
+    path = path[len("text/") :]  # OpenAI's text tower lives at the top level
   path = re.sub(r"resblocks_(\d+)", r"resblocks.\1", path)
   path = path.replace("attn_pool/", "attn_pool/attention/")
   path = re.sub(r"attn/in_proj_kernel$", "attn/in_proj_weight", path)
@@ -107,9 +108,13 @@ def openai_name(path: str) -> str:
 
 
 def _kind(path: str) -> str:
-  for suffix, kind in (("conv1/kernel", "conv"), ("in_proj_kernel", "in_proj"),
-                       ("in_proj_bias", "flat"), ("out_proj_kernel", "out_proj"),
-                       ("/kernel", "dense")):
+  for suffix, kind in (
+    ("conv1/kernel", "conv"),
+    ("in_proj_kernel", "in_proj"),
+    ("in_proj_bias", "flat"),
+    ("out_proj_kernel", "out_proj"),
+    ("/kernel", "dense"),
+  ):
     if path.endswith(suffix):
       return kind
   return "same"
@@ -135,8 +140,7 @@ def to_openai(params: Mapping) -> Flat:
   return out
 
 
-def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping,
-                partial: bool = False) -> dict:
+def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping, partial: bool = False) -> dict:
   """An OpenAI-layout state_dict -> our tree with the leaf shapes of `shapes` (a tree of
   anything with `.shape`). Long-CLIP's two position tables are merged, and a text position
   table of another length is stretched Long-CLIP's way (77 -> 248). Extra keys are ignored
@@ -182,6 +186,7 @@ IGNORED = {"attn_mask", "input_resolution", "context_length", "vocab_size"}  # b
 
 def infer_arch(state: Mapping[str, np.ndarray]) -> dict:
   """Model sizes from an OpenAI-layout state_dict (heads = width / 64, as in OpenAI CLIP)."""
+
   def layers(prefix: str) -> int:
     found = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}(\d+)\.", k))}
     return max(found) + 1 if found else 0
@@ -191,34 +196,49 @@ def infer_arch(state: Mapping[str, np.ndarray]) -> dict:
   grid = int(round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
   text_width = state["ln_final.weight"].shape[0]
   return dict(
-      embed_dim=state["visual.proj"].shape[1],
-      vision=dict(image_size=grid * patch, patch_size=patch, width=width,
-                  layers=layers(r"visual\.transformer\.resblocks\."), heads=width // 64),
-      text=dict(context_length=state["positional_embedding"].shape[0],
-                vocab_size=state["token_embedding.weight"].shape[0], width=text_width,
-                layers=layers(r"transformer\.resblocks\."), heads=text_width // 64),
-      mask_net=any(k.startswith("mask_net.") for k in state),
-      mask_heads=text_width // 64,
-      logit_bias="logit_bias" in state)
+    embed_dim=state["visual.proj"].shape[1],
+    vision=dict(
+      image_size=grid * patch,
+      patch_size=patch,
+      width=width,
+      layers=layers(r"visual\.transformer\.resblocks\."),
+      heads=width // 64,
+    ),
+    text=dict(
+      context_length=state["positional_embedding"].shape[0],
+      vocab_size=state["token_embedding.weight"].shape[0],
+      width=text_width,
+      layers=layers(r"transformer\.resblocks\."),
+      heads=text_width // 64,
+    ),
+    mask_net=any(k.startswith("mask_net.") for k in state),
+    mask_heads=text_width // 64,
+    logit_bias="logit_bias" in state,
+  )
 
 
 # ---- OpenAI <-> HF ------------------------------------------------------------------------
 
-_HF_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
-             "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+_HF_BLOCK = {
+  "ln_1": "layer_norm1",
+  "ln_2": "layer_norm2",
+  "mlp.c_fc": "mlp.fc1",
+  "mlp.c_proj": "mlp.fc2",
+  "attn.out_proj": "self_attn.out_proj",
+}
 _HF_TOP = {
-    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic, transformers' name
-    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
-    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
-    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight",
-    "ln_final.bias": "text_model.final_layer_norm.bias",
-    "logit_scale": "logit_scale",
+  "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+  "visual.class_embedding": "vision_model.embeddings.class_embedding",
+  "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+  "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic, transformers' name
+  "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+  "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+  "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+  "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+  "positional_embedding": "text_model.embeddings.position_embedding.weight",
+  "ln_final.weight": "text_model.final_layer_norm.weight",
+  "ln_final.bias": "text_model.final_layer_norm.bias",
+  "logit_scale": "logit_scale",
 }
 _HF_PROJ = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 

@@ -20,6 +20,7 @@ from smartclip_jax.models.vit import VisionTransformer
 
 class TwoTowers(nn.Module):
   """Params: `visual`, `text`, `mask_net` (if `use_mask_net`), `logit_scale` (+ `logit_bias`)."""
+
   vision: dict
   text: dict
   embed_dim: int
@@ -37,11 +38,11 @@ class TwoTowers(nn.Module):
     self.text_tower = TextTransformer(**self.text, **common, name="text")
     if self.use_mask_net:
       self.mask_net = MaskNetwork(heads=self.mask_heads, hard=self.mask_hard, **common)
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale),
-                                  ())
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(self.init_logit_scale), ()
+    )
     if self.init_logit_bias is not None:
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias),
-                                   ())
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias), ())
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """Unnormalised image embeddings [B, D] (float32)."""
@@ -58,8 +59,11 @@ class TwoTowers(nn.Module):
   def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
     """Everything a loss needs: embeddings, masks when present, scale and bias."""
     txt_emb, txt_tokens = self.text_tower(tokens)
-    out = {"img_emb": self.encode_image(images), "txt_emb": txt_emb.astype(jnp.float32),
-           "logit_scale": self.logit_scale}
+    out = {
+      "img_emb": self.encode_image(images),
+      "txt_emb": txt_emb.astype(jnp.float32),
+      "logit_scale": self.logit_scale,
+    }
     if self.use_mask_net:
       out["masks"] = self.mask_net(txt_tokens)
     if self.init_logit_bias is not None:
@@ -72,14 +76,30 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
   m = config.model
   siglip = config.loss == "siglip"
   return TwoTowers(
-      vision=dict(image_size=m.vision.image_size, patch_size=m.vision.patch_size,
-                  width=m.vision.width, layers=m.vision.layers, heads=m.vision.heads,
-                  remat=m.remat, scan=m.scan_layers),
-      text=dict(context_length=m.text.context_length, vocab_size=m.text.vocab_size,
-                width=m.text.width, layers=m.text.layers, heads=m.text.heads, remat=m.remat,
-                scan=m.scan_layers),
-      embed_dim=m.embed_dim, activation=m.activation,
-      use_mask_net=config.loss == "smartclip", mask_heads=m.mask.heads, mask_hard=m.mask.hard,
-      init_logit_scale=math.log(10.0) if siglip else math.log(1 / 0.07),
-      init_logit_bias=-10.0 if siglip else None,
-      dtype=jnp.dtype(m.dtype))
+    vision=dict(
+      image_size=m.vision.image_size,
+      patch_size=m.vision.patch_size,
+      width=m.vision.width,
+      layers=m.vision.layers,
+      heads=m.vision.heads,
+      remat=m.remat,
+      scan=m.scan_layers,
+    ),
+    text=dict(
+      context_length=m.text.context_length,
+      vocab_size=m.text.vocab_size,
+      width=m.text.width,
+      layers=m.text.layers,
+      heads=m.text.heads,
+      remat=m.remat,
+      scan=m.scan_layers,
+    ),
+    embed_dim=m.embed_dim,
+    activation=m.activation,
+    use_mask_net=config.loss == "smartclip",
+    mask_heads=m.mask.heads,
+    mask_hard=m.mask.hard,
+    init_logit_scale=math.log(10.0) if siglip else math.log(1 / 0.07),
+    init_logit_bias=-10.0 if siglip else None,
+    dtype=jnp.dtype(m.dtype),
+  )

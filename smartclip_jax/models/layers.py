@@ -33,9 +33,12 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximat
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=LN_EPS, dtype=dtype, name=name,
-      scale_init=param_init(nn.initializers.ones, ("embed",)),
-      bias_init=param_init(nn.initializers.zeros, ("embed",)))
+    epsilon=LN_EPS,
+    dtype=dtype,
+    name=name,
+    scale_init=param_init(nn.initializers.ones, ("embed",)),
+    bias_init=param_init(nn.initializers.zeros, ("embed",)),
+  )
 
 
 def constrain(x: jax.Array) -> jax.Array:
@@ -46,14 +49,14 @@ def constrain(x: jax.Array) -> jax.Array:
 def torch_linear_bias(fan_in: int) -> Callable:
   """PyTorch's default `nn.Linear` bias, uniform in ±1/sqrt(fan_in): OpenAI's initialisation
   leaves the MLP biases at it (docs/method.md, initialisation)."""
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def residual_std(width: int, depth: int) -> float:
   """OpenAI CLIP's std for the matrices that write into the residual stream (`out_proj`,
   `c_proj`): width^-0.5 (2 depth)^-0.5, so a deeper stack adds smaller steps."""
-  return width ** -0.5 * (2 * depth) ** -0.5
+  return width**-0.5 * (2 * depth) ** -0.5
 
 
 class Attention(nn.Module):
@@ -61,6 +64,7 @@ class Attention(nn.Module):
 
   `depth` is the number of blocks in the stack, for OpenAI's scaled `out_proj` initialisation.
   """
+
   heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
@@ -73,16 +77,19 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     head_dim = width // self.heads
     zeros = nn.initializers.zeros
-    w_in = self.param("in_proj_kernel",
-                      param_init(nn.initializers.normal(width ** -0.5),
-                                 ("embed", None, "heads", "kv")),
-                      (width, 3, self.heads, head_dim))
-    b_in = self.param("in_proj_bias", param_init(zeros, (None, "heads", "kv")),
-                      (3, self.heads, head_dim))
-    w_out = self.param("out_proj_kernel",
-                       param_init(nn.initializers.normal(residual_std(width, self.depth)),
-                                  ("heads", "kv", "embed")),
-                       (self.heads, head_dim, width))
+    w_in = self.param(
+      "in_proj_kernel",
+      param_init(nn.initializers.normal(width**-0.5), ("embed", None, "heads", "kv")),
+      (width, 3, self.heads, head_dim),
+    )
+    b_in = self.param(
+      "in_proj_bias", param_init(zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
+    )
+    w_out = self.param(
+      "out_proj_kernel",
+      param_init(nn.initializers.normal(residual_std(width, self.depth)), ("heads", "kv", "embed")),
+      (self.heads, head_dim, width),
+    )
     b_out = self.param("out_proj_bias", param_init(zeros, ("embed",)), (width,))
     x, w_in, b_in, w_out, b_out = (a.astype(self.dtype) for a in (x, w_in, b_in, w_out, b_out))
     qkv = jnp.einsum("bld,dthk->tblhk", x, w_in) + b_in[:, None, None]
@@ -92,6 +99,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """c_fc -> activation -> c_proj, hidden 4x width; OpenAI CLIP's initialisation."""
+
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   depth: int = 1
@@ -99,19 +107,28 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = nn.Dense(4 * width, dtype=self.dtype, name="c_fc",
-                 kernel_init=param_init(nn.initializers.normal((2 * width) ** -0.5),
-                                        ("embed", "mlp")),
-                 bias_init=param_init(torch_linear_bias(width), ("mlp",)))(x)
+    x = nn.Dense(
+      4 * width,
+      dtype=self.dtype,
+      name="c_fc",
+      kernel_init=param_init(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
+      bias_init=param_init(torch_linear_bias(width), ("mlp",)),
+    )(x)
     x = ACTIVATIONS[self.activation](x)
-    return nn.Dense(width, dtype=self.dtype, name="c_proj",
-                    kernel_init=param_init(nn.initializers.normal(residual_std(width, self.depth)),
-                                           ("mlp", "embed")),
-                    bias_init=param_init(torch_linear_bias(4 * width), ("embed",)))(x)
+    return nn.Dense(
+      width,
+      dtype=self.dtype,
+      name="c_proj",
+      kernel_init=param_init(
+        nn.initializers.normal(residual_std(width, self.depth)), ("mlp", "embed")
+      ),
+      bias_init=param_init(torch_linear_bias(4 * width), ("embed",)),
+    )(x)
 
 
 class ResidualAttentionBlock(nn.Module):
   """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). `depth`: blocks in its stack."""
+
   heads: int
   causal: bool = False
   activation: str = "quick_gelu"
@@ -122,9 +139,11 @@ class ResidualAttentionBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = constrain(x)
     x = x + Attention(self.heads, self.causal, self.dtype, self.depth, name="attn")(
-        layer_norm("ln_1", self.dtype)(x))
+      layer_norm("ln_1", self.dtype)(x)
+    )
     x = x + Mlp(self.activation, self.dtype, self.depth, name="mlp")(
-        layer_norm("ln_2", self.dtype)(x))
+      layer_norm("ln_2", self.dtype)(x)
+    )
     return constrain(x)
 
 
@@ -132,8 +151,8 @@ class ResidualAttentionBlock(nn.Module):
 # (full: the block is recomputed), or its input and the outputs of its weight matmuls (dots:
 # attention scores, softmax and activations are recomputed).
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -152,6 +171,7 @@ class Transformer(nn.Module):
   with `scan` one block `resblocks` under `nn.scan` whose parameters carry a leading layer axis
   (logical name `layers`): one block to compile instead of `layers` (see `layout.unstack_layers`
   for the per-layer names)."""
+
   layers: int
   heads: int
   causal: bool = False
@@ -167,8 +187,13 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     args = (self.heads, self.causal, self.activation, self.dtype, self.layers)
     if self.scan:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       return stack(*args, name=SCANNED)(x, None)[0]
     for i in range(self.layers):
       x = block(*args, name=f"resblocks_{i}")(x)

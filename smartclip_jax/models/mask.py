@@ -34,6 +34,7 @@ class MaskNetwork(nn.Module):
   as the reference initialises it (docs/method.md, initialisation): the block as OpenAI's with
   one layer, the pooling weights normal(width^-0.5) with a zero bias.
   """
+
   embed_dim: int
   heads: int
   hard: bool = True
@@ -43,17 +44,25 @@ class MaskNetwork(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = jax.lax.stop_gradient(tokens)
-    x = ResidualAttentionBlock(self.heads, causal=False, activation=self.activation,
-                               dtype=self.dtype, name="resblocks_0")(x)
+    x = ResidualAttentionBlock(
+      self.heads, causal=False, activation=self.activation, dtype=self.dtype, name="resblocks_0"
+    )(x)
     width = x.shape[-1]
-    scores = nn.Dense(1, dtype=self.dtype, name="attn_pool",
-                      kernel_init=param_init(nn.initializers.normal(width ** -0.5),
-                                             ("embed", None)),
-                      bias_init=param_init(nn.initializers.zeros, (None,)))(x)
+    scores = nn.Dense(
+      1,
+      dtype=self.dtype,
+      name="attn_pool",
+      kernel_init=param_init(nn.initializers.normal(width**-0.5), ("embed", None)),
+      bias_init=param_init(nn.initializers.zeros, (None,)),
+    )(x)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=1)
     pooled = jnp.sum(weights * x.astype(jnp.float32), axis=1)
     if pooled.shape[-1] != self.embed_dim:
-      pooled = nn.Dense(self.embed_dim, dtype=jnp.float32, name="proj",
-                        kernel_init=param_init(nn.initializers.lecun_normal(), ("embed", "proj")),
-                        bias_init=param_init(nn.initializers.zeros, ("proj",)))(pooled)
+      pooled = nn.Dense(
+        self.embed_dim,
+        dtype=jnp.float32,
+        name="proj",
+        kernel_init=param_init(nn.initializers.lecun_normal(), ("embed", "proj")),
+        bias_init=param_init(nn.initializers.zeros, ("proj",)),
+      )(pooled)
     return masks_from_logits(pooled, self.hard)

@@ -12,8 +12,9 @@ from smartclip_jax.models.layers import Dtype, Transformer, layer_norm, param_in
 KEEP_POSITIONS = 20  # Long-CLIP keeps CLIP's first 20 positions as trained, and frozen.
 
 
-def stretch_positions(table: np.ndarray | jax.Array, new_length: int = 248,
-                      keep: int = KEEP_POSITIONS) -> jax.Array:
+def stretch_positions(
+  table: np.ndarray | jax.Array, new_length: int = 248, keep: int = KEEP_POSITIONS
+) -> jax.Array:
   """Stretches a [L, width] position table to `new_length` rows, Long-CLIP style.
 
   Rows < `keep` are copied. Row keep + f*i + r (r < f) interpolates linearly between old rows
@@ -24,8 +25,10 @@ def stretch_positions(table: np.ndarray | jax.Array, new_length: int = 248,
   length = table.shape[0]
   factor, rest = divmod(new_length - keep, length - keep)
   if rest or factor < 1 or length - keep < 2:
-    raise ValueError(f"cannot stretch {length} positions to {new_length} keeping {keep}: "
-                     "(new_length - keep) must be a whole multiple of (length - keep)")
+    raise ValueError(
+      f"cannot stretch {length} positions to {new_length} keeping {keep}: "
+      "(new_length - keep) must be a whole multiple of (length - keep)"
+    )
   source = keep + np.arange(new_length - keep) / factor  # fractional old row of each new row
   lo = np.minimum(np.floor(source).astype(int), length - 2)  # the last rows extrapolate
   frac = jnp.asarray(source - lo, table.dtype)[:, None]
@@ -38,6 +41,7 @@ class TextTransformer(nn.Module):
 
   The pooled token is the end-of-text token, found as the highest id in each row as CLIP does.
   """
+
   context_length: int
   vocab_size: int
   width: int
@@ -52,20 +56,37 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     if tokens.shape[1] > self.context_length:  # fewer: padding cut (train.text_length)
-      raise ValueError(f"expected at most {self.context_length} tokens per caption, got "
-                       f"{tokens.shape}")
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding",
-                 embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
-    pos = self.param("positional_embedding",
-                     param_init(nn.initializers.normal(0.01), (None, "embed")),
-                     (self.context_length, self.width))
-    x = x + pos[:tokens.shape[1]].astype(x.dtype)
-    x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
-                    dtype=self.dtype, remat=self.remat, scan=self.scan,
-                    name="transformer")(x)
+      raise ValueError(
+        f"expected at most {self.context_length} tokens per caption, got {tokens.shape}"
+      )
+    x = nn.Embed(
+      self.vocab_size,
+      self.width,
+      dtype=self.dtype,
+      name="token_embedding",
+      embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )(tokens)
+    pos = self.param(
+      "positional_embedding",
+      param_init(nn.initializers.normal(0.01), (None, "embed")),
+      (self.context_length, self.width),
+    )
+    x = x + pos[: tokens.shape[1]].astype(x.dtype)
+    x = Transformer(
+      self.layers,
+      self.heads,
+      causal=True,
+      activation=self.activation,
+      dtype=self.dtype,
+      remat=self.remat,
+      scan=self.scan,
+      name="transformer",
+    )(x)
     x = layer_norm("ln_final", self.dtype)(x)
     pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
-    proj = self.param("text_projection",
-                      param_init(nn.initializers.normal(self.width ** -0.5), ("embed", "proj")),
-                      (self.width, self.embed_dim))
+    proj = self.param(
+      "text_projection",
+      param_init(nn.initializers.normal(self.width**-0.5), ("embed", "proj")),
+      (self.width, self.embed_dim),
+    )
     return pooled @ proj.astype(x.dtype), x

@@ -11,6 +11,7 @@ from smartclip_jax.models.layers import Dtype, Transformer, layer_norm, param_in
 
 class VisionTransformer(nn.Module):
   """Images [B, H, W, 3] (CLIP-normalised) -> unnormalised embeddings [B, embed_dim]."""
+
   image_size: int
   patch_size: int
   width: int
@@ -28,24 +29,43 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch_size}")
     if images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"expected {self.image_size}px images, got shape {images.shape}")
-    scale = self.width ** -0.5
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", use_bias=False, dtype=self.dtype, name="conv1",
-                kernel_init=param_init(nn.initializers.lecun_normal(),
-                                       (None, None, None, "embed")))(images)
+    scale = self.width**-0.5
+    x = nn.Conv(
+      self.width,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv1",
+      kernel_init=param_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+    )(images)
     x = x.reshape(x.shape[0], -1, self.width)
-    cls = self.param("class_embedding",
-                     param_init(nn.initializers.normal(scale), ("embed",)), (self.width,))
-    pos = self.param("positional_embedding",
-                     param_init(nn.initializers.normal(scale), (None, "embed")),
-                     (x.shape[1] + 1, self.width))
+    cls = self.param(
+      "class_embedding", param_init(nn.initializers.normal(scale), ("embed",)), (self.width,)
+    )
+    pos = self.param(
+      "positional_embedding",
+      param_init(nn.initializers.normal(scale), (None, "embed")),
+      (x.shape[1] + 1, self.width),
+    )
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = layer_norm("ln_pre", self.dtype)(x)
-    x = Transformer(self.layers, self.heads, causal=False, activation=self.activation,
-                    dtype=self.dtype, remat=self.remat, scan=self.scan,
-                    name="transformer")(x)
+    x = Transformer(
+      self.layers,
+      self.heads,
+      causal=False,
+      activation=self.activation,
+      dtype=self.dtype,
+      remat=self.remat,
+      scan=self.scan,
+      name="transformer",
+    )(x)
     x = layer_norm("ln_post", self.dtype)(x[:, 0])
-    proj = self.param("proj", param_init(nn.initializers.normal(scale), ("embed", "proj")),
-                      (self.width, self.embed_dim))
+    proj = self.param(
+      "proj",
+      param_init(nn.initializers.normal(scale), ("embed", "proj")),
+      (self.width, self.embed_dim),
+    )
     return x @ proj.astype(x.dtype)
