@@ -58,6 +58,7 @@ def pipeline_rate(config, batches: int) -> float:
 def step_rate(step_batch: int, steps: int) -> tuple[float, float]:
   """Images/s of the ViT-B/16 SmartCLIP train step (float32 on CPU) and its FLOPs per image."""
   import jax
+
   from smartclip_jax import optim, sharding, step as step_lib
   from smartclip_jax.models.clip import build_model
 

@@ -28,7 +28,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from smartclip_jax import config as config_lib, optim, sharding, step as step_lib, train  # noqa: E402
+from smartclip_jax import (
+  config as config_lib,  # noqa: E402
+  optim,
+  sharding,
+  step as step_lib,
+  train,
+)
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
 

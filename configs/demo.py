@@ -12,11 +12,12 @@ What it takes from the reference's recipe (docs/method.md, the recipe) and what 
   steps), a 30-step warm-up, and nothing frozen in the text position table (it is random).
 """
 
-from smartclip_jax.config import base_config
+from smartclip_jax.config import base_config, set_loss
 
 
-def get_config():
-  c = base_config()
+def get_config(loss: str = "smartclip"):
+  """`configs/demo.py:clip` (or `:siglip`): the same run with that loss and its model."""
+  c = set_loss(base_config(), loss)
   c.batch_size = 64
   c.total_steps = 600
   c.log_every = 25
@@ -33,7 +34,6 @@ def get_config():
   c.optim.frozen_positions = 0
   c.optim.grad_clip_norm = 1.0
 
-  c.data.num_train = 8192
-  c.data.num_eval = 512
+  c.data.demo.update(num_train=8192, num_eval=512)
   c.data.eval_batch_size = 128
   return c

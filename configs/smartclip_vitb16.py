@@ -1,4 +1,5 @@
-"""The paper's recipe (docs/method.md, the recipe) with ViT-B/16 towers: D = 512, mask net with 8 heads."""
+"""The paper's recipe (docs/method.md, the recipe) with ViT-B/16 towers: D = 512, mask net
+with 8 heads."""
 
 from smartclip_jax.config import recipe_config
 

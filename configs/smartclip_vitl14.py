@@ -1,4 +1,5 @@
-"""The paper's recipe (docs/method.md, the recipe): SmartCLIP ViT-L/14, context 248, global batch 1024.
+"""The paper's recipe (docs/method.md, the recipe): SmartCLIP ViT-L/14, context 248, global
+batch 1024.
 
 Two AdamW groups (towers 1e-6 with 200 warm-up steps then cosine, wd 1e-2; mask net 1e-3 cosine,
 wd 0), 3 epochs of ShareGPT4V's 1,245,901 training records = 3,650 steps, bf16 compute.

@@ -12,7 +12,6 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no c
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from smartclip_jax import config as config_lib, optim, sharding, step as step_lib  # noqa: E402
+from smartclip_jax import (
+  config as config_lib,  # noqa: E402
+  optim,
+  sharding,
+  step as step_lib,
+)
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
 GIB = 2**30
@@ -131,27 +135,14 @@ def skip_hint(config: ml_collections.ConfigDict) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m smartclip_jax.aot",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    allow_abbrev=False,
-  )
-  parser.add_argument("--config", required=True, help="a configs/*.py file")
+  parser = config_lib.arg_parser("python -m smartclip_jax.aot", __doc__)
   parser.add_argument(
     "--topology",
     required=True,
     help=f"chip:shape, e.g. v5p:4x4x4, v5e:16x16 (chips: {sorted(CHIPS)})",
   )
   parser.add_argument("--step_time", type=float, help="seconds per step, for the utilisation")
-  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  bad = [r for r in rest if not r.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognised arguments {bad} (overrides look like --config.a.b=value)")
-  try:
-    config = config_lib.load(args.config, [r[len("--config.") :] for r in rest])
-  except config_lib.ConfigError as e:
-    parser.error(str(e))
+  config, args = config_lib.parse_args(parser, sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
   try:
     compiled, mesh = compile_step(config, args.topology)

@@ -4,7 +4,8 @@ Items: `state` (parameters, optimizer state, step, skip counters; restored strai
 mesh's shardings, whatever mesh saved them), `data` (each process's Grain iterator position, so
 a resumed run sees exactly the batches it would have seen; the data augmentation's randomness
 is keyed by that position and the seed, and the model has no other RNG), `data_stats` (records
-used and skipped so far) and `config` (the run's config, for `init_from` and for people).
+used and skipped so far) and `config` (the run's config, for `init_from`, `smartclip_jax.load`
+and people). Parameters from another run into a new one: `init_from.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any
 
 import grain
 import jax
@@ -23,8 +23,6 @@ from jax.experimental import multihost_utils
 
 from smartclip_jax import config as config_lib
 from smartclip_jax.data.pipeline import DataStats
-from smartclip_jax.interop import layout
-from smartclip_jax.models.text import stretch_positions
 from smartclip_jax.step import TrainState
 
 log = logging.getLogger("smartclip_jax")
@@ -55,9 +53,6 @@ class Checkpointer:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
       item_names=ITEMS,
     )
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
 
   def save(
     self, state: TrainState, data_iter: grain.DatasetIterator, data_stats: DataStats | None = None
@@ -169,70 +164,6 @@ def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
   if not steps:
     raise CheckpointError(f"{path} is not a workdir, a checkpoints directory or a step of one")
   return path / str(max(steps))
-
-
-def load_params(path: str | pathlib.Path, target: Any) -> tuple[Any, list[str], list[str]]:
-  """Parameters from another run's checkpoint (no optimizer state, no step), for `init_from`.
-
-  `target` is a tree of sharded arrays (a fresh initialisation): leaves that the checkpoint
-  has are restored into their shardings, the others keep their fresh values (e.g. a mask
-  network added for fine-tuning). A text position table of a different length is stretched
-  the Long-CLIP way. Returns (params, names kept fresh, checkpoint names not used).
-  """
-  state_dir = resolve_step_dir(path) / "state"
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
-  saved_flat, target_flat = layout.flatten(saved), layout.flatten(target)
-  if layout.has_stacks(saved_flat) != layout.has_stacks(target_flat):
-    raise CheckpointError(
-      f"init_from {path}: saved with model.scan_layers={layout.has_stacks(saved_flat)}, "
-      f"this run has {layout.has_stacks(target_flat)}; set it the same (a PyTorch export, "
-      "`python -m smartclip_jax.convert`, loads into either)"
-    )
-
-  def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
-    shape = tuple(saved_flat[name].shape)
-    if shape != like.shape and not name.endswith("text/positional_embedding"):
-      raise CheckpointError(
-        f"init_from {path}: {name} has shape {shape} there and {like.shape} here"
-      )
-    sh = (
-      like.sharding
-      if shape == like.shape
-      else jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec())
-    )
-    return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
-
-  wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
-  item = {"params": layout.unflatten(wanted)}
-  restored = checkpointer.restore(
-    state_dir,
-    args=ocp.args.PyTreeRestore(
-      item=item,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True,
-    ),
-  )["params"]
-  loaded = layout.flatten(restored)
-
-  def pick(name, fresh):
-    if name not in loaded:
-      return fresh
-    value = loaded[name]
-    if value.shape != fresh.shape:  # position table: 77 -> 248 and the like
-      value = jax.device_put(stretch_positions(value, fresh.shape[0]), fresh.sharding)
-    return value
-
-  params = layout.unflatten({n: pick(n, x) for n, x in target_flat.items()})
-  fresh = sorted(set(target_flat) - set(saved_flat))
-  unused = sorted(set(saved_flat) - set(target_flat))
-  return params, fresh, unused
-
-
-def describe(values: list[str], limit: int = 6) -> str:
-  """A short list for log lines: the first few names and how many more."""
-  more = f" and {len(values) - limit} more" if len(values) > limit else ""
-  return ", ".join(values[:limit]) + more if values else "none"
 
 
 def saved_config(step_dir: str | pathlib.Path) -> dict:

@@ -6,14 +6,19 @@ a mistyped override fails with the field's name and the nearest real ones, befor
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 
 import ml_collections
+from flax import traverse_util
+
+from smartclip_jax.models.text import KEEP_POSITIONS
 
 LOSSES = ("smartclip", "clip", "siglip")
 LOSS_IMPLS = ("global", "ring")
@@ -22,6 +27,23 @@ REMATS = ("none", "full", "dots")  # models.layers.REMAT_POLICIES, and none
 CAPTION_MODES = ("prefix", "full", "first")
 TRAIN_TRANSFORMS = ("centre_crop", "random_resized_crop")
 DECAYS = ("all", "matrices")
+OPTIONAL_FLOATS = ("model.logit_bias_init",)  # a number, or none
+SHAREGPT4V_HOLDOUT = 1000  # ShareGPT4V-1k: the JSON's first records, never trained on
+CSV_KEYS = ("filepath", "title")  # image and caption columns of CSV/TSV captions (open_clip's)
+# Fields that moved: old name -> new name. Given the old way, they stop the run naming the new
+# one; saved configs of older runs are read with them moved.
+RENAMED = {
+  "eval_every": "eval.every",
+  "data.num_train": "data.demo.num_train",
+  "data.num_eval": "data.demo.num_eval",
+  "data.holdout": "data.sharegpt4v.holdout",
+  "data.image_key": "data.folder.image_key",
+  "data.caption_key": "data.folder.caption_key",
+  **{
+    f"data.tfds_{k}": f"data.tfds.{k}"
+    for k in ("data_dir", "train_split", "eval_split", "image_key", "caption_key")
+  },
+}
 
 
 # OpenAI CLIP tower sizes; SmartCLIP's mask net uses the text tower's head count.
@@ -41,8 +63,26 @@ ARCHS = {
 }
 
 
+# The model each loss trains, as `model.*` fields (docs/method.md, the model): SmartCLIP adds
+# the mask network; SigLIP a logit bias, with its own initial scale (log 10) and bias (-10).
+LOSS_MODELS = {
+  "smartclip": dict(mask_net=True, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
+  "clip": dict(mask_net=False, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
+  "siglip": dict(mask_net=False, logit_scale_init=math.log(10.0), logit_bias_init=-10.0),
+}
+
+
 class ConfigError(ValueError):
   """A config that cannot run: unknown field, wrong type, inconsistent sizes."""
+
+
+def set_loss(config: ml_collections.ConfigDict, loss: str) -> ml_collections.ConfigDict:
+  """Sets `loss` and the model fields of the model that loss trains (`LOSS_MODELS`)."""
+  if loss not in LOSS_MODELS:
+    raise ConfigError(f"loss={loss!r}: choose one of {LOSSES}")
+  config.loss = loss
+  config.model.update(LOSS_MODELS[loss])
+  return config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,9 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 3650
   c.log_every = 50
   c.checkpoint_every = 500
-  c.eval_every = 0  # 0: evaluate once, at the end
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = c.get_ref("eval_every")  # the same field, under the eval group's name
+  c.eval.every = 0  # evaluate every this many steps, and at the end (0: only at the end)
   # During training, besides the held-out split: `--tasks` of smartclip_jax.evaluate, e.g.
   # "urban1k:/data/Urban1k,cifar10"; results in eval/step_<N>.json and TensorBoard.
   c.eval.tasks = ""
@@ -101,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   # this, not on all context_length positions (0: all). Same loss; see train.text_length.
   c.model.text.trim_padding = 0
   c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
+  # What the model has besides its towers (`LOSS_MODELS`; `set_loss` sets them with the loss):
+  # the mask network, the initial logit scale, and a logit bias (None: no bias parameter).
+  c.model.mask_net = True
+  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.logit_bias_init = None
 
   c.optim = ml_collections.ConfigDict()
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # torch.optim.AdamW's, as the reference
@@ -109,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.decay = "all"
   c.optim.grad_clip_norm = 0.0  # 0: no clipping
   c.optim.end_lr_ratio = 0.0  # cosine ends at lr * end_lr_ratio
-  c.optim.frozen_positions = 20
+  c.optim.frozen_positions = KEEP_POSITIONS
   c.optim.towers = ml_collections.ConfigDict(dict(lr=1e-6, weight_decay=1e-2, warmup_steps=200))
   c.optim.mask_net = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
 
@@ -121,16 +165,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ""
   c.data.image_root = ""  # images are read relative to this (default: beside data.path)
   c.data.eval_path = ""  # held-out split for folder / array_record (ShareGPT4V: its first 1k)
-  c.data.holdout = 1000  # ShareGPT4V records held out of training (the ShareGPT4V-1k test set)
-  c.data.image_key = "filepath"  # CSV/TSV columns, open_clip's names
-  c.data.caption_key = "title"
-  c.data.tfds_data_dir = ""  # TFDS: where the prepared data set lives (TFDS's default if "")
-  c.data.tfds_train_split = "train"
-  c.data.tfds_eval_split = "validation"
-  c.data.tfds_image_key = "image"  # '/'-separated paths into a TFDS example
-  c.data.tfds_caption_key = "captions/text"
-  c.data.num_train = 4096  # demo data only
-  c.data.num_eval = 256  # demo data only
+  # Fields of one source each.
+  c.data.demo = ml_collections.ConfigDict(dict(num_train=4096, num_eval=256))
+  # The first `holdout` records are held out of training: the ShareGPT4V-1k test set.
+  c.data.sharegpt4v = ml_collections.ConfigDict(dict(holdout=SHAREGPT4V_HOLDOUT))
+  # CSV/TSV columns, open_clip's names.
+  c.data.folder = ml_collections.ConfigDict(dict(image_key=CSV_KEYS[0], caption_key=CSV_KEYS[1]))
+  # data_dir: where the prepared set lives (TFDS's default if ""); keys are '/'-separated paths
+  # into an example.
+  c.data.tfds = ml_collections.ConfigDict(
+    dict(
+      data_dir="",
+      train_split="train",
+      eval_split="validation",
+      image_key="image",
+      caption_key="captions/text",
+    )
+  )
   c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
   # Training images: centre_crop is evaluation's transform (shorter side resized, centre crop),
   # as the reference trains; random_resized_crop takes a crop of crop_scale x the area with an
@@ -149,8 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
 def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDict:
   """The recipe (docs/method.md, the recipe) for an OpenAI CLIP architecture in `ARCHS`."""
   a = ARCHS[arch]
-  c = base_config()
-  c.loss = loss
+  c = set_loss(base_config(), loss)
   c.model.embed_dim = a["embed_dim"]
   c.model.dtype = "bfloat16"
   c.model.vision.update(**a["vision"])
@@ -160,18 +210,51 @@ def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDi
 
 
 def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Imports `path`, calls its `get_config()`, applies `a.b=value` overrides, validates."""
-  path = pathlib.Path(path)
+  """Imports `path`, calls its `get_config()`, applies `a.b=value` overrides, validates.
+
+  `FILE:ARG` calls `get_config(ARG)` (big_vision's form), e.g. `configs/demo.py:clip`.
+  """
+  path, sep, arg = str(path).partition(".py:")
+  path = pathlib.Path(path + ".py" if sep else path)
   if not path.is_file():
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if sep else module.get_config()
   for item in overrides:
     apply_override(config, item)
   validate(config)
   return config
+
+
+def arg_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+  """A command's parser with `--config FILE[:ARG]`; `parse_args` adds the overrides."""
+  parser = argparse.ArgumentParser(
+    prog=prog,
+    description=doc,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    allow_abbrev=False,
+  )
+  parser.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+  return parser
+
+
+def parse_args(
+  parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """The parser's arguments and the config they name, with any number of `--config.a.b=value`
+  overrides; a bad override or config stops with the parser's usage error."""
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
+    overrides.append(item[len("--config.") :])
+  try:
+    return load(args.config, overrides), args
+  except ConfigError as e:
+    parser.error(str(e))
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -185,6 +268,7 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   fields of `base_config()` it names take its values; fields it lacks (an older run) keep their
   defaults, and names that are no longer fields are ConfigErrors."""
   config = base_config()
+  values = _moved(values)
 
   def put(node: ml_collections.ConfigDict, tree: dict, prefix: str) -> None:
     for key, value in tree.items():
@@ -198,6 +282,16 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   put(config, values, "")
   validate(config)
   return config
+
+
+def _moved(values: dict) -> dict:
+  """A saved config's values with `RENAMED` fields under their new names."""
+  flat = traverse_util.flatten_dict(values, sep=".")
+  return traverse_util.unflatten_dict({RENAMED.get(k, k): v for k, v in flat.items()}, sep=".")
+
+
+def _renamed(key: str) -> str:
+  return f"; {key} is now {RENAMED[key]}" if key in RENAMED else ""
 
 
 def _parse(text: str, current: object) -> object:
@@ -222,6 +316,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   key, sep, text = item.partition("=")
   if not sep:
     raise ConfigError(f"override {item!r} must look like field.path=value")
+  if key in RENAMED:
+    raise ConfigError(f"config field {key!r} was renamed: write --config.{RENAMED[key]}={text}")
   node, parts = config, key.split(".")
   for depth, part in enumerate(parts):
     fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
@@ -236,7 +332,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   if isinstance(current, ml_collections.ConfigDict):
     raise ConfigError(f"{key!r} is a group of fields; set one of {', '.join(current.keys())}")
   try:
-    node[parts[-1]] = _parse(text, current)
+    if key in OPTIONAL_FLOATS:
+      node[parts[-1]] = None if text.lower() == "none" else float(text)
+    else:
+      node[parts[-1]] = _parse(text, current)
   except (ValueError, SyntaxError) as e:
     raise ConfigError(f"cannot set {key}={text!r} ({type(current).__name__} field): {e}") from None
 
@@ -255,7 +354,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked without devices; `check_batch` does the mesh part."""
   unknown = sorted(_field_paths(config) - _field_paths(base_config()))
   if unknown:
-    raise ConfigError(f"config has fields that base_config() does not define: {unknown}")
+    raise ConfigError(
+      "config has fields that base_config() does not define: "
+      + ", ".join(k + _renamed(k) for k in unknown)
+    )
   m = config.model
   errors = []
   if config.loss not in LOSSES:
@@ -295,10 +397,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"{field}={config[field]} must be positive")
   if m.text.trim_padding < 0:
     errors.append(f"model.text.trim_padding={m.text.trim_padding} must be >= 0")
-  if m.text.trim_padding and config.loss == "smartclip":
+  if m.text.trim_padding and m.mask_net:
     errors.append(
-      "model.text.trim_padding needs loss=clip or siglip: SmartCLIP's mask network "
-      "attends to every position, padding included, so cutting it changes the masks"
+      "model.text.trim_padding needs loss=clip or siglip (model.mask_net=false): "
+      "SmartCLIP's mask network attends to every position, padding included, so cutting it "
+      "changes the masks"
     )
   if config.optim.frozen_positions >= m.text.context_length:
     errors.append(

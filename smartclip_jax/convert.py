@@ -8,9 +8,10 @@
 `open_clip`: the state_dict of `open_clip.create_model(...)`, with the model config beside it
 (`<out>.json`; pass it to `open_clip.add_model_config` or read it); the mask network, which
 open_clip has no place for, is left out and said so. The same `<out>.json` goes beside `openai`
-outputs: state_dicts do not record head counts or the activation, and `load` reads it. `hf`: a `transformers.CLIPModel` directory
-(config.json + model.safetensors). `openai`: OpenAI CLIP names, Long-CLIP's two position tables
-for contexts over 77, and `mask_net.*`: what the SmartCLIP reference code loads. `.safetensors`
+outputs: state_dicts do not record head counts or the activation, and `load` reads it. `hf`: a
+`transformers.CLIPModel` directory (config.json + model.safetensors). `openai`: OpenAI CLIP
+names, Long-CLIP's two position tables for contexts over 77, and `mask_net.*`: what the
+SmartCLIP reference code loads. `.safetensors`
 outputs need no torch; `.pt`/`.pth`/`.bin` outputs are written with torch.save.
 Anything `smartclip_jax.load` reads can be the input.
 """

@@ -9,10 +9,14 @@ All math is float32.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from smartclip_jax import ring
+from smartclip_jax import config as config_lib, ring
 
 Metrics = dict[str, jax.Array]
 
@@ -189,3 +193,51 @@ def siglip_loss(
     "bias": logit_bias,
     **_hits(stats),
   }
+
+
+LossFn = Callable[[dict[str, jax.Array]], tuple[jax.Array, Metrics]]
+
+
+def make(config: ml_collections.ConfigDict) -> LossFn:
+  """`config.loss` over the model's outputs (`TwoTowers.__call__`): embeddings, masks, scale and
+  bias. The model is described by `config.model`; a loss that needs a part the model lacks, or
+  leaves one it has untrained, is a ConfigError (`config.set_loss` sets both together)."""
+  loss, m, impl = config.loss, config.model, config.loss_impl
+  wants = config_lib.LOSS_MODELS[loss]
+  if bool(m.mask_net) != wants["mask_net"]:
+    raise config_lib.ConfigError(
+      f"loss={loss} with model.mask_net={m.mask_net}: the SmartCLIP loss needs the mask "
+      f"network and the others do not train it; set --config.model.mask_net="
+      f"{str(wants['mask_net']).lower()} (config.set_loss sets the loss and model together)"
+    )
+  if (m.logit_bias_init is None) != (wants["logit_bias_init"] is None):
+    raise config_lib.ConfigError(
+      f"loss={loss} with model.logit_bias_init={m.logit_bias_init}: SigLIP needs a logit bias "
+      f"and the other losses have none; set --config.model.logit_bias_init="
+      f"{wants['logit_bias_init']} (config.set_loss sets the loss and model together)"
+    )
+  if loss == "smartclip":
+    s = config.smartclip
+    return lambda out: smartclip_loss(
+      out["img_emb"],
+      out["txt_emb"],
+      out["masks"],
+      temperature=s.temperature,
+      align_weight=s.align_weight,
+      sparsity_weight=s.sparsity_weight,
+      modular=s.modular,
+      impl=impl,
+    )
+  if loss == "clip":
+    fixed = config.clip.temperature
+
+    def clip(out: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+      scale = out["logit_scale"]
+      if fixed > 0:  # a fixed temperature: the learned scale gets no gradient
+        scale = jnp.full_like(scale, -math.log(fixed))
+      return clip_loss(out["img_emb"], out["txt_emb"], scale, impl=impl)
+
+    return clip
+  return lambda out: siglip_loss(
+    out["img_emb"], out["txt_emb"], out["logit_scale"], out["logit_bias"], impl=impl
+  )

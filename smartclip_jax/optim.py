@@ -91,23 +91,12 @@ def freeze_rows(rows: int) -> optax.GradientTransformation:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """clip -> per-group AdamW -> frozen position rows."""
   o, lrs = config.optim, schedules(config)
+  decay = {TOWER_GROUP: o.towers.weight_decay, MASK_GROUP: o.mask_net.weight_decay}
   groups = {
-    TOWER_GROUP: optax.adamw(
-      lrs[TOWER_GROUP],
-      b1=o.b1,
-      b2=o.b2,
-      eps=o.eps,
-      weight_decay=o.towers.weight_decay,
-      mask=_decay_mask(o.decay),
-    ),
-    MASK_GROUP: optax.adamw(
-      lrs[MASK_GROUP],
-      b1=o.b1,
-      b2=o.b2,
-      eps=o.eps,
-      weight_decay=o.mask_net.weight_decay,
-      mask=_decay_mask(o.decay),
-    ),
+    group: optax.adamw(
+      lrs[group], b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=decay[group], mask=_decay_mask(o.decay)
+    )
+    for group in (TOWER_GROUP, MASK_GROUP)
   }
   chain = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
   chain += [optax.multi_transform(groups, param_groups), freeze_rows(o.frozen_positions)]

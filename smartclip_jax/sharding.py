@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -85,6 +86,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put_padded(x: np.ndarray, rows: int, mesh: Mesh) -> jax.Array:
+  """`x` with zero rows appended up to `rows`, split over the batch axes: callers that pad every
+  batch to one size compile once, and drop the padding's rows from the result."""
+  x = np.asarray(x)
+  pad = np.zeros((rows - len(x), *x.shape[1:]), x.dtype)
+  return jax.device_put(np.concatenate([x, pad]), batch_sharding(mesh))
 
 
 def logical_shardings(abstract_boxed_tree, mesh: Mesh):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,47 +46,15 @@ def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
   )
 
 
-def state_shardings(
-  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
-) -> TrainState:
-  """NamedShardings of every state leaf: parameters by the logical rules, and optimizer
-  moments like the parameters they follow; anything else (counts) replicated."""
-  boxed = abstract_params(model, config)
-  param_sh = sharding.logical_shardings(boxed, mesh)
-  params = nn.meta.unbox(boxed)
-  by_path = {
-    _dict_keys(path): (leaf.shape, sh)
-    for (path, leaf), sh in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_sh)
-    )
-  }
-
-  def like_param(path, leaf):
-    keys = _dict_keys(path)
-    for start in range(len(keys)):  # optimizer states nest the params tree under their own keys
-      shape, sh = by_path.get(keys[start:], (None, None))
-      if shape == leaf.shape:
-        return sh
-    return sharding.replicated(mesh)
-
-  opt_sh = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
-  rep = sharding.replicated(mesh)
-  return TrainState(
-    step=rep, params=param_sh, opt_state=opt_sh, skipped=rep, skip_streak=rep, max_skip_streak=rep
-  )
-
-
-def _dict_keys(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def _state_factory(
+def _boxed_state(
   model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
 ) -> Callable[[jax.Array], TrainState]:
+  """rng -> a fresh state whose parameters, and the optimizer moments `tx.init` makes from
+  them, are flax Partitioned boxes carrying their logical axis names (MaxText's way)."""
   batch = dummy_batch(config)
 
   def create(rng: jax.Array) -> TrainState:
-    params = nn.meta.unbox(model.init(rng, batch["image"], batch["tokens"])["params"])
+    params = model.init(rng, batch["image"], batch["tokens"])["params"]
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
       step=zero,
@@ -101,11 +68,21 @@ def _state_factory(
   return create
 
 
+def state_shardings(
+  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
+) -> TrainState:
+  """NamedShardings of every state leaf, from one boxed `eval_shape`: parameters and the
+  moments that follow them by their logical axes (`sharding.RULES`), counts replicated."""
+  return sharding.logical_shardings(
+    jax.eval_shape(_boxed_state(model, tx, config), jax.random.key(0)), mesh
+  )
+
+
 def abstract_state(
   model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
 ) -> TrainState:
   """Shapes and dtypes of the state, nothing allocated (the target of a restore)."""
-  return jax.eval_shape(_state_factory(model, tx, config), jax.random.key(0))
+  return nn.meta.unbox(jax.eval_shape(_boxed_state(model, tx, config), jax.random.key(0)))
 
 
 def state_initializer(
@@ -117,7 +94,8 @@ def state_initializer(
 ) -> Callable[[int], TrainState]:
   """seed -> random-initialised state, each leaf created directly in its sharding; compiled
   once, for callers that start many runs of one model."""
-  create = jax.jit(_state_factory(model, tx, config), out_shardings=shardings)
+  boxed = _boxed_state(model, tx, config)
+  create = jax.jit(lambda rng: nn.meta.unbox(boxed(rng)), out_shardings=shardings)
 
   def init(seed: int) -> TrainState:
     with sharding.activate(mesh):
@@ -137,37 +115,11 @@ def init_state(
   return state_initializer(model, tx, config, mesh, shardings)(config.seed)
 
 
-def loss_of_outputs(
-  config: ml_collections.ConfigDict, out: dict[str, jax.Array]
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The configured loss over the global batch, from the model's outputs."""
-  if config.loss == "smartclip":
-    s = config.smartclip
-    return losses.smartclip_loss(
-      out["img_emb"],
-      out["txt_emb"],
-      out["masks"],
-      temperature=s.temperature,
-      align_weight=s.align_weight,
-      sparsity_weight=s.sparsity_weight,
-      modular=s.modular,
-      impl=config.loss_impl,
-    )
-  if config.loss == "clip":
-    scale = out["logit_scale"]
-    if config.clip.temperature > 0:  # fixed: the learned scale gets no gradient
-      scale = jnp.full_like(scale, -math.log(config.clip.temperature))
-    return losses.clip_loss(out["img_emb"], out["txt_emb"], scale, impl=config.loss_impl)
-  return losses.siglip_loss(
-    out["img_emb"], out["txt_emb"], out["logit_scale"], out["logit_bias"], impl=config.loss_impl
-  )
-
-
 def compute_loss(
-  model: nn.Module, config: ml_collections.ConfigDict, params: Any, batch: Batch
+  model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Forward both towers (and the mask net), then the configured loss over the global batch."""
-  return loss_of_outputs(config, model.apply({"params": params}, batch["image"], batch["tokens"]))
+  """Forward both towers (and the mask net), then the loss over the global batch."""
+  return loss_fn(model.apply({"params": params}, batch["image"], batch["tokens"]))
 
 
 def _split(tree: Any, k: int, groups: int) -> Any:
@@ -195,7 +147,7 @@ def _merge(tree: Any, groups: int) -> Any:
 
 
 def accumulated_loss_and_grads(
-  model: nn.Module, config: ml_collections.ConfigDict, params: Any, batch: Batch, groups: int
+  model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, k: int, groups: int
 ):
   """The loss over the whole batch and its exact gradients, at one micro-batch's activations.
 
@@ -204,15 +156,12 @@ def accumulated_loss_and_grads(
   take the loss and its gradient with respect to the embeddings over the full batch, then run
   each micro-batch again and pull its slice of that gradient back to the parameters.
   """
-  k = config.accum_steps
   embed = lambda p, mb: model.apply({"params": p}, mb["image"], mb["tokens"])
   micro = _split(batch, k, groups)
   outs = jax.lax.map(lambda mb: embed(params, mb), micro)
   per_example = {key: v for key, v in outs.items() if v.ndim > 1}
   full = {**{key: v[0] for key, v in outs.items() if v.ndim == 1}, **_merge(per_example, groups)}
-  (loss, metrics), d_full = jax.value_and_grad(lambda o: loss_of_outputs(config, o), has_aux=True)(
-    full
-  )
+  (loss, metrics), d_full = jax.value_and_grad(loss_fn, has_aux=True)(full)
   d_micro = _split({key: d_full[key] for key in per_example}, k, groups)
   d_scalars = {key: v for key, v in d_full.items() if key not in per_example}
 
@@ -236,11 +185,11 @@ def keep_if_finite(
   """`update(state)` when `finite`, else `state` as it was: how a non-finite step is skipped.
 
   `select=True` picks leaf by leaf with `where`, which TPU and GPU XLA fuse into the optimizer's
-  elementwise update for free, where a `cond` costs a parameter-sized buffer (B/16 on v5e,
-  4 images per chip: 1.31 GiB of temporaries with `cond`, 0.72 with `where`). XLA:CPU does not
-  fuse the select, and the pass over the state it makes costs 0.65 s of a B/16 step (3x the
-  AdamW update), so on CPU `select=False` runs one branch of a `cond` instead. Neither is smaller
-  everywhere on TPUs (`aot.skip_hint`), hence `config.skip_nonfinite`.
+  elementwise update, where a `cond` costs a parameter-sized buffer. XLA:CPU does not fuse the
+  select, and its extra pass over the state costs more than the AdamW update itself, so on CPU
+  `select=False` runs one branch of a `cond` instead. Neither is smaller everywhere on TPUs
+  (`aot.skip_hint`), hence `config.skip_nonfinite`; the measurements are in
+  benchmarks/README.md.
   """
   if select:
     return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(state), state)
@@ -258,7 +207,7 @@ def jit_train_step(
 
   Trace, lower or call it inside `sharding.activate(mesh)` (`make_train_step` does that).
   """
-  lrs = optim.schedules(config)
+  lrs, loss_fn = optim.schedules(config), losses.make(config)
   groups = sharding.data_parallel_size(mesh)
   select = {"where": True, "cond": False, "auto": mesh.devices.flat[0].platform != "cpu"}[
     config.skip_nonfinite
@@ -267,10 +216,10 @@ def jit_train_step(
   def train_step(state: TrainState, batch: Batch):
     if config.accum_steps > 1:
       (loss, metrics), grads = accumulated_loss_and_grads(
-        model, config, state.params, batch, groups
+        model, loss_fn, state.params, batch, config.accum_steps, groups
       )
     else:
-      grad_fn = jax.value_and_grad(lambda p: compute_loss(model, config, p, batch), has_aux=True)
+      grad_fn = jax.value_and_grad(lambda p: compute_loss(model, loss_fn, p, batch), has_aux=True)
       (loss, metrics), grads = grad_fn(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -118,7 +118,7 @@ class Tokenizer:
 
 @functools.cache
 def get_tokenizer() -> Tokenizer:
-  """The shared tokenizer (loading the merges takes ~0.3 s, so it is built once)."""
+  """The shared tokenizer (reading the merges is slow enough to do once per process)."""
   return Tokenizer()
 
 

@@ -12,7 +12,7 @@ TPU (see `distributed.py`).
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import pathlib
 import sys
@@ -27,11 +27,20 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from smartclip_jax import checkpoint, distributed, evaluate, optim, preemption, sharding
-from smartclip_jax import config as config_lib
-from smartclip_jax import step as step_lib
+from smartclip_jax import (
+  checkpoint,
+  config as config_lib,
+  distributed,
+  init_from,
+  losses,
+  optim,
+  preemption,
+  sharding,
+  step as step_lib,
+)
 from smartclip_jax.data import pipeline
-from smartclip_jax.interop import loading
+from smartclip_jax.evals import report, run as evals_run, tasks
+from smartclip_jax.evals.encoder import Encoder
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
 
@@ -67,67 +76,6 @@ def text_length(tokens: np.ndarray, config: ml_collections.ConfigDict) -> int:
   return min(context, -(-longest // multiple) * multiple)
 
 
-def run_eval(
-  config: ml_collections.ConfigDict,
-  model: nn.Module,
-  state: step_lib.TrainState,
-  mesh: Mesh,
-  step: int,
-  workdir: pathlib.Path,
-  writer: MetricWriter,
-  checkpointer: checkpoint.Checkpointer,
-) -> dict:
-  """Held-out retrieval and the `eval.tasks`: eval/step_<N>.json, TensorBoard `eval/*`,
-  printed tables, and the best checkpoint by `eval.best_metric`."""
-  results = evaluate.evaluate_heldout(config, model, state.params, mesh)
-  if config.eval.tasks:
-    results["tasks"] = evaluate.evaluate_loaded(
-      loading.Loaded(config, state.params, model),
-      f"{workdir}@{step}",
-      evaluate.parse_tasks(config.eval.tasks),
-      workdir / "eval" / f"step_{step}",
-      mesh,
-      batch_size=config.data.eval_batch_size,
-    )
-  if jax.process_index() == 0:
-    (workdir / "eval").mkdir(exist_ok=True)
-    (workdir / "eval" / f"step_{step}.json").write_text(
-      json.dumps({"step": step, **results}, indent=2)
-    )
-    writer.write(step, {k: v for k, v in results.items() if k != "tasks"}, prefix="eval/")
-    for task, metrics in results.get("tasks", {}).items():
-      writer.write(
-        step, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, prefix=f"eval/{task}/"
-      )
-    skipped = f" ({results['skipped']} unusable skipped)" if results["skipped"] else ""
-    title = (
-      f"held-out {config.data.name}: {results['num_images']} images x 1 full caption"
-      f"{skipped}, step {step}, masks off"
-    )
-    print(evaluate.format_table(results, title), flush=True)
-    if "tasks" in results:
-      print(evaluate.results_table({f"step {step}": results["tasks"]}), flush=True)
-  summary = [f"held-out {results['i2t_r1']:.1f}/{results['t2i_r1']:.1f}"] + [
-    f"{t} " + (f"{m['i2t_r1']:.1f}/{m['t2i_r1']:.1f}" if "i2t_r1" in m else f"{m['top1']:.1f}")
-    for t, m in results.get("tasks", {}).items()
-  ]
-  log.info("eval at step %d (I2T/T2I R@1, zero-shot top-1): %s", step, "; ".join(summary))
-  if config.eval.best_metric:
-    checkpointer.save_best(
-      state, config.eval.best_metric, metric_value(results, config.eval.best_metric)
-    )
-  return results
-
-
-def metric_value(results: dict, name: str) -> float:
-  """`i2t_r1` of the held-out split, or `<task>/<metric>` of an `eval.tasks` task."""
-  task, _, metric = name.rpartition("/")
-  values = results.get("tasks", {}).get(task, {}) if task else results
-  if metric not in values:
-    raise KeyError(f"eval.best_metric={name!r} is not among this evaluation's metrics")
-  return float(values[metric])
-
-
 def initial_state(
   config: ml_collections.ConfigDict,
   model: nn.Module,
@@ -135,32 +83,180 @@ def initial_state(
   mesh: Mesh,
   shardings: step_lib.TrainState,
 ) -> step_lib.TrainState:
-  """A fresh state, with parameters from `config.init_from` when it names a checkpoint."""
+  """A fresh state, with parameters from `config.init_from` when it names a model."""
   state = step_lib.init_state(model, tx, config, mesh, shardings)
   if not config.init_from:
     return state
-  if loading.is_torch_path(config.init_from):
-    params, fresh, unused = loading.params_from_torch(config.init_from, state.params)
-  else:
-    params, fresh, unused = checkpoint.load_params(config.init_from, state.params)
+  # AdamW's initial moments do not depend on the parameters' values.
+  return state.replace(params=init_from.fill(config.init_from, state.params))
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop's helpers share: the run's config, places and writers."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  mesh: Mesh
+  model: nn.Module
+  shardings: step_lib.TrainState
+  checkpointer: checkpoint.Checkpointer
+  writer: MetricWriter
+  start: int  # the step this process started (or resumed) from
+  clock: tuple[float, int]  # (time, step) of the last throughput figure
+
+
+class Profile:
+  """A trace of `profile_steps` steps after the first (compiling) one, beside the TensorBoard
+  scalars: `tensorboard --logdir WORKDIR/tensorboard`, Profile tab."""
+
+  def __init__(self, workdir: pathlib.Path, steps: range):
+    self.workdir, self.steps, self.tracing = workdir, steps, False
+
+  def maybe_start(self, step: int) -> None:
+    if len(self.steps) and step == self.steps.start:
+      jax.profiler.start_trace(str(self.workdir / "tensorboard"))
+      self.tracing = True
+
+  def maybe_stop(self, step: int, state: step_lib.TrainState) -> None:
+    if self.tracing and step == self.steps[-1]:
+      jax.block_until_ready(state)
+      self.close()
+      log.info(
+        "profile of steps %d-%d written under %s (tensorboard --logdir %s, Profile tab)",
+        self.steps.start,
+        step,
+        self.workdir / "tensorboard/plugins/profile",
+        self.workdir / "tensorboard",
+      )
+
+  def close(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+def maybe_log(
+  run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats, force: bool
+) -> None:
+  """Every `log_every` steps (and when `force`): metrics to metrics.jsonl, TensorBoard and the
+  log; stops the run when too many records were unusable or steps non-finite in a row."""
+  config = run.config
+  if step % config.log_every == 0 or step == config.total_steps or force:
+    write_metrics(run, step, metrics, data_stats)
+  if step == run.start + 1:  # later throughput figures leave compilation out
+    jax.block_until_ready(metrics)
+    run.clock = (time.perf_counter(), step)
+
+
+def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats) -> None:
+  config = run.config
+  metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # the host waits only here
+  data_stats.check(config.data.max_bad_fraction)
+  maybe_abort_nonfinite(run, step, metrics)
+  now, (last_time, last_step) = time.perf_counter(), run.clock
+  metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
+  run.clock = (now, step)
+  run.writer.write(step, metrics)
+  density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
   log.info(
-    "parameters from %s; kept at initialisation: %s; not used from there: %s",
-    config.init_from,
-    checkpoint.describe(fresh),
-    checkpoint.describe(unused),
+    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s",
+    step,
+    config.total_steps,
+    metrics["loss"],
+    metrics["lr"],
+    density,
+    metrics["images_per_sec"],
   )
-  return state.replace(params=params)  # AdamW's initial moments do not depend on the values
 
 
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-) -> dict[str, float] | None:
-  """Trains to `config.total_steps` (resuming if checkpoints exist), then evaluates; returns
-  the evaluation, or None when a stop notice (SIGTERM, Ctrl-C) ended the run early."""
-  workdir = pathlib.Path(workdir)
+def maybe_abort_nonfinite(run: Run, step: int, metrics: dict) -> None:
+  """Stops after `max_nonfinite_steps` skipped (non-finite) steps in a row, once every pending
+  save is committed: each saved state has finite parameters."""
+  if metrics["max_skip_streak"] < run.config.max_nonfinite_steps:
+    return
+  run.checkpointer.close()
+  raise FloatingPointError(
+    f"loss or gradients were non-finite for {int(metrics['max_skip_streak'])} steps in a "
+    f"row by step {step} (max_nonfinite_steps={run.config.max_nonfinite_steps}); those "
+    f"steps were not applied. Checkpoints (all with finite parameters) are in "
+    f"{run.workdir / 'checkpoints'}"
+  )
+
+
+def maybe_save(
+  run: Run,
+  step: int,
+  state: step_lib.TrainState,
+  data_iter,
+  data_stats: pipeline.DataStats,
+  force: bool,
+) -> None:
+  """An async checkpoint every `checkpoint_every` steps, at the last step and when `force`."""
+  if step % run.config.checkpoint_every == 0 or step == run.config.total_steps or force:
+    run.checkpointer.save(state, data_iter, data_stats)
+
+
+def evaluate(run: Run, step: int, state: step_lib.TrainState) -> dict:
+  """The run's evaluation (`evals.run`) at `step`: written under eval/ and TensorBoard,
+  printed, logged, and the best checkpoint kept by `eval.best_metric`."""
+  config = run.config
+  encoder = Encoder(
+    config,
+    run.model,
+    state.params,
+    run.mesh,
+    config.data.eval_batch_size,
+    param_shardings=run.shardings.params,
+  )
+  results = evals_run.run_eval(
+    config, encoder, f"{run.workdir}@{step}", run.workdir / "eval" / f"step_{step}"
+  )
+  if jax.process_index() == 0:
+    skipped = f" ({results['skipped']} unusable skipped)" if results["skipped"] else ""
+    report.write_step(
+      results,
+      step,
+      run.workdir,
+      run.writer,
+      f"held-out {config.data.name}: {results['num_images']} images x 1 full "
+      f"caption{skipped}, step {step}, masks off",
+    )
+  log.info("eval at step %d (I2T/T2I R@1, zero-shot top-1): %s", step, report.summary(results))
+  if config.eval.best_metric:
+    run.checkpointer.save_best(
+      state, config.eval.best_metric, report.metric_value(results, config.eval.best_metric)
+    )
+  return results
+
+
+def stopped(run: Run, step: int, reason: str) -> None:
+  """A stop notice ended the run: its checkpoint (saved at this step) and metrics committed."""
+  run.checkpointer.close()
+  run.writer.close()
+  log.warning(
+    "stopped by %s after step %d of %d; checkpoint saved in %s; rerun the same command to resume",
+    reason,
+    step,
+    run.config.total_steps,
+    run.workdir / "checkpoints",
+  )
+
+
+def maybe_evaluate(run: Run, step: int, state: step_lib.TrainState) -> None:
+  """`evaluate` every `eval.every` steps before the last (which always evaluates)."""
+  every = run.config.eval.every
+  if every and step % every == 0 and step != run.config.total_steps:
+    evaluate(run, step, state)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """Everything before the first step: mesh, model, optimizer, data, and the state restored
+  from the latest checkpoint or freshly initialised. Checks that can fail do so here."""
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
-  evaluate.parse_tasks(config.eval.tasks)  # a mistyped task fails now, not at the first eval
+  tasks.parse_tasks(config.eval.tasks)  # a mistyped task fails now, not at the first eval
+  losses.make(config)  # a loss the model cannot train fails now, not at the first compile
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -171,7 +267,6 @@ def train_and_evaluate(
     jax.devices()[0].platform,
     jax.process_count(),
   )
-
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   data_iter = pipeline.train_iterator(config)
@@ -182,113 +277,71 @@ def train_and_evaluate(
   if state is None:
     state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info(
     "%s model, %.2fM parameters, %s at step %d of %d",
     config.loss,
-    n_params / 1e6,
+    sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
     "resumed" if start else "starting",
     start,
     config.total_steps,
   )
-
-  writer = MetricWriter(workdir)
-  writer.truncate_after(start)
+  run = Run(
+    config,
+    workdir,
+    mesh,
+    model,
+    shardings,
+    checkpointer,
+    MetricWriter(workdir),
+    start,
+    (time.perf_counter(), start),
+  )
+  run.writer.truncate_after(start)  # a resumed run rewrites the steps after its checkpoint
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
-  last_time, last_step = time.perf_counter(), start
+  return run, state, train_step, data_iter, data_stats
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> dict[str, float] | None:
+  """Trains to `config.total_steps` (resuming if checkpoints exist), then evaluates; returns
+  the evaluation, or None when a stop notice (SIGTERM, Ctrl-C) ended the run early."""
+  run, state, train_step, data_iter, data_stats = setup(config, pathlib.Path(workdir))
+  start = run.start
+  profile = Profile(
+    run.workdir, range(start + 2, min(start + 2 + config.profile_steps, config.total_steps + 1))
+  )
   stop = preemption.StopRequest()
   if distributed.detect() == "tpu":
     stop.watch_maintenance()
-  # A trace of `profile_steps` steps after the first (compiling) one, beside the TensorBoard
-  # scalars: `tensorboard --logdir WORKDIR/tensorboard`, Profile tab.
-  profile = range(start + 2, min(start + 2 + config.profile_steps, config.total_steps + 1))
-  tracing = False
   try:
     for step in range(start + 1, config.total_steps + 1):
-      if step == profile.start and len(profile):
-        jax.profiler.start_trace(str(workdir / "tensorboard"))
-        tracing = True
+      profile.maybe_start(step)
       batch = next(data_iter)
       data_stats.update(batch)
       state, metrics = train_step(
-        state, global_batch(batch, mesh, text_length(batch["tokens"], config))
+        state, global_batch(batch, run.mesh, text_length(batch["tokens"], config))
       )
-      if tracing and step == profile[-1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        tracing = False
-        log.info(
-          "profile of steps %d-%d written under %s (tensorboard --logdir %s, Profile tab)",
-          profile.start,
-          step,
-          workdir / "tensorboard/plugins/profile",
-          workdir / "tensorboard",
-        )
+      profile.maybe_stop(step, state)
       stopping = stop.reached(step)
-      if step % config.log_every == 0 or step == config.total_steps or stopping:
-        metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # host waits only here
-        data_stats.check(config.data.max_bad_fraction)
-        if metrics["max_skip_streak"] >= config.max_nonfinite_steps:
-          checkpointer.close()  # finishes pending saves; every saved state has finite params
-          raise FloatingPointError(
-            f"loss or gradients were non-finite for {int(metrics['max_skip_streak'])} steps "
-            f"in a row by step {step} (max_nonfinite_steps={config.max_nonfinite_steps}); "
-            f"those steps were not applied. Checkpoints (all with finite parameters) are in "
-            f"{workdir / 'checkpoints'}"
-          )
-        now = time.perf_counter()
-        metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
-        last_time, last_step = now, step
-        writer.write(step, metrics)
-        density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
-        log.info(
-          "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s",
-          step,
-          config.total_steps,
-          metrics["loss"],
-          metrics["lr"],
-          density,
-          metrics["images_per_sec"],
-        )
-      if step == start + 1:  # later throughput figures leave compilation out
-        jax.block_until_ready(metrics)
-        last_time, last_step = time.perf_counter(), step
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-        checkpointer.save(state, data_iter, data_stats)
+      maybe_log(run, step, metrics, data_stats, force=stopping)
+      maybe_save(run, step, state, data_iter, data_stats, force=stopping)
       if stopping:
-        checkpointer.close()
-        writer.close()
-        log.warning(
-          "stopped by %s after step %d of %d; checkpoint saved in %s; rerun the same "
-          "command to resume",
-          stop.reason,
-          step,
-          config.total_steps,
-          workdir / "checkpoints",
-        )
-        return None
-      if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-        run_eval(config, model, state, mesh, step, workdir, writer, checkpointer)
+        return stopped(run, step, stop.reason)
+      maybe_evaluate(run, step, state)
   finally:
     stop.close()
-    if tracing:
-      jax.profiler.stop_trace()
-  results = run_eval(config, model, state, mesh, config.total_steps, workdir, writer, checkpointer)
-  checkpointer.close()
-  writer.close()
+    profile.close()
+  results = evaluate(run, config.total_steps, state)
+  run.checkpointer.close()
+  run.writer.close()
   return results
 
 
 def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
   """`--config FILE --workdir DIR`, the multi-process flags, and any number of
   `--config.a.b=value` overrides."""
-  parser = argparse.ArgumentParser(
-    prog="python -m smartclip_jax.train",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    allow_abbrev=False,
-  )
-  parser.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+  parser = config_lib.arg_parser("python -m smartclip_jax.train", __doc__)
   parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
   group = parser.add_argument_group(
     "multi-process (all three, or none: SLURM and Cloud TPU are detected)"
@@ -296,21 +349,13 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
   group.add_argument("--num_processes", type=int)
   group.add_argument("--process_id", type=int)
-  args, rest = parser.parse_known_args(argv)
+  config, args = config_lib.parse_args(parser, argv)
   if "://" in args.workdir:
     parser.error(
       f"--workdir {args.workdir}: give a file system path that every process sees "
       "(on Cloud TPU, mount the bucket with gcsfuse)"
     )
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
-    overrides.append(item[len("--config.") :])
-  try:
-    return config_lib.load(args.config, overrides), args
-  except config_lib.ConfigError as e:
-    parser.error(str(e))
+  return config, args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

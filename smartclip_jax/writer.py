@@ -37,7 +37,7 @@ class MetricWriter:
     if not self.enabled or not path.exists():
       return
     lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
   def close(self) -> None:
     if self._tb is not None:

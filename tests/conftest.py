@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 
 # No persistent compilation cache: on XLA:CPU (jax 0.10.2) a train step read back from it
 # aborted the process once a program for another mesh had been cached in the same session.
-
 from smartclip_jax import config as config_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +28,8 @@ TINY = [
   "model.vision.layers=1",
   "model.text.layers=1",
   "model.text.context_length=32",
-  "data.num_train=256",
-  "data.num_eval=32",
+  "data.demo.num_train=256",
+  "data.demo.num_eval=32",
   "data.eval_batch_size=16",
 ]
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from smartclip_jax import optim, sharding, step as step_lib
+from smartclip_jax import config as config_lib, losses, optim, sharding, step as step_lib
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
 from tests.conftest import assert_gradients_close
@@ -23,9 +23,13 @@ def _setup(config):
 def _loss_and_grads(model, config, mesh, shardings, params, batch):
   groups = sharding.data_parallel_size(mesh)
   if config.accum_steps > 1:
-    fn = lambda p, b: step_lib.accumulated_loss_and_grads(model, config, p, b, groups)
+    fn = lambda p, b: step_lib.accumulated_loss_and_grads(
+      model, losses.make(config), p, b, config.accum_steps, groups
+    )
   else:
-    fn = jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b), has_aux=True)
+    fn = jax.value_and_grad(
+      lambda p, b: step_lib.compute_loss(model, losses.make(config), p, b), has_aux=True
+    )
   with sharding.activate(mesh):
     return jax.device_get(
       jax.jit(fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))(params, batch)
@@ -51,7 +55,7 @@ def _assert_same(got, ref):
   ],
 )
 def test_accumulated_gradients_equal_the_full_batch(demo_config, loss, impl, mesh):
-  demo_config.update(loss=loss, loss_impl=impl, batch_size=32)
+  config_lib.set_loss(demo_config, loss).update(loss_impl=impl, batch_size=32)
   demo_config.mesh.update(mesh)
   model, mesh, shardings, state, batch = _setup(demo_config)
   ref = _loss_and_grads(model, demo_config, mesh, shardings, state.params, batch)

@@ -5,8 +5,7 @@ import os
 
 import pytest
 
-from smartclip_jax import config as config_lib
-from smartclip_jax import train
+from smartclip_jax import config as config_lib, train
 from tests.conftest import DEMO, REPO
 
 
@@ -18,7 +17,14 @@ def test_every_shipped_config_validates(path):
 
 def test_overrides_are_typed():
   c = config_lib.load(
-    DEMO, ["batch_size=32", "model.mask.hard=false", "optim.towers.lr=2e-4", "loss=clip"]
+    DEMO,
+    [
+      "batch_size=32",
+      "model.mask.hard=false",
+      "optim.towers.lr=2e-4",
+      "loss=clip",
+      "model.mask_net=false",
+    ],
   )
   assert (c.batch_size, c.model.mask.hard, c.optim.towers.lr, c.loss) == (32, False, 2e-4, "clip")
 
@@ -35,7 +41,7 @@ def test_bad_value_and_bad_choice():
     config_lib.load(DEMO, ["loss=softmax"])
   with pytest.raises(config_lib.ConfigError, match="trim_padding needs loss=clip or siglip"):
     config_lib.load(DEMO, ["model.text.trim_padding=16"])  # the demo trains SmartCLIP
-  config_lib.load(DEMO, ["loss=clip", "model.text.trim_padding=16"])
+  config_lib.load(DEMO + ":clip", ["model.text.trim_padding=16"])
 
 
 def test_batch_not_divisible_by_data_axes():
@@ -56,3 +62,31 @@ def test_cli_reports_unknown_field_and_exits(capsys):
     train.parse_args(["--config", DEMO, "--workdir", "/tmp/x", "--config.bacth_size=8"])
   assert exit_info.value.code == 2
   assert "unknown config field 'bacth_size'" in capsys.readouterr().err
+
+
+def test_the_loss_and_the_model_are_set_together():
+  from smartclip_jax import losses
+
+  c = config_lib.load(DEMO, ["loss=clip"])  # the demo's model has a mask network
+  with pytest.raises(config_lib.ConfigError, match="model.mask_net=false"):
+    losses.make(c)
+  c = config_lib.load(DEMO, ["loss=siglip", "model.mask_net=false"])
+  with pytest.raises(config_lib.ConfigError, match="model.logit_bias_init=-10.0"):
+    losses.make(c)
+  c = config_lib.load(DEMO + ":siglip")
+  losses.make(c)
+  assert (c.loss, c.model.mask_net, c.model.logit_bias_init) == ("siglip", False, -10.0)
+
+
+def test_a_renamed_field_names_its_new_name(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r"write --config.eval.every=5"):
+    config_lib.load(DEMO, ["eval_every=5"])
+  with pytest.raises(config_lib.ConfigError, match=r"data.tfds_data_dir is now data.tfds.data_dir"):
+    c = config_lib.base_config()
+    c.data.tfds_data_dir = "/x"  # a config file written the old way
+    config_lib.validate(c)
+  old = config_lib.to_dict(config_lib.load(DEMO))  # a run saved before the fields moved
+  old["eval_every"] = old["eval"].pop("every") + 7
+  old["data"]["holdout"] = old["data"].pop("sharegpt4v")["holdout"] + 1
+  c = config_lib.from_dict(old)
+  assert (c.eval.every, c.data.sharegpt4v.holdout) == (7, config_lib.SHAREGPT4V_HOLDOUT + 1)

@@ -92,7 +92,9 @@ def test_two_processes_read_disjoint_slices_covering_the_data(demo_config):
   per_process = []
   for index in range(2):
     it = pipeline.train_iterator(demo_config, process_index=index, process_count=2)
-    steps = demo_config.data.num_train // demo_config.batch_size  # an epoch of 8-record batches
+    steps = (
+      demo_config.data.demo.num_train // demo_config.batch_size
+    )  # an epoch of 8-record batches
     per_process.append([bytes(t) for _ in range(steps) for t in next(it)["tokens"]])
   assert sorted(per_process[0] + per_process[1]) == want
   ids_0 = {i for i in range(len(source)) if i % 2 == 0}

@@ -419,6 +419,7 @@ def test_tfds_by_name_reads_a_prepared_array_record_set(tmp_path):
   """Any TFDS classification set: class names from its `label` feature, labels without decoding,
   images (here grayscale) decoded to uint8 [H, W, 3] on access."""
   import io
+
   import tensorflow_datasets as tfds
 
   def png(value: int) -> bytes:

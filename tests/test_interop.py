@@ -79,7 +79,7 @@ def test_reference_layout_embeddings_match(
     2,
     64,
   )
-  assert model.config.loss == ("smartclip" if mask_net else "clip")
+  assert model.config.model.mask_net == mask_net
   images, tokens = inputs(model)
   with torch.no_grad():
     want_img = ref.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)))
@@ -242,7 +242,7 @@ def test_orbax_workdir_loads_like_the_run_left_it(demo_run, monkeypatch):
   jax.tree.map(
     np.testing.assert_array_equal, jax.device_get(relative.params), jax.device_get(model.params)
   )
-  assert model.config.model.text.context_length == 32 and model.config.loss == "smartclip"
+  assert model.config.model.text.context_length == 32 and model.config.model.mask_net
   images, tokens = inputs(model)
   assert model.encode_image(images).shape == (4, 64)
   assert np.isfinite(np.asarray(model.encode_text(tokens))).all()
@@ -301,8 +301,7 @@ def test_export_hf_loads_in_transformers_without_missing_or_unexpected_keys(demo
 
 
 def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
-  from smartclip_jax import config as config_lib, optim, sharding, step as step_lib
-  from smartclip_jax.interop import loading
+  from smartclip_jax import config as config_lib, init_from, optim, sharding, step as step_lib
   from smartclip_jax.models.clip import build_model
   from tests.conftest import DEMO, TINY
 
@@ -324,7 +323,7 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   state = step_lib.init_state(
     model, tx, config, mesh, step_lib.state_shardings(model, tx, config, mesh)
   )
-  params, fresh, unused = loading.params_from_torch(tmp_path / "clip.pt", state.params)
+  params, fresh, unused = init_from.load_params(tmp_path / "clip.pt", state.params)
   assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []
   got = jax.device_get(params)
   np.testing.assert_array_equal(got["visual"]["proj"], ref.visual.proj.detach().numpy())

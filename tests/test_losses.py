@@ -36,7 +36,7 @@ def test_masked_similarity_matches_naive_values_and_gradients():
   )
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)), jnp.float32)
   grads = [
-    jax.grad(lambda *a: jnp.sum(weights * f(*a)), argnums=(0, 1, 2))(img, txt, masks)
+    jax.grad(lambda *a, f=f: jnp.sum(weights * f(*a)), argnums=(0, 1, 2))(img, txt, masks)
     for f in (losses.masked_similarity, naive_masked_similarity)
   ]
   for ours, ref in zip(*grads):
@@ -97,13 +97,13 @@ def test_smartclip_without_modular_alignment_masks_each_image_by_its_own_caption
 
 
 def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
-  from smartclip_jax import config as config_lib, step
+  from smartclip_jax import config as config_lib
 
-  c = config_lib.base_config()
-  c.loss, c.clip.temperature = "clip", 0.01
+  c = config_lib.set_loss(config_lib.base_config(), "clip")
+  c.clip.temperature = 0.01
   img, txt, _ = _inputs(n=5)
   loss, grad = jax.value_and_grad(
-    lambda s: step.loss_of_outputs(c, {"img_emb": img, "txt_emb": txt, "logit_scale": s})[0]
+    lambda s: losses.make(c)({"img_emb": img, "txt_emb": txt, "logit_scale": s})[0]
   )(jnp.asarray(2.0))
   np.testing.assert_allclose(loss, losses.clip_loss(img, txt, jnp.log(100.0))[0], rtol=1e-6)
   assert grad == 0.0

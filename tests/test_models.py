@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from smartclip_jax import config as config_lib, losses
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.mask import MaskNetwork, straight_through_hard
 from smartclip_jax.models.text import TextTransformer, stretch_positions
@@ -128,7 +129,7 @@ def _loss_and_grads(config, params, batch):
   from smartclip_jax import step as step_lib
 
   model = build_model(config)
-  fn = jax.value_and_grad(lambda p: step_lib.compute_loss(model, config, p, batch)[0])
+  fn = jax.value_and_grad(lambda p: step_lib.compute_loss(model, losses.make(config), p, batch)[0])
   return jax.device_get(jax.jit(fn)(params))
 
 
@@ -154,10 +155,10 @@ def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
 def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, remat):
   """The unrolled model's parameters, stacked, give the scanned model the same loss, gradients
   and AdamW updates (weight decay included: a stacked LayerNorm gain is still a vector)."""
-  from tests.conftest import assert_gradients_close
   from smartclip_jax import optim, step as step_lib
   from smartclip_jax.data import pipeline
   from smartclip_jax.interop import layout
+  from tests.conftest import assert_gradients_close
 
   demo_config.model.vision.layers, demo_config.model.text.layers = 2, 3  # layer order shows
   batch = next(pipeline.train_iterator(demo_config))
@@ -197,7 +198,7 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, los
   from smartclip_jax import train
   from smartclip_jax.data import pipeline
 
-  demo_config.loss = loss
+  config_lib.set_loss(demo_config, loss)
   demo_config.model.text.context_length = 64  # room to cut: the demo's captions are shorter
   batch = next(pipeline.train_iterator(demo_config))
   model = build_model(demo_config)

@@ -9,7 +9,7 @@ from smartclip_jax.experiments import paper_regime as pr, probes, scenes
 
 
 def test_finetune_configs_are_the_recipe_and_pretraining_is_from_scratch():
-  sizes = pr.Sizes()
+  sizes = pr.default_sizes()
   for lr, rate in pr.TOWER_LRS.items():
     c = pr.configure(f"smartclip@{lr}", sizes)
     assert (c.loss, c.optim.towers.lr, c.optim.mask_net.lr) == ("smartclip", rate, 1e-3)

@@ -148,7 +148,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch)
     assert p.wait(timeout=600) == 0, (tmp_path / f"two.{procs.index(p)}").read_text()
   two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
   assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
-  np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-5)
+  np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=2e-5)
   log0 = (tmp_path / "two.0").read_text()
   assert "process 0 of 2 (explicit)" in log0 and "held-out demo" in log0
 

@@ -66,7 +66,7 @@ def test_ring_equals_global(name, shape):
   results = {}
   with sharding.activate(_mesh(*shape)):
     for impl in ("global", "ring"):
-      grad = jax.value_and_grad(lambda a: fn(a, impl), has_aux=True)
+      grad = jax.value_and_grad(lambda a, impl=impl: fn(a, impl), has_aux=True)
       results[impl] = jax.device_get(jax.jit(grad)(args))
   (loss_g, metrics_g), grads_g = results["global"]
   (loss_r, metrics_r), grads_r = results["ring"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from smartclip_jax import optim, sharding, step as step_lib
+from smartclip_jax import config as config_lib, losses, optim, sharding, step as step_lib
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
 from tests.conftest import assert_gradients_close
@@ -15,7 +15,9 @@ def loss_and_grads(config, mesh, params, batch):
   model = build_model(config)
   shardings = step_lib.state_shardings(model, optim.make_optimizer(config), config, mesh)
   fn = jax.jit(
-    jax.value_and_grad(lambda p, b: step_lib.compute_loss(model, config, p, b), has_aux=True),
+    jax.value_and_grad(
+      lambda p, b: step_lib.compute_loss(model, losses.make(config), p, b), has_aux=True
+    ),
     in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
   )
   with sharding.activate(mesh):
@@ -32,7 +34,7 @@ def loss_and_grads(config, mesh, params, batch):
   ],
 )
 def test_one_device_equals_eight_devices(demo_config, loss):
-  demo_config.loss = loss
+  config_lib.set_loss(demo_config, loss)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
   one = sharding.make_mesh(demo_config, jax.devices()[:1])
   state = step_lib.init_state(

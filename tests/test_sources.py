@@ -316,7 +316,8 @@ def test_tfds_source_through_the_pipeline(demo_config):
       raise NotImplementedError("mock data only")
 
   del TinyCaptions
-  demo_config.data.update(name="tfds", path="tiny_captions", tfds_train_split="train")
+  demo_config.data.update(name="tfds", path="tiny_captions")
+  demo_config.data.tfds.train_split = "train"
   demo_config.data.min_image_side = 1
   demo_config.batch_size = 4
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):

@@ -12,8 +12,43 @@ import re
 import numpy as np
 
 ABBREVIATIONS = frozenset(
-  "mr mrs ms dr prof sr jr st mt ft vs etc e.g i.e approx no fig al inc ltd co dept est "
-  "jan feb mar apr jun jul aug sep sept oct nov dec".split()
+  [
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "sr",
+    "jr",
+    "st",
+    "mt",
+    "ft",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "approx",
+    "no",
+    "fig",
+    "al",
+    "inc",
+    "ltd",
+    "co",
+    "dept",
+    "est",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+  ]
 )
 _END = re.compile(r"""[.!?]+["')\]]*(?=\s+)""")
 

@@ -15,10 +15,10 @@ import functools
 from collections.abc import Iterator
 
 import grain
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption

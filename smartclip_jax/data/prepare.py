@@ -30,6 +30,7 @@ import PIL.Image
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.data import decode, sources
 
 Entry = tuple[str, str, object]
@@ -180,15 +181,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "--holdout",
     type=int,
     default=None,
-    help="first records written to eval/ (default: 1000 for ShareGPT4V, 0)",
+    help=(
+      f"first records written to eval/ (default: {config_lib.SHAREGPT4V_HOLDOUT} for ShareGPT4V, 0)"
+    ),
   )
-  parser.add_argument("--image-key", default="filepath", help="CSV/TSV image column")
-  parser.add_argument("--caption-key", default="title", help="CSV/TSV caption column")
+  parser.add_argument("--image-key", default=config_lib.CSV_KEYS[0], help="CSV/TSV image column")
+  parser.add_argument(
+    "--caption-key", default=config_lib.CSV_KEYS[1], help="CSV/TSV caption column"
+  )
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if args.format == "sharegpt4v":
     entries, root = sources.sharegpt4v_entries(args.input), pathlib.Path(args.image_root)
-    holdout = 1000 if args.holdout is None else args.holdout
+    holdout = config_lib.SHAREGPT4V_HOLDOUT if args.holdout is None else args.holdout
   else:
     entries, root = sources.folder_entries(args.input, args.image_key, args.caption_key)
     holdout = args.holdout or 0

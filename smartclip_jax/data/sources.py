@@ -12,9 +12,10 @@ import glob
 import json
 import pathlib
 
-import msgpack
 import ml_collections
+import msgpack
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.data.demo import DemoSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -71,7 +72,9 @@ def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int)
 
 
 def folder_entries(
-  path: str | pathlib.Path, image_key: str = "filepath", caption_key: str = "title"
+  path: str | pathlib.Path,
+  image_key: str = config_lib.CSV_KEYS[0],
+  caption_key: str = config_lib.CSV_KEYS[1],
 ) -> tuple[list[tuple[str, str, str]], pathlib.Path]:
   """(id, image path, caption) of an image folder, and the root the paths are relative to.
 
@@ -110,8 +113,8 @@ def folder_entries(
     missing = {image_key, caption_key} - set(rows[0] if rows else ())
     if missing:
       raise ValueError(
-        f"{path} has no column(s) {sorted(missing)}; set data.image_key / "
-        "data.caption_key to its column names"
+        f"{path} has no column(s) {sorted(missing)}; set data.folder.image_key / "
+        "data.folder.caption_key to its column names"
       )
     return [(str(i), r[image_key], r[caption_key]) for i, r in enumerate(rows)], path.parent
   raise ValueError(f"{path}: give a directory, a .csv/.tsv or a .jsonl of captions")
@@ -191,23 +194,24 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   """The source `config.data` names, for `split` (`train` or `eval`)."""
   d = config.data
   if d.name == "demo":
-    num = d.num_train if split == "train" else d.num_eval
+    num = d.demo.num_train if split == "train" else d.demo.num_eval
     return DemoSource(num, config.model.vision.image_size, seed=config.seed, split=split)
   if d.name == "sharegpt4v":
-    return sharegpt4v_source(d.path, d.image_root, split, d.holdout)
+    return sharegpt4v_source(d.path, d.image_root, split, d.sharegpt4v.holdout)
   if d.name == "tfds":
+    t = d.tfds
     return TfdsSource(
       d.path,
-      d.tfds_train_split if split == "train" else d.tfds_eval_split,
-      d.tfds_image_key,
-      d.tfds_caption_key,
-      d.tfds_data_dir,
+      t.train_split if split == "train" else t.eval_split,
+      t.image_key,
+      t.caption_key,
+      t.data_dir,
     )
   path = d.path if split == "train" else d.eval_path
   if not path:
     raise ValueError(f"data.name={d.name!r} has no held-out split: set data.eval_path")
   if d.name == "folder":
-    entries, root = folder_entries(path, d.image_key, d.caption_key)
+    entries, root = folder_entries(path, d.folder.image_key, d.folder.caption_key)
     return FileListSource(entries, d.image_root or root, "ImageFolder")
   if d.name == "array_record":
     return ArrayRecordSource(path)

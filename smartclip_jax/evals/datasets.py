@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.data.sources import IMAGE_SUFFIXES, sharegpt4v_entries
 
 RETRIEVAL_TASKS = (
@@ -34,8 +35,6 @@ RETRIEVAL_TASKS = (
 )
 # Class-name and prompt lists (see assets/README.md for where each comes from).
 ZEROSHOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "zeroshot"
-# The first records of the ShareGPT4V JSON, which training holds out (`data.holdout`).
-SHAREGPT4V_HOLDOUT = 1000
 # Captions per COCO image in the paper's protocol (25,000 for 5,000 images); a few images have 6
 # or 7, and the ones past the fifth are not evaluated.
 COCO_CAPTIONS = 5
@@ -269,7 +268,7 @@ def _sharegpt4v_1k(out: _Collector, path: pathlib.Path, image_root: str) -> None
   except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
     raise ValueError(f"cannot read annotation file {path}: {e}") from e
   root = pathlib.Path(image_root or path.parent)
-  for record_id, image, caption in entries[:SHAREGPT4V_HOLDOUT]:
+  for record_id, image, caption in entries[: config_lib.SHAREGPT4V_HOLDOUT]:
     out.add(root / image, [caption], f"record {record_id}")
 
 

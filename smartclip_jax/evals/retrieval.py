@@ -52,7 +52,7 @@ def ranks(
   mesh = mesh or sharding.data_mesh()
   parts = sharding.data_parallel_size(mesh)
   chunk = -(-min(chunk, max(len(queries), 1)) // parts) * parts  # whole rows per device
-  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
   # Ranks come back replicated: every process can read them (a multi-process run included).
   chunk_ranks = jax.jit(_chunk_ranks, static_argnames="masked", out_shardings=rep)
   keys_dev = jax.device_put(keys, rep)
@@ -63,12 +63,19 @@ def ranks(
   out = np.empty(len(queries), np.int64)
   for start in range(0, len(queries), chunk):
     stop = min(start + chunk, len(queries))
-    pad = chunk - (stop - start)  # one shape for every chunk: one compilation
-    padded = lambda x: jax.device_put(
-      np.concatenate([x[start:stop], np.zeros((pad, *x.shape[1:]), x.dtype)]), rows
+    rows = slice(start, stop)  # padded to `chunk` rows: one shape, one compilation
+    masks = (
+      sharding.put_padded(np.asarray(query_masks, np.float32)[rows], chunk, mesh)
+      if masked == "queries"
+      else key_masks_dev
     )
-    masks = padded(np.asarray(query_masks, np.float32)) if masked == "queries" else key_masks_dev
-    got = chunk_ranks(padded(queries), keys_dev, padded(targets), masks, masked)
+    got = chunk_ranks(
+      sharding.put_padded(queries[rows], chunk, mesh),
+      keys_dev,
+      sharding.put_padded(targets[rows], chunk, mesh),
+      masks,
+      masked,
+    )
     out[start:stop] = np.asarray(got)[: stop - start]
   return out
 

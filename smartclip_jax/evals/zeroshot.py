@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from smartclip_jax.evals import retrieval
-from smartclip_jax.evals.embed import Encoder
+from smartclip_jax.evals.encoder import Encoder
 
 
 def class_embeddings(

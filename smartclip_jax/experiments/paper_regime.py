@@ -15,10 +15,10 @@ Writes `results.json`, `table.md`, `lr_sweep.png`, the mask figures and `models/
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -31,35 +31,31 @@ import numpy as np
 import scipy.stats
 
 from smartclip_jax import config as config_lib
-from smartclip_jax.experiments import figures, probes as probes_lib, scenes
-from smartclip_jax.experiments.partial_captions import (
-  TEST_SEED,
+from smartclip_jax.experiments import figures, probes as probes_lib, runner, scenes
+from smartclip_jax.experiments.partial_captions import TEST_SEED
+from smartclip_jax.experiments.runner import (
   Trainer,
   executor,
   experiment_main,
   pin_to_core,
+  schedule as caption_schedule,
 )
-from smartclip_jax.experiments.partial_captions import schedule as caption_schedule
 
 log = logging.getLogger("smartclip_jax")
 
 
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-  train: int = 8192
-  test: int = 500
-  pretrain: int = 8192
-  pretrain_steps: int = 1000
-  steps: int = 200
-  batch: int = 64
-  layers: int = 2
-  width: int = 64
-  heads: int = 4
-  patch: int = 8
-  partial_per_image: int = 3
+def default_sizes(**changes: int) -> runner.Sizes:
+  """The shared sizes with this experiment's longer pretraining, wider towers and partial
+  queries per test image."""
+  return runner.Sizes(
+    **{
+      **dict(pretrain_steps=1000, steps=200, width=64, heads=4, patch=8, partial_per_image=3),
+      **changes,
+    }
+  )
 
 
-QUICK = Sizes(
+QUICK = default_sizes(
   train=256,
   test=48,
   pretrain=256,
@@ -94,36 +90,24 @@ BAR = {"full_i2t_r1": 60.0, "full_t2i_r1": 60.0, "colour_acc": 30.0, "shape_acc"
 METRICS = (MAIN, *probes_lib.METRICS)
 PARTIAL_SEED = 2000  # the partial test queries' draws
 BOOTSTRAP = 2000
+QUICK_HELP = "tiny sizes, two seeds, two runs each: every output file, for the tests"
+QUICK_RUN = dict(sizes=QUICK, seeds=SEEDS[:2], runs=QUICK_RUNS)
+FULL_RUN = dict(sizes=default_sizes())
 
 
-def towers(sizes: Sizes) -> ml_collections.ConfigDict:
-  """The model every run shares: a ViT on 48 px scenes and a text transformer with a 64-token
-  context, D = 64 dimensions for the masks to choose from."""
-  c = config_lib.base_config()
-  c.batch_size = sizes.batch
-  c.model.embed_dim = 64
-  c.model.vision.update(
-    image_size=48, patch_size=sizes.patch, width=sizes.width, layers=sizes.layers, heads=sizes.heads
-  )
-  c.model.text.update(context_length=64, width=sizes.width, layers=sizes.layers, heads=sizes.heads)
-  c.model.mask.heads = sizes.heads
-  c.optim.frozen_positions = 0  # nothing was stretched: every position of the base trained
-  return c
-
-
-def configure(name: str, sizes: Sizes) -> ml_collections.ConfigDict:
+def configure(name: str, sizes: runner.Sizes) -> ml_collections.ConfigDict:
   """`pretrain`: the base CLIP from scratch (configs/demo.py's from-scratch optimizer, for its
   reasons). `<loss>@<lr name>`: a fine-tuning run with the recipe's optimizer (AdamW 0.9 /
   0.999 / 1e-8, decay 1e-2 on every tower parameter, no clipping), the towers at TOWER_LRS[lr]
   with the recipe's share of warm-up steps (200 of 3,650), the mask net at 1e-3 from step 0."""
-  c = towers(sizes)
+  c = runner.towers(sizes)
   if name == "pretrain":
-    c.loss = "clip"
+    config_lib.set_loss(c, "clip")
     c.optim.towers.update(lr=1e-3, weight_decay=0.1, warmup_steps=50)
     c.optim.update(decay="matrices", grad_clip_norm=1.0)
   else:
     loss, lr = name.split("@")
-    c.loss = loss
+    config_lib.set_loss(c, loss)
     c.optim.towers.update(lr=TOWER_LRS[lr], warmup_steps=max(1, round(sizes.steps * 200 / 3650)))
   config_lib.validate(c)
   return c
@@ -138,9 +122,9 @@ class TestSet:
   partial: probes_lib.PartialQueries
 
 
-def test_set(split: scenes.Split, gallery: int, sizes: Sizes) -> TestSet:
+def test_set(split: scenes.Split, gallery: int, sizes: runner.Sizes) -> TestSet:
   part = scenes.Split(split.images[:gallery], split.scenes[:gallery], split.sentence_ids[:gallery])
-  context = towers(sizes).model.text.context_length
+  context = runner.towers(sizes).model.text.context_length
   return TestSet(
     gallery,
     probes_lib.make_probes(part, context),
@@ -162,14 +146,14 @@ def score(parts: Any, params: Any, test: TestSet, masked: bool) -> tuple[dict, l
 _PROCESS: dict[str, Any] = {}
 
 
-def start_process(sizes: Sizes, cores: Any = None) -> None:
+def start_process(sizes: runner.Sizes, cores: Any = None) -> None:
   """Makes this process ready to run tasks (`pin_to_core` for a pool worker); a process that
   is ready for these sizes already stays as it is."""
   if cores is not None:
     pin_to_core(cores)
   if _PROCESS.get("sizes") == sizes:
     return
-  size = towers(sizes).model.vision.image_size
+  size = runner.towers(sizes).model.vision.image_size
   test = scenes.make_split(sizes.test, size, TEST_SEED, "test")
   _PROCESS.update(
     sizes=sizes,
@@ -192,7 +176,7 @@ def pretrain_task(out: pathlib.Path) -> tuple[dict, Any]:
   """The base CLIP: trained, scored on every gallery, saved; returns (record, parameters)."""
   sizes, trainer = _PROCESS["sizes"], _PROCESS["trainer"]
   t0 = time.perf_counter()
-  context = towers(sizes).model.text.context_length
+  context = runner.towers(sizes).model.text.context_length
   index, tokens = caption_schedule(
     _PROCESS["pretrain"], sizes.pretrain_steps, sizes.batch, "full", BASE_SEED, context
   )
@@ -215,7 +199,7 @@ def finetune_task(
   """One fine-tuning run from the base, scored (SmartCLIP both ways), its model saved."""
   sizes, trainer = _PROCESS["sizes"], _PROCESS["trainer"]
   t0 = time.perf_counter()
-  context = towers(sizes).model.text.context_length
+  context = runner.towers(sizes).model.text.context_length
   index, tokens = caption_schedule(_PROCESS["train"], sizes.steps, sizes.batch, mode, seed, context)
   init = {k: base[k] for k in ("visual", "text")}
   if loss == "clip":
@@ -249,7 +233,7 @@ def _save(path: pathlib.Path, params: Any) -> None:
   path.write_bytes(flax.serialization.to_bytes(params))
 
 
-def galleries(sizes: Sizes) -> list[int]:
+def galleries(sizes: runner.Sizes) -> list[int]:
   """GALLERIES as far as the test split reaches, largest first."""
   return sorted({min(g, sizes.test) for g in GALLERIES}, reverse=True)
 
@@ -281,8 +265,8 @@ def paired(runs: list[dict], rng: np.random.Generator) -> list[dict]:
   for mode, lr in cells:
     seeds = sorted(
       s
-      for m, method, l, s in by_key
-      if (m, method, l) == (mode, "clip", lr) and (mode, "smartclip", lr, s) in by_key
+      for m, method, rate, s in by_key
+      if (m, method, rate) == (mode, "clip", lr) and (mode, "smartclip", lr, s) in by_key
     )
     for view in ("plain", "masked") if seeds else ():
       diffs, intervals = [], []
@@ -402,7 +386,7 @@ def write_outputs(out: pathlib.Path, results: dict) -> None:
 
 def run(
   out: pathlib.Path,
-  sizes: Sizes,
+  sizes: runner.Sizes,
   seeds: Sequence[int] = SEEDS,
   runs: Sequence[tuple[str, str, str]] = RUNS,
   workers: int = 1,
@@ -471,12 +455,8 @@ def run(
     "runs": records,
     "masks": masks,
     "workers": workers,
-    "wall_seconds": time.perf_counter() - start,
   }
-  (out / "results.json").write_text(json.dumps(results, indent=1))
-  write_outputs(out, results)
-  log.info("done in %.0f s; %s", results["wall_seconds"], out)
-  return results
+  return runner.finish(out, results, start, write_outputs)
 
 
 def _brief(metrics: dict) -> str:
@@ -486,15 +466,7 @@ def _brief(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  experiment_main(
-    argv,
-    "python -m smartclip_jax.experiments.paper_regime",
-    __doc__,
-    "tiny sizes, two seeds, two runs each: every output file, for the tests",
-    lambda out, workers: run(out, QUICK, seeds=SEEDS[:2], runs=QUICK_RUNS, workers=workers),
-    lambda out, workers: run(out, Sizes(), workers=workers),
-    write_outputs,
-  )
+  experiment_main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":

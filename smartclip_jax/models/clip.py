@@ -1,6 +1,6 @@
 """The two-tower model: image tower, text tower, optional mask network, learned logit scale/bias.
 
-One module serves the CLIP, SigLIP and SmartCLIP losses; `build_model` reads the config.
+One module serves the CLIP, SigLIP and SmartCLIP losses; `build_model` reads `config.model`.
 """
 
 from __future__ import annotations
@@ -72,34 +72,22 @@ class TwoTowers(nn.Module):
 
 
 def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
-  """The model the config's `loss` trains: SmartCLIP adds the mask net, SigLIP a logit bias."""
+  """The model `config.model` describes: towers, and the mask net, scale and bias it names."""
   m = config.model
-  siglip = config.loss == "siglip"
+  tower = lambda c, *fields: {
+    **{f: c[f] for f in (*fields, "width", "layers", "heads")},
+    "remat": m.remat,
+    "scan": m.scan_layers,
+  }
   return TwoTowers(
-    vision=dict(
-      image_size=m.vision.image_size,
-      patch_size=m.vision.patch_size,
-      width=m.vision.width,
-      layers=m.vision.layers,
-      heads=m.vision.heads,
-      remat=m.remat,
-      scan=m.scan_layers,
-    ),
-    text=dict(
-      context_length=m.text.context_length,
-      vocab_size=m.text.vocab_size,
-      width=m.text.width,
-      layers=m.text.layers,
-      heads=m.text.heads,
-      remat=m.remat,
-      scan=m.scan_layers,
-    ),
+    vision=tower(m.vision, "image_size", "patch_size"),
+    text=tower(m.text, "context_length", "vocab_size"),
     embed_dim=m.embed_dim,
     activation=m.activation,
-    use_mask_net=config.loss == "smartclip",
+    use_mask_net=m.mask_net,
     mask_heads=m.mask.heads,
     mask_hard=m.mask.hard,
-    init_logit_scale=math.log(10.0) if siglip else math.log(1 / 0.07),
-    init_logit_bias=-10.0 if siglip else None,
+    init_logit_scale=m.logit_scale_init,
+    init_logit_bias=m.logit_bias_init,
     dtype=jnp.dtype(m.dtype),
   )

@@ -198,3 +198,29 @@ class Transformer(nn.Module):
     for i in range(self.layers):
       x = block(*args, name=f"resblocks_{i}")(x)
     return x
+
+
+class Tower(nn.Module):
+  """The fields both CLIP towers share: a `layers`-deep, `width`-wide transformer of `heads`
+  heads, projected to `embed_dim`; the towers add their input's fields."""
+
+  width: int
+  layers: int
+  heads: int
+  embed_dim: int
+  activation: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+  remat: str = "none"  # REMAT_POLICIES, or none
+  scan: bool = False  # blocks under nn.scan
+
+  def transformer(self, causal: bool) -> Transformer:
+    return Transformer(
+      self.layers,
+      self.heads,
+      causal=causal,
+      activation=self.activation,
+      dtype=self.dtype,
+      remat=self.remat,
+      scan=self.scan,
+      name="transformer",
+    )

@@ -1,4 +1,5 @@
-"""CLIP's causal text tower and Long-CLIP's stretch of its position table (docs/method.md, the model)."""
+"""CLIP's causal text tower and Long-CLIP's stretch of its position table (docs/method.md, the
+model)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smartclip_jax.models.layers import Dtype, Transformer, layer_norm, param_init
+from smartclip_jax.models.layers import Tower, layer_norm, param_init
 
 KEEP_POSITIONS = 20  # Long-CLIP keeps CLIP's first 20 positions as trained, and frozen.
 
@@ -36,22 +37,14 @@ def stretch_positions(
   return jnp.concatenate([table[:keep], stretched], axis=0)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(Tower):
   """Tokens [B, L] -> (unnormalised embedding [B, embed_dim], ln_final tokens [B, L, width]).
 
   The pooled token is the end-of-text token, found as the highest id in each row as CLIP does.
   """
 
-  context_length: int
-  vocab_size: int
-  width: int
-  layers: int
-  heads: int
-  embed_dim: int
-  activation: str = "quick_gelu"
-  dtype: Dtype = jnp.float32
-  remat: str = "none"  # layers.REMAT_POLICIES
-  scan: bool = False  # layers under nn.scan
+  context_length: int = 77
+  vocab_size: int = 49408
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,16 +65,7 @@ class TextTransformer(nn.Module):
       (self.context_length, self.width),
     )
     x = x + pos[: tokens.shape[1]].astype(x.dtype)
-    x = Transformer(
-      self.layers,
-      self.heads,
-      causal=True,
-      activation=self.activation,
-      dtype=self.dtype,
-      remat=self.remat,
-      scan=self.scan,
-      name="transformer",
-    )(x)
+    x = self.transformer(causal=True)(x)
     x = layer_norm("ln_final", self.dtype)(x)
     pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
     proj = self.param(

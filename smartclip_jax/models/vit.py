@@ -6,22 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from smartclip_jax.models.layers import Dtype, Transformer, layer_norm, param_init
+from smartclip_jax.models.layers import Tower, layer_norm, param_init
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Tower):
   """Images [B, H, W, 3] (CLIP-normalised) -> unnormalised embeddings [B, embed_dim]."""
 
-  image_size: int
-  patch_size: int
-  width: int
-  layers: int
-  heads: int
-  embed_dim: int
-  activation: str = "quick_gelu"
-  dtype: Dtype = jnp.float32
-  remat: str = "none"  # layers.REMAT_POLICIES
-  scan: bool = False  # layers under nn.scan
+  image_size: int = 224
+  patch_size: int = 16
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -52,16 +44,7 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = layer_norm("ln_pre", self.dtype)(x)
-    x = Transformer(
-      self.layers,
-      self.heads,
-      causal=False,
-      activation=self.activation,
-      dtype=self.dtype,
-      remat=self.remat,
-      scan=self.scan,
-      name="transformer",
-    )(x)
+    x = self.transformer(causal=False)(x)
     x = layer_norm("ln_post", self.dtype)(x[:, 0])
     proj = self.param(
       "proj",

@@ -1,0 +1,123 @@
+"""The one encoder: a model's image, text and mask functions, jitted once over its parameters and
+run batch by batch across a mesh (training's evaluation, `smartclip_jax.load`, the evaluate
+command and the experiments all embed through it)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+from jax.sharding import Mesh
+
+from smartclip_jax import sharding
+from smartclip_jax.data import decode
+from smartclip_jax.tokenizer import get_tokenizer, tokenize
+
+METHODS = ("encode_image", "encode_text", "text_masks")
+
+
+class Encoder:
+  """Unnormalised float32 embeddings (and SmartCLIP masks) of a model with fixed parameters.
+
+  Inputs go `batch_size` rows at a time, each batch padded to `batch_size` rows and split over
+  the mesh's batch axes, so a whole set compiles one shape per method; outputs are numpy.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    params: Any,
+    mesh: Mesh | None = None,
+    batch_size: int = 256,
+    param_shardings: Any = None,
+  ):
+    """`param_shardings`: where `params` already live on `mesh` (a training run's state, which
+    stays sharded as it trains); by default the parameters are replicated over the mesh."""
+    self.config, self.model, self.mesh = config, model, mesh or sharding.data_mesh()
+    self.parts = sharding.data_parallel_size(self.mesh)
+    self.batch_size = self.round_up(batch_size)
+    rep, rows = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+    if param_shardings is None:
+      param_shardings = rep
+      params = jax.device_put(params, rep)
+    self.params, self._param_shardings = params, param_shardings
+    self._fns: dict[str, Callable] = {}
+    for method in METHODS[: 3 if config.model.mask_net else 2]:
+      self._fns[method] = jax.jit(
+        lambda p, x, method=method: model.apply({"params": p}, x, method=method),
+        in_shardings=(param_shardings, rows),
+        out_shardings=rep,
+      )
+
+  def with_params(self, params: Any) -> Encoder:
+    """This encoder, its functions compiled once, over other parameters of the same shapes."""
+    other = copy.copy(self)
+    other.params = jax.device_put(params, self._param_shardings)
+    return other
+
+  def round_up(self, rows: int) -> int:
+    """`rows` rounded up to whole rows per data-parallel device."""
+    return -(-max(rows, 1) // self.parts) * self.parts
+
+  def apply(self, method: str, inputs: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """`method` ("encode_image": normalised NHWC float32 pixels; "encode_text"/"text_masks":
+    int32 tokens) over `inputs`, `batch_size` (default: the encoder's) padded rows at a time."""
+    if method not in self._fns:
+      raise ValueError(
+        "this model has no mask network (model.mask_net is false)"
+        if method == "text_masks"
+        else f"no method {method!r}: one of {METHODS}"
+      )
+    rows = self.batch_size if batch_size is None else self.round_up(batch_size)
+    out = []
+    for start in range(0, len(inputs), rows):
+      batch = inputs[start : start + rows]
+      got = self._fns[method](self.params, sharding.put_padded(batch, rows, self.mesh))
+      out.append(np.asarray(jax.device_get(got))[: len(batch)])
+    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+
+  def preprocess(self, image: PIL.Image.Image) -> np.ndarray:
+    """CLIP's eval transform: RGB, shorter side resized (bicubic), centre crop, normalised."""
+    pixels = decode.centre_crop(image.convert("RGB"), self.config.model.vision.image_size)
+    return decode.normalize_image(pixels)
+
+  def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+    """int32 [N, context_length], CLIP's BPE, truncated with the end token kept."""
+    return tokenize(texts, self.config.model.text.context_length)
+
+  def images(self, images: Sequence[str | np.ndarray]) -> np.ndarray:
+    """Embeddings of image files or uint8 HxWx3 arrays (CLIP's eval transform), batch by batch."""
+    return self._batched("encode_image", images, self._prepare_image)
+
+  def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Caption embeddings, and how many captions were truncated to the context."""
+    length, tokenizer = self.config.model.text.context_length, get_tokenizer()
+    truncated = sum(len(tokenizer.encode(c)) + 2 > length for c in captions)
+    return self._batched("encode_text", captions, lambda c: self.tokenize(c)[0]), truncated
+
+  def masks(self, captions: Sequence[str]) -> np.ndarray:
+    """Each caption's SmartCLIP mask over the image embedding [N, D] (for analysis)."""
+    return self._batched("text_masks", captions, lambda c: self.tokenize(c)[0])
+
+  def _batched(self, method: str, items: Sequence, prepare: Callable) -> np.ndarray:
+    out = [
+      self.apply(method, np.stack([prepare(x) for x in items[i : i + self.batch_size]]))
+      for i in range(0, len(items), self.batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+
+  def _prepare_image(self, image: str | np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+      return self.preprocess(PIL.Image.fromarray(image))
+    try:
+      with PIL.Image.open(image) as f:
+        return self.preprocess(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read image {image}: {e}") from None

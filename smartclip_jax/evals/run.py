@@ -1,0 +1,41 @@
+"""What a training run evaluates: its held-out split with full captions, masks off, and the
+`eval.tasks` of the evaluation suite (docs/method.md, evaluation protocols)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from smartclip_jax.data import pipeline
+from smartclip_jax.evals import retrieval, tasks as tasks_lib
+from smartclip_jax.evals.encoder import Encoder
+
+
+def evaluate_heldout(config: ml_collections.ConfigDict, encoder: Encoder) -> dict[str, float]:
+  """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off.
+
+  Unusable held-out records are skipped (and reported in `skipped`), never silently.
+  """
+  batches, num_records = pipeline.eval_batches(config)
+  images, texts = [], []
+  for batch in batches:
+    images.append(encoder.apply("encode_image", batch["image"]))
+    texts.append(encoder.apply("encode_text", batch["tokens"]))
+  img, txt = retrieval.normalize(np.concatenate(images)), retrieval.normalize(np.concatenate(texts))
+  rank = retrieval.retrieval_ranks(img, txt, np.arange(len(txt)), encoder.mesh)
+  return {**retrieval.recalls(rank), "num_images": len(img), "skipped": num_records - len(img)}
+
+
+def run_eval(
+  config: ml_collections.ConfigDict, encoder: Encoder, model_id: str, out: pathlib.Path
+) -> dict:
+  """The held-out metrics, with `tasks` ({task: metrics}) when `eval.tasks` names any; the
+  tasks' per-query ranks go under `out/ranks/`."""
+  results = evaluate_heldout(config, encoder)
+  if config.eval.tasks:
+    results["tasks"] = tasks_lib.run_tasks(
+      encoder, model_id, tasks_lib.parse_tasks(config.eval.tasks), out
+    )
+  return results

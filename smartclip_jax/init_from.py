@@ -1,0 +1,120 @@
+"""Parameters from another model poured into a fresh tree: `config.init_from`, and
+`smartclip_jax.load` of our own checkpoints.
+
+Whatever the source (an Orbax workdir or checkpoint of ours, a PyTorch file, a transformers
+directory), the rule is one: the leaves it has go into the target's leaves and shardings, the
+others keep their fresh values (e.g. a mask network added for fine-tuning), and the caller is
+told which stayed fresh and which of the source's went unused.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from smartclip_jax import checkpoint
+from smartclip_jax.interop import layout, torch_files
+from smartclip_jax.models.text import stretch_positions
+
+log = logging.getLogger("smartclip_jax")
+
+Filled = tuple[Any, list[str], list[str]]  # (params, names kept fresh, source names not used)
+
+
+def fill(path: str | pathlib.Path, target: Any) -> Any:
+  """`load_params`'s parameters, with a log line of what stayed fresh and what went unused."""
+  params, fresh, unused = load_params(path, target)
+  log.info(
+    "parameters from %s; kept at initialisation: %s; not used from there: %s",
+    path,
+    describe(fresh),
+    describe(unused),
+  )
+  return params
+
+
+def load_params(path: str | pathlib.Path, target: Any) -> Filled:
+  """`target` (a tree of sharded arrays) filled from the model at `path`."""
+  if torch_files.is_torch_path(path):
+    return from_torch(path, target)
+  return from_orbax(path, target)
+
+
+def from_torch(path: str | pathlib.Path, target: Any) -> Filled:
+  """From a PyTorch file or transformers directory (e.g. OpenAI CLIP, whose lack of a mask
+  network leaves ours fresh)."""
+  state, _ = torch_files.read(path)
+  found = layout.flatten(layout.from_openai(state, target, partial=True))
+  flat = layout.flatten(target)
+  params = layout.unflatten(
+    {
+      n: jax.device_put(np.asarray(found[n], x.dtype), x.sharding) if n in found else x
+      for n, x in flat.items()
+    }
+  )
+  return params, sorted(set(flat) - set(found)), layout.unused_keys(state, target)
+
+
+def from_orbax(path: str | pathlib.Path, target: Any) -> Filled:
+  """From another run's checkpoint (its parameters only: no optimizer state, no step), read
+  straight into the target's shardings. A text position table of a different length is
+  stretched the Long-CLIP way."""
+  state_dir = checkpoint.resolve_step_dir(path) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
+  saved_flat, target_flat = layout.flatten(saved), layout.flatten(target)
+  if layout.has_stacks(saved_flat) != layout.has_stacks(target_flat):
+    raise checkpoint.CheckpointError(
+      f"init_from {path}: saved with model.scan_layers={layout.has_stacks(saved_flat)}, "
+      f"this run has {layout.has_stacks(target_flat)}; set it the same (a PyTorch export, "
+      "`python -m smartclip_jax.convert`, loads into either)"
+    )
+
+  def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
+    shape = tuple(saved_flat[name].shape)
+    if shape != like.shape and not name.endswith("text/positional_embedding"):
+      raise checkpoint.CheckpointError(
+        f"init_from {path}: {name} has shape {shape} there and {like.shape} here"
+      )
+    sh = (
+      like.sharding
+      if shape == like.shape
+      else jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec())
+    )
+    return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
+
+  wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
+  item = {"params": layout.unflatten(wanted)}
+  restored = checkpointer.restore(
+    state_dir,
+    args=ocp.args.PyTreeRestore(
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,
+    ),
+  )["params"]
+  loaded = layout.flatten(restored)
+
+  def pick(name: str, fresh: jax.Array) -> jax.Array:
+    if name not in loaded:
+      return fresh
+    value = loaded[name]
+    if value.shape != fresh.shape:  # position table: 77 -> 248 and the like
+      value = jax.device_put(stretch_positions(value, fresh.shape[0]), fresh.sharding)
+    return value
+
+  params = layout.unflatten({n: pick(n, x) for n, x in target_flat.items()})
+  fresh = sorted(set(target_flat) - set(saved_flat))
+  unused = sorted(set(saved_flat) - set(target_flat))
+  return params, fresh, unused
+
+
+def describe(values: list[str], limit: int = 6) -> str:
+  """A short list for log lines: the first few names and how many more."""
+  more = f" and {len(values) - limit} more" if len(values) > limit else ""
+  return ", ".join(values[:limit]) + more if values else "none"

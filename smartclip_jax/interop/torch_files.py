@@ -1,0 +1,127 @@
+"""PyTorch weights as numpy arrays in the OpenAI layout, with the config their shapes imply.
+
+Files (`.pt`, `.pth`, `.bin`, `.safetensors`) in the OpenAI / open_clip / Long-CLIP / SmartCLIP
+layout or transformers'; transformers `CLIPModel` directories. Nothing pickled is executed:
+safetensors, or `torch.load(weights_only=True)`, or a clear refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from smartclip_jax import config as config_lib
+from smartclip_jax.interop import layout
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_torch_path(path: str | pathlib.Path) -> bool:
+  """A PyTorch file or a transformers directory (what `read` reads)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return (path / "config.json").is_file() and is_hf_dir(path)
+  return path.suffix in TORCH_SUFFIXES
+
+
+def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
+  """A PyTorch file or transformers directory: its tensors in the OpenAI layout, and the config
+  its weights (and a model card beside them) describe."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return read_hf_dir(path)
+  return as_openai(read_torch_file(path), path)
+
+
+def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """A state_dict as numpy arrays; training checkpoints ({'state_dict': ...}, 'module.'
+  prefixes) are unwrapped. Pickle is read only with torch's weights_only loader."""
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+  import torch
+
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, ...
+    raise ValueError(
+      f"{path} cannot be read without running pickled code, which this loader refuses "
+      f"({type(e).__name__}: {str(e).splitlines()[0]}). A TorchScript archive (OpenAI's "
+      "original .pt files) can be converted where you trust it: "
+      "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')."
+    ) from None
+  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    raise ValueError(f"{path} does not hold a state_dict (a dict of tensors)")
+  strip = lambda k: k[len("module.") :] if k.startswith("module.") else k
+  return {strip(k): (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()}
+
+
+def is_hf_dir(path: pathlib.Path) -> bool:
+  return json.loads((path / "config.json").read_text()).get("model_type") == "clip"
+
+
+def read_hf_dir(path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
+  files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+  if not files:
+    raise ValueError(
+      f"{path} has a CLIP config.json but no model.safetensors or "
+      "pytorch_model.bin (sharded checkpoints are not supported)"
+    )
+  state, config = as_openai(read_torch_file(files[0]), path)
+  hf = json.loads((path / "config.json").read_text())
+  for ours, theirs in (("vision", "vision_config"), ("text", "text_config")):
+    c = hf.get(theirs, {})
+    if "num_attention_heads" in c:
+      config.model[ours].heads = c["num_attention_heads"]
+  act = hf.get("text_config", {}).get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ValueError(f"{path}: activation {act!r} is not supported (quick_gelu, gelu)")
+  config.model.activation = act
+  return state, config
+
+
+def as_openai(state: dict, path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
+  """Detects the layout from the keys and builds the config the weights imply."""
+  if any(k.startswith(("vision_model.", "text_model.")) for k in state):
+    state = layout.hf_to_openai(state)
+  if "visual.conv1.weight" not in state:
+    raise ValueError(
+      f"{path}: neither the OpenAI/open_clip layout nor transformers' "
+      f"(first keys: {sorted(state)[:5]})"
+    )
+  arch = layout.infer_arch(state)
+  config = config_lib.base_config()
+  config.model.mask_net = bool(arch["mask_net"])
+  config.model.logit_bias_init = 0.0 if arch["logit_bias"] else None  # the weights set its value
+  config.model.embed_dim = int(arch["embed_dim"])
+  config.model.vision.update({k: int(v) for k, v in arch["vision"].items()})
+  config.model.text.update({k: int(v) for k, v in arch["text"].items()})
+  config.model.mask.heads = int(arch["mask_heads"])
+  config.optim.frozen_positions = min(
+    config.optim.frozen_positions, config.model.text.context_length - 1
+  )
+  _apply_model_card(config, path.with_suffix(".json"))
+  return state, config
+
+
+def _apply_model_card(config: ml_collections.ConfigDict, card: pathlib.Path) -> None:
+  """What a state_dict cannot say (head counts, activation), from an open_clip model config
+  beside it (`m.json` for `m.pt`, as `convert` writes)."""
+  if not card.is_file():
+    return
+  spec = json.loads(card.read_text())
+  if "vision_cfg" not in spec:
+    return
+  vision, text = spec["vision_cfg"], spec.get("text_cfg", {})
+  config.model.vision.heads = config.model.vision.width // vision.get("head_width", 64)
+  config.model.text.heads = text.get("heads", config.model.text.heads)
+  config.model.mask.heads = (
+    config.model.text.heads
+  )  # the reference's rule (docs/method.md, the model)
+  config.model.activation = "quick_gelu" if spec.get("quick_gelu") else "gelu"
