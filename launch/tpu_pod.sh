@@ -2,7 +2,8 @@
 # Trains on a Cloud TPU VM slice: one process per TPU worker, all started at once.
 #
 # Usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE --config FILE --workdir DIR
-#            [--version RUNTIME] [--spot] [--python BIN] [--dry-run] [-- TRAIN_ARGS...]
+#            [--version RUNTIME] [--spot] [--data-bucket BUCKET[:MOUNT]] [--python BIN]
+#            [--dry-run] [-- TRAIN_ARGS...]
 #
 #   --name NAME          the TPU VM: created if missing, reused if it exists, recreated if preempted
 #   --zone ZONE          e.g. us-east5-a
@@ -10,7 +11,11 @@
 #   --version RUNTIME    TPU software version for the accelerator (default v2-alpha-tpuv5)
 #   --spot               create a Spot slice (cheaper; may be preempted: rerun to resume)
 #   --config FILE        a configs/*.py file, relative to the repository root
-#   --workdir DIR        an absolute path that every worker shares (e.g. a gcsfuse-mounted bucket)
+#   --workdir DIR        gs://BUCKET/PATH (preferred: checkpoints and logs written natively), or an
+#                        absolute path that every worker shares (NFS, a gcsfuse mount)
+#   --data-bucket B[:M]  mount bucket B read-only with gcsfuse at M (default /mnt/gcs/B) on every
+#                        worker before training (installs gcsfuse where missing); point
+#                        --config.data.path at files under M
 #   --python BIN         the workers' Python for the venv (default python3; the pins need 3.11)
 #   --dry-run            print every command, one per line after `+ `, and run none
 #   -- TRAIN_ARGS...     passed to the train command as they are: --config.a.b=value overrides,
@@ -18,7 +23,8 @@
 #
 # Steps: (1) create or reuse the slice; (2) pack the committed HEAD with `git archive`
 # (uncommitted changes stay behind) and scp it to every worker; (3) unpack it into ~/smartclip_jax
-# and install requirements.txt and requirements-tpu.txt into ~/smartclip_venv; (4) run the train
+# and install requirements.txt and requirements-tpu.txt into ~/smartclip_venv, and mount the data
+# bucket if one is given; (4) run the train
 # command on all workers at once (ssh --worker=all); the processes find each other by themselves
 # (jax.distributed on a TPU slice). The ssh session lasts as long as the run: start this inside
 # tmux or screen. Rerun the same command to resume from the latest checkpoint in --workdir.
@@ -26,12 +32,13 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 name='' zone='' accelerator='' version=v2-alpha-tpuv5 spot=() config='' workdir=''
-python=python3 dry_run=0 train_args=()
+python=python3 dry_run=0 train_args=() data_bucket=''
 while (($#)); do
   case $1 in
     --name|--zone|--accelerator|--version|--config|--workdir|--python)
       (($# >= 2)) || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;  # --name VALUE sets $name, and so on
+    --data-bucket) (($# >= 2)) || die "$1 needs a value"; data_bucket=$2; shift 2 ;;
     --spot) spot=(--spot); shift ;;
     --) shift; train_args+=("$@"); break ;;
     *) common_option "$1"; shift ;;
@@ -40,8 +47,13 @@ done
 for option in name zone accelerator config workdir; do
   [[ -n ${!option} ]] || die "--$option is required"
 done
-[[ $workdir == /* ]] ||
-  die "--workdir must be an absolute path that every worker shares (mount a bucket with gcsfuse)"
+[[ $workdir == gs://?* || $workdir == /* ]] ||
+  die "--workdir must be gs://BUCKET/PATH or an absolute path that every worker shares"
+data_bucket=${data_bucket#gs://}  # gs://BUCKET works too
+bucket=${data_bucket%%:*} mount=${data_bucket#*:}
+[[ $data_bucket == *:* ]] || mount=/mnt/gcs/$bucket
+[[ -z $data_bucket || ($bucket =~ ^[a-z0-9][a-z0-9._-]*$ && $mount == /*) ]] ||
+  die "--data-bucket takes BUCKET or BUCKET:/ABSOLUTE/MOUNT"
 [[ $dry_run == 1 ]] || command -v gcloud >/dev/null ||
   fail "gcloud not found on PATH: install the Google Cloud SDK, or use --dry-run"
 
@@ -76,6 +88,21 @@ setup+=" && $(quote "$python") -m venv smartclip_venv"
 setup+=" && smartclip_venv/bin/pip install -q"
 setup+=" -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt"
 run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$setup"
+
+# (3b) The data bucket, read-only on every worker (gcsfuse from Google's apt repository if absent).
+if [[ -n $data_bucket ]]; then
+  repo_line='deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+  repo_line+=' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main'
+  install="curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+  install+=" | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
+  install+=" && echo \"$repo_line\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
+  install+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse"
+  m=$(quote "$mount")
+  fuse="(command -v gcsfuse >/dev/null || ($install))"
+  fuse+=" && sudo mkdir -p $m && sudo chown \"\$USER\" $m"
+  fuse+=" && (mountpoint -q $m || gcsfuse -o ro --implicit-dirs $(quote "$bucket") $m)"
+  run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$fuse"
+fi
 
 # (4) Train on every worker at once.
 train=(../smartclip_venv/bin/python -m smartclip_jax.train --config "$config"

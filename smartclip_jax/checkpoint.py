@@ -1,11 +1,11 @@
 """Orbax checkpoints of the train state and the Grain iterator, saved together per step.
 
 Items: `state` (parameters, optimizer state, step, skip counters; restored straight into the
-mesh's shardings, whatever mesh saved them), `data` (each process's Grain iterator position, so
-a resumed run sees exactly the batches it would have seen; the data augmentation's randomness
-is keyed by that position and the seed, and the model has no other RNG), `data_stats` (records
-used and skipped so far) and `config` (the run's config, for `init_from`, `smartclip_jax.load`
-and people). Parameters from another run into a new one: `init_from.py`.
+mesh's shardings, whatever mesh saved them), `data_stats` (records used and skipped so far) and
+`config` (the run's config, for `init_from`, `smartclip_jax.load` and people). The data
+position needs no item: the batches of a step are a function of the seed and the step
+(`data/pipeline.py`), and the model has no other RNG, so the state's step is the whole story
+on any number of processes. Parameters from another run into a new one: `init_from.py`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ import json
 import logging
 import pathlib
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, storage
 from smartclip_jax.data.pipeline import DataStats
 from smartclip_jax.step import TrainState
 
 log = logging.getLogger("smartclip_jax")
 
-ITEMS = ("state", "data", "data_stats", "config")
+ITEMS = ("state", "data_stats", "config")
 
 
 class CheckpointError(RuntimeError):
@@ -35,28 +34,37 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Async CheckpointManager under `directory`, keeping the last `keep` steps.
+  """Async CheckpointManager under `directory` (local, gcsfuse or `gs://`), keeping the last
+  `keep` steps.
 
   A checkpoint that fails to restore while an older one restores (a truncated file, a missing
   item) is reported and moved to `<directory>.unusable/<step>`, so that later saves are not
-  shadowed by it; Orbax itself never lists a save that did not finish.
+  shadowed by it; Orbax itself never lists a save that did not finish. Where directories cannot
+  be renamed (`storage.commit_file`), saves commit by file and the move is a copy.
   """
 
   def __init__(
-    self, directory: str | pathlib.Path, keep: int, config: ml_collections.ConfigDict | None = None
+    self,
+    directory: str | pathlib.Path | epath.Path,
+    keep: int,
+    config: ml_collections.ConfigDict | None = None,
   ):
-    self.directory = epath.Path(directory).absolute()
+    self.directory = storage.path(directory)
     self.config = config
+    atomicity = config.checkpoint_atomicity if config is not None else "auto"
+    self.commit_file = storage.commit_file(self.directory, atomicity)
+    self.options = dict(
+      create=True,
+      temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if self.commit_file else None,
+    )
     self.best: ocp.CheckpointManager | None = None  # created by the first save_best
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, **self.options),
       item_names=ITEMS,
     )
 
-  def save(
-    self, state: TrainState, data_iter: grain.DatasetIterator, data_stats: DataStats | None = None
-  ) -> None:
+  def save(self, state: TrainState, data_stats: DataStats | None = None) -> None:
     """Starts an async save at the state's step; returns once device arrays are copied."""
     step = int(jax.device_get(state.step))
     stats = (data_stats or DataStats()).state_dict()
@@ -64,17 +72,16 @@ class Checkpointer:
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
         data_stats=ocp.args.JsonSave(stats),
         config=self._config_item(),
       ),
     )
 
   def restore(
-    self, shardings: TrainState, abstract: TrainState, data_iter: grain.DatasetIterator
+    self, shardings: TrainState, abstract: TrainState
   ) -> tuple[TrainState | None, DataStats]:
-    """The newest restorable checkpoint's state, in `shardings`, with `data_iter` moved to its
-    position, and the data counts so far; (None, empty counts) when there is no checkpoint."""
+    """The newest restorable checkpoint's state, in `shardings`, and the data counts so far;
+    (None, empty counts) when there is no checkpoint."""
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -85,7 +92,6 @@ class Checkpointer:
           step,
           args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
             data_stats=ocp.args.JsonRestore(),
           ),
         )
@@ -118,7 +124,7 @@ class Checkpointer:
       aside = self.directory.parent / f"{self.directory.name}.unusable"
       aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        (self.directory / str(step)).rename(aside / str(step))
+        storage.move_tree(self.directory / str(step), aside / str(step), not self.commit_file)
         log.warning("moved the unusable checkpoint of step %d to %s", step, aside / str(step))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("smartclip_jax: unusable checkpoints set aside")
@@ -131,7 +137,7 @@ class Checkpointer:
       self.best = ocp.CheckpointManager(
         self.directory.parent / f"{self.directory.name}_best",
         options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_mode="max", best_fn=lambda m: m[metric]
+          max_to_keep=1, best_mode="max", best_fn=lambda m: m[metric], **self.options
         ),
         item_names=("state", "config"),
       )
@@ -155,7 +161,7 @@ class Checkpointer:
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
   """A workdir, a checkpoints directory (its latest step) or one step's directory (absolute:
   Orbax's metadata readers do not resolve relative paths)."""
-  path = epath.Path(path).absolute()
+  path = storage.path(path)
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "state").is_dir():

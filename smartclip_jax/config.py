@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 from flax import traverse_util
 
+from smartclip_jax import storage
 from smartclip_jax.models.text import KEEP_POSITIONS
 
 LOSSES = ("smartclip", "clip", "siglip")
@@ -110,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   # held-out split, or "<task>/<metric>" such as "urban1k/t2i_r1"; "" keeps none.
   c.eval.best_metric = ""
   c.keep_checkpoints = 3
+  # How a checkpoint is committed: "rename" (a finished temporary directory is renamed), or
+  # "commit_file" (a commit_success.txt file; for object stores and gcsfuse mounts, which cannot
+  # rename directories); "auto" picks commit_file for gs:// workdirs and gcsfuse mounts.
+  c.checkpoint_atomicity = "auto"
   # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
   # checkpoint, a PyTorch file or a transformers directory (anything smartclip_jax.load reads).
   c.init_from = ""
@@ -364,6 +369,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
   if config.loss_impl not in LOSS_IMPLS:
     errors.append(f"loss_impl={config.loss_impl!r}: choose one of {LOSS_IMPLS}")
+  if config.checkpoint_atomicity not in storage.ATOMICITIES:
+    errors.append(
+      f"checkpoint_atomicity={config.checkpoint_atomicity!r}: choose one of {storage.ATOMICITIES}"
+    )
   if config.skip_nonfinite not in SKIP_FORMS:
     errors.append(f"skip_nonfinite={config.skip_nonfinite!r}: choose one of {SKIP_FORMS}")
   if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:

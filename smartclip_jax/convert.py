@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -28,8 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, storage
 from smartclip_jax.interop import layout
 from smartclip_jax.interop.loading import Loaded, load
 
@@ -101,19 +101,20 @@ def hf_config(config: ml_collections.ConfigDict) -> dict:
   }
 
 
-def write_state(state: layout.Flat, out: pathlib.Path) -> None:
+def write_state(state: layout.Flat, out: epath.Path) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".safetensors":
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file({k: np.asarray(v).copy(order="C") for k, v in state.items()}, str(out))
+    out.write_bytes(save({k: np.asarray(v).copy(order="C") for k, v in state.items()}))
   else:
     import torch
 
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out)
+    with out.open("wb") as f:
+      torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, f)
 
 
-def export(loaded: Loaded, to: str, out: pathlib.Path) -> list[str]:
+def export(loaded: Loaded, to: str, out: epath.Path) -> list[str]:
   """Writes `loaded` in format `to`; returns what was left out (names), for the user."""
   state = openai_state(loaded)
   mask = sorted(k for k in state if k.startswith("mask_net."))
@@ -139,11 +140,11 @@ def export(loaded: Loaded, to: str, out: pathlib.Path) -> list[str]:
   raise ValueError(f"--to {to!r}: choose open_clip, hf or openai")
 
 
-def to_orbax(loaded: Loaded, out: pathlib.Path) -> None:
+def to_orbax(loaded: Loaded, out: epath.Path) -> None:
   """An Orbax checkpoint (step 0: `state` with the parameters, and `config`) that `load` and
   `init_from` read."""
   manager = ocp.CheckpointManager(
-    out.absolute(),
+    storage.path(out),
     item_names=("state", "config"),
     options=ocp.CheckpointManagerOptions(create=True),
   )
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   source.add_argument("--checkpoint", help="what to export: anything smartclip_jax.load reads")
   source.add_argument("--from", dest="from_", help="a PyTorch checkpoint to write as Orbax")
   parser.add_argument("--to", choices=("open_clip", "hf", "openai"))
-  parser.add_argument("--out", required=True, type=pathlib.Path)
+  parser.add_argument("--out", required=True, type=storage.path, help="a path or gs://BUCKET/PATH")
   parser.add_argument(
     "--activation",
     choices=("quick_gelu", "gelu"),

@@ -14,32 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pathlib
+import os
 import sys
 from collections.abc import Sequence
 
-from smartclip_jax import checkpoint
+from etils import epath
+
+from smartclip_jax import checkpoint, storage
 from smartclip_jax.evals import datasets, report, tasks as tasks_lib
 from smartclip_jax.interop import loading, torch_files
 
 log = logging.getLogger("smartclip_jax")
 
 
-def model_key(path: str | pathlib.Path) -> str:
+def model_key(path: str | os.PathLike) -> str:
   """What identifies a model's weights: the resolved checkpoint step, or file size + mtime."""
-  path = pathlib.Path(path).absolute()
+  path = storage.path(path)
   if torch_files.is_torch_path(path):
     files = [path] if path.is_file() else sorted(path.iterdir())
-    return f"{path}|" + ",".join(
-      f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files
-    )
+    return f"{path}|" + ",".join(f"{f.name}:{f.stat().length}:{f.stat().mtime}" for f in files)
   return str(checkpoint.resolve_step_dir(path))
 
 
 def evaluate_model(
   path: str,
   tasks: Sequence[tasks_lib.Task],
-  out: pathlib.Path,
+  out: epath.Path,
   batch_size: int = 256,
   chunk: int = 1024,
   masks: bool = False,
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       "folder:<dir>, tfds:<name>"
     ),
   )
-  parser.add_argument("--out", required=True, type=pathlib.Path)
+  parser.add_argument("--out", required=True, type=storage.path, help="a path or gs://BUCKET/PATH")
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block")
   parser.add_argument(
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except ValueError as e:
     parser.error(str(e))
   overrides = {"activation": args.activation} if args.activation else {}
-  labels = [pathlib.Path(m).name or m for m in args.model]
+  labels = [storage.path(m).name or m for m in args.model]
   if len(set(labels)) < len(labels):
     labels = [f"{i}:{label}" for i, label in enumerate(labels)]
   results = {}

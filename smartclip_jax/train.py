@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import pathlib
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -37,6 +39,7 @@ from smartclip_jax import (
   preemption,
   sharding,
   step as step_lib,
+  storage,
 )
 from smartclip_jax.data import pipeline
 from smartclip_jax.evals import report, run as evals_run, tasks
@@ -96,7 +99,7 @@ class Run:
   """What the loop's helpers share: the run's config, places and writers."""
 
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path  # local, gcsfuse or gs:// (storage.py)
   mesh: Mesh
   model: nn.Module
   shardings: step_lib.TrainState
@@ -108,14 +111,18 @@ class Run:
 
 class Profile:
   """A trace of `profile_steps` steps after the first (compiling) one, beside the TensorBoard
-  scalars: `tensorboard --logdir WORKDIR/tensorboard`, Profile tab."""
+  scalars: `tensorboard --logdir WORKDIR/tensorboard`, Profile tab. The profiler writes local
+  files only, so under a gs:// workdir it traces into a temporary directory, copied up after."""
 
-  def __init__(self, workdir: pathlib.Path, steps: range):
+  def __init__(self, workdir: epath.Path, steps: range):
     self.workdir, self.steps, self.tracing = workdir, steps, False
+    self.trace_dir = None
 
   def maybe_start(self, step: int) -> None:
     if len(self.steps) and step == self.steps.start:
-      jax.profiler.start_trace(str(self.workdir / "tensorboard"))
+      board = self.workdir / "tensorboard"
+      self.trace_dir = epath.Path(tempfile.mkdtemp()) if storage.is_remote(board) else board
+      jax.profiler.start_trace(os.fspath(self.trace_dir))
       self.tracing = True
 
   def maybe_stop(self, step: int, state: step_lib.TrainState) -> None:
@@ -134,6 +141,8 @@ class Profile:
     if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
+      if self.trace_dir != self.workdir / "tensorboard":
+        storage.move_tree(self.trace_dir, self.workdir / "tensorboard", rename=False)
 
 
 def maybe_log(
@@ -188,13 +197,12 @@ def maybe_save(
   run: Run,
   step: int,
   state: step_lib.TrainState,
-  data_iter,
   data_stats: pipeline.DataStats,
   force: bool,
 ) -> None:
   """An async checkpoint every `checkpoint_every` steps, at the last step and when `force`."""
   if step % run.config.checkpoint_every == 0 or step == run.config.total_steps or force:
-    run.checkpointer.save(state, data_iter, data_stats)
+    run.checkpointer.save(state, data_stats)
 
 
 def evaluate(run: Run, step: int, state: step_lib.TrainState) -> dict:
@@ -250,10 +258,10 @@ def maybe_evaluate(run: Run, step: int, state: step_lib.TrainState) -> None:
     evaluate(run, step, state)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   """Everything before the first step: mesh, model, optimizer, data, and the state restored
   from the latest checkpoint or freshly initialised. Checks that can fail do so here."""
-  workdir.mkdir(parents=True, exist_ok=True)
+  storage.check_writable(workdir, f".write_check.{jax.process_index()}")
   mesh = sharding.make_mesh(config)
   tasks.parse_tasks(config.eval.tasks)  # a mistyped task fails now, not at the first eval
   losses.make(config)  # a loss the model cannot train fails now, not at the first compile
@@ -269,14 +277,12 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   )
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
-  data_iter = pipeline.train_iterator(config)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config)
-  state, data_stats = checkpointer.restore(
-    shardings, step_lib.abstract_state(model, tx, config), data_iter
-  )
+  state, data_stats = checkpointer.restore(shardings, step_lib.abstract_state(model, tx, config))
   if state is None:
     state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))
+  data_iter = pipeline.train_iterator(config, start_step=start)
   log.info(
     "%s model, %.2fM parameters, %s at step %d of %d",
     config.loss,
@@ -302,11 +308,11 @@ def setup(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, float] | None:
   """Trains to `config.total_steps` (resuming if checkpoints exist), then evaluates; returns
   the evaluation, or None when a stop notice (SIGTERM, Ctrl-C) ended the run early."""
-  run, state, train_step, data_iter, data_stats = setup(config, pathlib.Path(workdir))
+  run, state, train_step, data_iter, data_stats = setup(config, storage.path(workdir))
   start = run.start
   profile = Profile(
     run.workdir, range(start + 2, min(start + 2 + config.profile_steps, config.total_steps + 1))
@@ -325,7 +331,7 @@ def train_and_evaluate(
       profile.maybe_stop(step, state)
       stopping = stop.reached(step)
       maybe_log(run, step, metrics, data_stats, force=stopping)
-      maybe_save(run, step, state, data_iter, data_stats, force=stopping)
+      maybe_save(run, step, state, data_stats, force=stopping)
       if stopping:
         return stopped(run, step, stop.reason)
       maybe_evaluate(run, step, state)
@@ -342,20 +348,18 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   """`--config FILE --workdir DIR`, the multi-process flags, and any number of
   `--config.a.b=value` overrides."""
   parser = config_lib.arg_parser("python -m smartclip_jax.train", __doc__)
-  parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+  parser.add_argument(
+    "--workdir",
+    required=True,
+    help="run directory, local or gs://BUCKET/PATH (resumed if it exists)",
+  )
   group = parser.add_argument_group(
     "multi-process (all three, or none: SLURM and Cloud TPU are detected)"
   )
   group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
   group.add_argument("--num_processes", type=int)
   group.add_argument("--process_id", type=int)
-  config, args = config_lib.parse_args(parser, argv)
-  if "://" in args.workdir:
-    parser.error(
-      f"--workdir {args.workdir}: give a file system path that every process sees "
-      "(on Cloud TPU, mount the bucket with gcsfuse)"
-    )
-  return config, args
+  return config_lib.parse_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -371,7 +375,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   if how != "single":
     log.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), how)
   start = time.perf_counter()
-  if train_and_evaluate(config, args.workdir) is not None:
+  try:
+    results = train_and_evaluate(config, args.workdir)
+  except storage.StorageError as e:  # before the first step: say what, not where in our code
+    raise SystemExit(f"smartclip_jax.train: {e}") from e
+  if results is not None:
     log.info("done in %.0f s; outputs in %s", time.perf_counter() - start, args.workdir)
 
 

@@ -1,23 +1,35 @@
 """Metrics out of a run: `metrics.jsonl` (one object per logged step) and TensorBoard events.
 
 Only process 0 writes; the others get a writer that does nothing, so callers need no checks.
+Objects in a bucket cannot be appended to, so under gs:// metrics.jsonl is rewritten whole at
+each log, and the TensorBoard events are written to a local directory and copied up whole after
+each flush (through epath, like everything else the run writes).
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+import tempfile
 
 import jax
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
+
+from smartclip_jax import storage
 
 
 class MetricWriter:
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+  def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = pathlib.Path(workdir)
-    self._tb = SummaryWriter(str(self.workdir / "tensorboard")) if self.enabled else None
+    self.workdir = storage.path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
+    self.board = self.workdir / "tensorboard"
+    self.remote = storage.is_remote(self.workdir)
+    self._local_board = epath.Path(tempfile.mkdtemp()) if self.remote else self.board
+    self._tb = SummaryWriter(os.fspath(self._local_board)) if self.enabled else None
+    self._lines: list[str] | None = None  # gs://: the file's lines, written whole
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
     """Appends `{"step": step, **metrics}` to metrics.jsonl and each scalar to TensorBoard."""
@@ -25,20 +37,37 @@ class MetricWriter:
       return
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
     if not prefix:
-      with open(self.workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **values}) + "\n")
+      line = json.dumps({"step": step, **values}) + "\n"
+      if self.remote:
+        if self._lines is None:
+          self._lines = self._read()
+        self._lines.append(line)
+        self.path.write_text("".join(self._lines))
+      else:
+        with self.path.open("a") as f:
+          f.write(line)
     for key, value in values.items():
       self._tb.add_scalar(f"{prefix}{key}", value, step)
     self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    if self.remote:
+      for file in storage.files(self._local_board):
+        target = self.board / os.path.relpath(os.fspath(file), os.fspath(self._local_board))
+        target.write_bytes(file.read_bytes())
 
   def truncate_after(self, step: int) -> None:
     """Drops metrics.jsonl lines logged after `step` (a resumed run logs them again)."""
-    path = self.workdir / "metrics.jsonl"
-    if not self.enabled or not path.exists():
+    if not self.enabled or not self.path.exists():
       return
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+    self._lines = [line for line in self._read() if json.loads(line)["step"] <= step]
+    self.path.write_text("".join(self._lines))
+
+  def _read(self) -> list[str]:
+    return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._upload()

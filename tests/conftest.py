@@ -56,3 +56,12 @@ def assert_gradients_close(got, ref, what: str = "") -> None:
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """`gs://BUCKET` on a local emulator, one per session (GCS clients cache their endpoint)."""
+  from tests.gcs_emulator import emulator
+
+  with emulator(str(tmp_path_factory.mktemp("gcs"))) as bucket:
+    yield bucket

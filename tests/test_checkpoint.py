@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,17 +40,16 @@ def save_steps(config, directory, steps):
   """Checkpoints of one state under several step numbers; returns it (on the host)."""
   _, _, _, state = fresh_state(config)
   ckpt = checkpoint.Checkpointer(directory, keep=5, config=config)
-  data = pipeline.train_iterator(config)
   for s in steps:
-    ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)), data)
+    ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)))
   ckpt.close()
   return jax.device_get(state)
 
 
 def restore(config, directory, devices=None):
   model, tx, shardings, _ = fresh_state(config, devices)
-  return checkpoint.Checkpointer(directory, keep=5).restore(
-    shardings, step_lib.abstract_state(model, tx, config), pipeline.train_iterator(config)
+  return checkpoint.Checkpointer(directory, keep=5, config=config).restore(
+    shardings, step_lib.abstract_state(model, tx, config)
   )
 
 
@@ -75,9 +73,9 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(demo_config,
 @pytest.mark.slow
 def test_latest_checkpoint_missing_an_item_falls_back(demo_config, tmp_path):
   save_steps(demo_config, tmp_path / "ckpt", [10, 20])
-  for p in sorted((tmp_path / "ckpt" / "20" / "data").rglob("*"), reverse=True):
+  for p in sorted((tmp_path / "ckpt" / "20" / "data_stats").rglob("*"), reverse=True):
     p.unlink() if p.is_file() else p.rmdir()
-  (tmp_path / "ckpt" / "20" / "data").rmdir()
+  (tmp_path / "ckpt" / "20" / "data_stats").rmdir()
   state, _ = restore(demo_config, tmp_path / "ckpt")
   assert int(state.step) == 10
 
@@ -143,22 +141,13 @@ def test_init_from_in_a_run_starts_at_step_zero(demo_config, tmp_path):
 def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_path, monkeypatch):
   real = pipeline.train_iterator
 
-  class SignalAtFifthBatch(grain.DatasetIterator):
-    n = 0
-
-    def __next__(self):
-      self.n += 1
-      if self.n == 5:
+  def signal_at_fifth_batch(config, **kwargs):
+    for n, batch in enumerate(real(config, **kwargs), 1):
+      if n == 5:
         os.kill(os.getpid(), signal.SIGTERM)
-      return next(self._parent)
+      yield batch
 
-    def get_state(self):
-      return self._parent.get_state()
-
-    def set_state(self, state):
-      self._parent.set_state(state)
-
-  monkeypatch.setattr(pipeline, "train_iterator", lambda c: SignalAtFifthBatch(real(c)))
+  monkeypatch.setattr(pipeline, "train_iterator", signal_at_fifth_batch)
   demo_config.update(total_steps=12, log_every=4, checkpoint_every=100)
   assert train.train_and_evaluate(demo_config, tmp_path) is None
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [5]

@@ -132,6 +132,26 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
   ]
 
 
+def test_tpu_pod_trains_into_a_bucket_and_mounts_the_data_bucket_first(fake_bin):
+  _, commands = dry_run(
+    TPU,
+    fake_bin,
+    *("--name", "p", "--zone", "z", "--accelerator", "v5p-64", "--config", "c.py"),
+    *("--workdir", "gs://my-runs/l14", "--data-bucket", "gs://my-data"),
+    "--config.data.path=/mnt/gcs/my-data/sharegpt4v.json",
+  )
+  *_, setup, mount, train = commands
+  assert "pip install" in setup[setup.index("--command") + 1]
+  assert "--worker=all" in mount and "--worker=all" in train
+  remote = mount[mount.index("--command") + 1]
+  assert "command -v gcsfuse" in remote and "apt-get install -y -q gcsfuse" in remote
+  assert remote.endswith(
+    "(mountpoint -q /mnt/gcs/my-data || gcsfuse -o ro --implicit-dirs my-data /mnt/gcs/my-data)"
+  )
+  remote_train = shlex.split(train[train.index("--command") + 1])
+  assert remote_train[remote_train.index("--workdir") + 1] == "gs://my-runs/l14"
+
+
 def test_tpu_pod_without_spot_creates_an_on_demand_slice(fake_bin):
   _, commands = dry_run(
     TPU,
@@ -299,7 +319,12 @@ TPU_ARGS = ["--name", "p", "--zone", "z", "--accelerator", "v5p-8", "--config", 
     (GPU, ["--config", "c.py", "--workdir", "w", "--bogus"], "unknown option: --bogus"),
     (SLURM, ["--bogus"], "unknown option: --bogus"),
     (TPU, TPU_ARGS, "--workdir is required"),
-    (TPU, TPU_ARGS + ["--workdir", "runs/x"], "--workdir must be an absolute path"),
+    (TPU, TPU_ARGS + ["--workdir", "runs/x"], "--workdir must be gs://BUCKET/PATH or an absolute"),
+    (
+      TPU,
+      TPU_ARGS + ["--workdir", "gs://b/r", "--data-bucket", "data:relative"],
+      "--data-bucket takes BUCKET or BUCKET:/ABSOLUTE/MOUNT",
+    ),
     (TPU, ["--name"], "--name needs a value"),
     (GPU, ["--workdir", "w"], "--config is required"),
     (GPU, ["--config", "c.py", "--workdir", "w", "--gpus", "0;1"], "--gpus takes GPU indices"),

@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import grain
 import numpy as np
 import pytest
 
-from smartclip_jax import config as config_lib, train
-from smartclip_jax.data import pipeline
+from smartclip_jax import config as config_lib, storage, train
 from tests.conftest import DEMO, REPO, TINY
 from tests.test_train import read_metrics
 
@@ -48,7 +46,7 @@ def wait_for_step(proc, workdir, step, timeout=300):
   """Blocks until metrics.jsonl has logged `step` (the run is then past it)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
-    path = workdir / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     if path.exists() and any(m["step"] >= step for m in read_metrics(workdir)):
       return
     if proc.poll() is not None:
@@ -90,14 +88,38 @@ def test_sigkill_at_any_point_resumes_with_bit_identical_losses(tmp_path):
   assert [s for s, _ in losses(killed)] == list(range(1, 31))
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-  proc = launch(tmp_path, ["total_steps=1000", "log_every=1", "checkpoint_every=1000"])
-  wait_for_step(proc, tmp_path, 3)
+def test_a_run_in_a_bucket_killed_with_sigkill_resumes_with_bit_identical_losses(tmp_path, gcs):
+  reference, killed = tmp_path / "reference", f"{gcs}/runs/killed"
+  finish(launch(reference, RUN))
+  transcript = [f"workdir {killed} (GCS emulator on {os.environ['STORAGE_EMULATOR_HOST']})"]
+  for kill_after in (14, 20):
+    proc = launch(killed, RUN)
+    wait_for_step(proc, killed, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(p.name for p in (storage.path(killed) / "checkpoints").iterdir())
+    transcript.append(
+      f"SIGKILL after step {max(s for s, _ in losses(killed))}; checkpoints in the bucket: {steps}"
+    )
+  out = finish(launch(killed, RUN))
+  transcript += [line for line in out.splitlines() if "restored" in line or "resumed" in line]
+  print("\n".join(transcript))
+  assert losses(killed) == losses(reference)  # every step, bit for bit
+  assert [s for s, _ in losses(killed)] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_sigterm_saves_and_exits_zero(tmp_path, where, request):
+  workdir = tmp_path if where == "local" else f"{request.getfixturevalue('gcs')}/runs/sigterm"
+  proc = launch(workdir, ["total_steps=1000", "log_every=1", "checkpoint_every=1000"])
+  wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   out = finish(proc)
-  stopped = max(s for s, _ in losses(tmp_path))
+  stopped = max(s for s, _ in losses(workdir))
   assert f"stopped by SIGTERM after step {stopped} of 1000" in out
-  assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir()] == [stopped]
+  saved = storage.path(workdir) / "checkpoints"
+  assert [int(p.name) for p in saved.iterdir()] == [stopped]
+  assert where == "local" or (saved / str(stopped) / "commit_success.txt").exists()
 
 
 def free_port():
@@ -120,28 +142,10 @@ def launch_two(workdir, overrides):
   ]
 
 
-def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch):
+def test_two_processes_of_four_devices_match_one_of_eight(tmp_path):
+  # The global batch of a step does not depend on the process count: one process reads it all.
   overrides = ["total_steps=6", "log_every=1"]
   procs = launch_two(tmp_path / "two", overrides)
-  # The same global batches in one process: process p's slice fills rows p*B/2 ... (p+1)*B/2.
-  real = pipeline.train_iterator
-
-  class BothSlices(grain.DatasetIterator):
-    def __init__(self, config):
-      super().__init__([real(config, p, 2) for p in range(2)])
-
-    def __next__(self):
-      parts = [next(it) for it in self._parents]
-      return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def get_state(self):
-      return {str(p): it.get_state() for p, it in enumerate(self._parents)}
-
-    def set_state(self, state):
-      for p, it in enumerate(self._parents):
-        it.set_state(state[str(p)])
-
-  monkeypatch.setattr(pipeline, "train_iterator", BothSlices)
   config = config_lib.load(DEMO, TINY + overrides)
   train.train_and_evaluate(config, tmp_path / "one")
   for p in procs:
@@ -151,6 +155,37 @@ def test_two_processes_of_four_devices_match_one_of_eight(tmp_path, monkeypatch)
   np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=2e-5)
   log0 = (tmp_path / "two.0").read_text()
   assert "process 0 of 2 (explicit)" in log0 and "held-out demo" in log0
+
+
+@pytest.mark.parametrize("first", [2, 1], ids=["2_then_1", "1_then_2"])
+def test_a_run_resumes_exactly_on_another_number_of_processes(tmp_path, first):
+  # Killed by SIGKILL once step 4's checkpoint is committed by `first` process(es), resumed to
+  # the end by the other count; compared with an uninterrupted one-process run, step by step
+  # (the order of reductions over devices aside).
+  run = ["total_steps=8", "log_every=1", "checkpoint_every=4"]
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  finish(launch(reference, run))
+  procs = [launch(workdir, run)] if first == 1 else launch_two(workdir, run)
+  deadline = time.time() + 600
+  while not (workdir / "checkpoints" / "4").is_dir():  # appears only once committed
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint 4"
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  if first == 1:
+    for i, p in enumerate(launch_two(workdir, run)):
+      assert p.wait(timeout=600) == 0, (tmp_path / f"run.{i}").read_text()
+  else:
+    out = finish(launch(workdir, run))
+    assert "resumed at step 4 of 8" in out, out
+  got, want = losses(workdir), losses(reference)
+  assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 9))
+  np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-5)
+  used = [read_metrics(d)[-1]["data/used"] for d in (workdir, reference)]
+  assert used[0] == used[1] == 8 * config_lib.load(DEMO, TINY).batch_size
+  print(f"saved by {first}, resumed by {3 - first}: losses " + " ".join(f"{x:.6f}" for _, x in got))
+  print("uninterrupted, 1 process:  losses " + " ".join(f"{x:.6f}" for _, x in want))
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartclip_jax import config as config_lib, optim, sharding, step as step_lib, train
+from smartclip_jax import config as config_lib, optim, sharding, step as step_lib, storage, train
 from smartclip_jax.checkpoint import Checkpointer
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
@@ -16,7 +16,9 @@ from tests.conftest import DEMO, TINY
 
 
 def read_metrics(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  """metrics.jsonl of a local or gs:// workdir."""
+  path = storage.path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +73,17 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
     state, _ = train_step(state, train.global_batch(next(data), mesh))
   saved = jax.device_get(state)
   checkpointer = Checkpointer(tmp_path, keep=2)
-  checkpointer.save(state, data)
+  checkpointer.save(state)
   checkpointer.close()
   batch = next(data)
   _, want = train_step(state, train.global_batch(batch, mesh))
 
-  fresh_data = pipeline.train_iterator(demo_config)
   restored, _ = Checkpointer(tmp_path, keep=2).restore(
-    shardings, step_lib.abstract_state(model, tx, demo_config), fresh_data
+    shardings, step_lib.abstract_state(model, tx, demo_config)
   )
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+  fresh_data = pipeline.train_iterator(demo_config, start_step=int(restored.step))
   np.testing.assert_array_equal(next(fresh_data)["tokens"], batch["tokens"])
   _, got = train_step(restored, train.global_batch(batch, mesh))
   assert float(got["loss"]) == float(want["loss"])
@@ -128,18 +130,9 @@ def test_keep_if_finite_both_forms(select):
 def test_run_stops_after_too_many_nonfinite_steps(demo_config, tmp_path, monkeypatch):
   real = pipeline.train_iterator
 
-  def poisoned(config):
-    it = real(config)
-
-    class Poisoned:
-      def __next__(self):
-        batch = next(it)
-        return {**batch, "image": np.full_like(batch["image"], np.nan)}
-
-      def get_state(self):
-        return it.get_state()
-
-    return Poisoned()
+  def poisoned(config, **kwargs):
+    for batch in real(config, **kwargs):
+      yield {**batch, "image": np.full_like(batch["image"], np.nan)}
 
   monkeypatch.setattr(pipeline, "train_iterator", poisoned)
   demo_config.update(log_every=1, max_nonfinite_steps=3)

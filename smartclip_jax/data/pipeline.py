@@ -1,18 +1,24 @@
 """Grain pipelines: raw records -> (normalised image, tokenised caption) -> per-process batches.
 
-Each process reads a disjoint slice of the source; its batches of `batch_size / processes`
-records are assembled into global arrays by the train loop. Bad records are dropped before
-batching, so batches stay full; the number dropped (per reason) rides along with the next good
-record as `skipped`, and `DataStats` adds them up and stops a run whose data is mostly broken.
-The iterator's state is checkpointable (Grain's `get_state`), so a resumed run sees exactly the
-batches it would have seen.
+The global batch of step N is a function of the seed and N alone: positions N*B ... N*B + B - 1
+of one endless stream (the source reshuffled each epoch), each featurized with randomness keyed
+by the seed and its position. Process p of P featurizes its contiguous slice of those positions;
+the train loop assembles the slices into global arrays. So a run resumes at any step on any
+number of processes, with any number of Grain workers, and sees the batches an uninterrupted
+run would have seen: the position is the checkpointed state step, nothing else.
+
+A record that cannot be used is replaced by the record at the same position of a later epoch
+(another draw of the shuffle), so batches stay full and stay a function of the step; the
+replaced ones (per reason) ride along as `skipped`, and `DataStats` adds them up and stops a run
+whose data is mostly broken.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -102,31 +108,86 @@ def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.par
   )
 
 
+SUBSTITUTE_TRIES = 16  # a bad record and its replacements (each from a later epoch) tried
+
+
+class _Slice(grain.MapDataset):
+  """Example k of one process's share of the endless train stream (see the module doc).
+
+  Local example k is stream position (k // b) * B + p * b + k % b, for b = B / P examples per
+  process and step. `records` is the source shuffled per epoch and repeated, so position
+  i + j * epoch is the same slot j epochs later, which the shuffle fills with another record: a
+  bad record's replacement.
+  """
+
+  def __init__(
+    self,
+    records: grain.MapDataset,
+    featurize: Callable,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+  ):
+    super().__init__(records)
+    self._featurize, self._seed, self._epoch = featurize, seed, epoch
+    self._batch, self._local = batch_size, batch_size // process_count
+    self._offset = process_index * self._local
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._local)
+    position = step * self._batch + self._offset + row
+    skipped, example = np.zeros(len(decode.REASONS), np.int32), ""
+    for tries in range(SUBSTITUTE_TRIES):
+      at = position + tries * self._epoch
+      out = self._featurize(self._parent[at], np.random.default_rng([self._seed, at]))
+      if "error" not in out:
+        return {**out, "skipped": skipped, "bad_example": example}
+      skipped[decode.REASONS.index(out["error"])] += 1
+      example = f"{out.get('id', '?')}: {out.get('detail') or out['error']}"
+    raise DataError(
+      f"stream position {position} and its {SUBSTITUTE_TRIES - 1} replacements from later "
+      f"epochs are all unusable (the last: {example})"
+    )
+
+
 def train_iterator(
   config: ml_collections.ConfigDict,
   process_index: int | None = None,
   process_count: int | None = None,
+  start_step: int = 0,
 ) -> grain.DatasetIterator:
-  """Endless, per-epoch reshuffled batches of this process's slice of the train split.
+  """This process's slices of the global batches of steps start_step + 1, start_step + 2, ...
 
-  Process p of P reads records p, p + P, ...: the slices are disjoint and cover the data once
-  per epoch. The process defaults to JAX's; the arguments let tests play several processes.
+  Step N's global batch is stream positions (N - 1) * B ... N * B - 1; process p of P gets the
+  p-th of its P equal parts. Each epoch of the stream covers the data once. The process defaults
+  to JAX's; the arguments let tests play several processes.
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if config.batch_size % count:
     raise ValueError(f"batch_size={config.batch_size} does not split over {count} processes")
-  ds = grain.MapDataset.source(make_source(config, "train"))
-  ds = ds[index::count]
-  ds = ds.shuffle(seed=config.seed).repeat()
-  ds = ds.random_map(_featurizer(config, train=True), seed=config.seed)
-  iter_ds = SkipBad(ds.to_iter_dataset())
-  iter_ds = iter_ds.batch(config.batch_size // count, drop_remainder=True)
+  source = make_source(config, "train")
+  if not len(source):
+    raise DataError("the train split has no records")
+  records = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
+  featurize = _featurizer(config, train=True)
+  share = _Slice(records, featurize, config.seed, len(source), config.batch_size, index, count)
+  local = config.batch_size // count
+  iter_ds = share[start_step * local :].to_iter_dataset()
   if config.data.num_workers > 0:
+    # Worker w featurizes examples w, w + W, ... and Grain hands them back round-robin, in order;
+    # batching after that keeps the batches independent of the worker count.
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; we do not use absl.app
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return iter(iter_ds)
+  return iter(iter_ds.batch(local, drop_remainder=True))
 
 
 def eval_batches(config: ml_collections.ConfigDict) -> tuple[Iterator[dict], int]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 log = logging.getLogger("smartclip_jax")
 
@@ -26,7 +26,7 @@ def fingerprint(items: Sequence) -> str:
   return f"{len(items)}|{first}|{last}"
 
 
-def cached(cache_dir: pathlib.Path | None, parts: dict, compute: Callable[[], dict]) -> dict:
+def cached(cache_dir: epath.Path | None, parts: dict, compute: Callable[[], dict]) -> dict:
   """`compute()`'s arrays (and ints), stored under a hash of `parts`; loaded when present."""
   if cache_dir is None:
     return compute()
@@ -34,13 +34,14 @@ def cached(cache_dir: pathlib.Path | None, parts: dict, compute: Callable[[], di
   path = cache_dir / f"{parts.get('task', 'set')}-{key}.npz"
   if path.is_file():
     log.info("embeddings from cache %s", path)
-    with np.load(path) as f:
+    with path.open("rb") as file, np.load(file) as f:
       return {k: f[k] for k in f.files}
   values = compute()
   if jax.process_index() != 0:  # every process computes; one writes
     return values
   cache_dir.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **values)
+  with tmp.open("wb") as f:
+    np.savez(f, **values)
   tmp.rename(path)  # a killed run never leaves half a cache file
   return values

@@ -4,10 +4,10 @@ per-step JSON and TensorBoard scalars of a training run, and the best-metric loo
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from smartclip_jax.evals import retrieval
 from smartclip_jax.writer import MetricWriter
@@ -49,7 +49,7 @@ def summary(results: dict) -> str:
 
 
 def write_step(
-  results: dict, step: int, workdir: pathlib.Path, writer: MetricWriter, title: str
+  results: dict, step: int, workdir: epath.Path, writer: MetricWriter, title: str
 ) -> None:
   """A training run's evaluation at `step`: `eval/step_<N>.json`, TensorBoard `eval/*` and
   `eval/<task>/*`, and the printed tables (call on process 0)."""
@@ -76,7 +76,7 @@ def metric_value(results: dict, name: str) -> float:
   return float(values[metric])
 
 
-def plot_recall(out: pathlib.Path, labels: Sequence[str], max_k: int = 50) -> pathlib.Path:
+def plot_recall(out: epath.Path, labels: Sequence[str], max_k: int = 50) -> epath.Path:
   """recall_at_k.png: R@K for K = 1..max_k, one panel per retrieval task, a line per model and
   direction, from the saved ranks."""
   import matplotlib
@@ -85,9 +85,7 @@ def plot_recall(out: pathlib.Path, labels: Sequence[str], max_k: int = 50) -> pa
   import matplotlib.pyplot as plt
 
   runs = {label: out / label / "ranks" if len(labels) > 1 else out / "ranks" for label in labels}
-  tasks = sorted(
-    {p.stem for d in runs.values() for p in d.glob("*.npz") if "i2t" in np.load(p).files}
-  )
+  tasks = sorted({p.stem for d in runs.values() for p in d.glob("*.npz") if "i2t" in _load(p)})
   fig, axes = plt.subplots(
     1, max(len(tasks), 1), figsize=(4.5 * max(len(tasks), 1), 3.6), squeeze=False
   )
@@ -95,18 +93,24 @@ def plot_recall(out: pathlib.Path, labels: Sequence[str], max_k: int = 50) -> pa
   for ax, task in zip(axes[0], tasks):
     for label, directory in runs.items():
       if (directory / f"{task}.npz").is_file():
-        with np.load(directory / f"{task}.npz") as r:
-          for d, style in (("i2t", "-"), ("t2i", "--")):
-            ax.plot(
-              ks,
-              [100 * np.mean(r[d] < k) for k in ks],
-              style,
-              label=f"{label} {d.upper().replace('2', '→')}",
-            )
+        r = _load(directory / f"{task}.npz")
+        for d, style in (("i2t", "-"), ("t2i", "--")):
+          ax.plot(
+            ks,
+            [100 * np.mean(r[d] < k) for k in ks],
+            style,
+            label=f"{label} {d.upper().replace('2', '→')}",
+          )
     ax.set(title=task, xlabel="K", ylabel="recall@K (%)", xscale="log", ylim=(0, 100))
     ax.legend(fontsize=7)
   fig.tight_layout()
   path = out / "recall_at_k.png"
-  fig.savefig(path, dpi=120)
+  with path.open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
   return path
+
+
+def _load(path: epath.Path) -> dict[str, np.ndarray]:
+  with path.open("rb") as file, np.load(file) as f:
+    return {k: f[k] for k in f.files}

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import ml_collections
 import numpy as np
+from etils import epath
 
 from smartclip_jax.data import pipeline
 from smartclip_jax.evals import retrieval, tasks as tasks_lib
@@ -29,7 +28,7 @@ def evaluate_heldout(config: ml_collections.ConfigDict, encoder: Encoder) -> dic
 
 
 def run_eval(
-  config: ml_collections.ConfigDict, encoder: Encoder, model_id: str, out: pathlib.Path
+  config: ml_collections.ConfigDict, encoder: Encoder, model_id: str, out: epath.Path
 ) -> dict:
   """The held-out metrics, with `tasks` ({task: metrics}) when `eval.tasks` names any; the
   tasks' per-query ranks go under `out/ranks/`."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import pathlib
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from smartclip_jax.evals import cache, datasets, retrieval, zeroshot
 from smartclip_jax.evals.encoder import Encoder
@@ -50,9 +50,9 @@ def run_tasks(
   encoder: Encoder,
   model_id: str,
   tasks: Sequence[Task],
-  out: pathlib.Path,
+  out: epath.Path,
   chunk: int = 1024,
-  cache_dir: pathlib.Path | None = None,
+  cache_dir: epath.Path | None = None,
   masks: bool = False,
 ) -> dict[str, dict]:
   """Every task on one model: {task: metrics}; the rank of every query goes to
@@ -118,7 +118,8 @@ def run_tasks(
       metrics["num_images"] = len(data.labels)
       rank = {"label": ranked}
     if jax.process_index() == 0:
-      np.savez(out / "ranks" / f"{task.label}.npz", **rank)
+      with (out / "ranks" / f"{task.label}.npz").open("wb") as f:
+        np.savez(f, **rank)
     results[task.label] = metrics
     log.info("%s: %s", task.label, {k: v for k, v in metrics.items() if k != "skipped"})
   return results

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib
+from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib, storage
 from smartclip_jax.evals.encoder import Encoder
 from smartclip_jax.interop import layout, torch_files
 from smartclip_jax.models.clip import TwoTowers, build_model
@@ -69,7 +69,7 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
   """The model at `path` (see the module doc). `overrides` set config fields: a model field by
   its name (`activation="gelu"`, e.g. for open_clip's non-QuickGELU models), any other by its
   dotted path written with `__` (`model__mask__hard=False`)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if (
     path.is_dir()
     and (path / "config.json").is_file()

@@ -13,7 +13,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, storage
 from smartclip_jax.interop import layout
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -21,7 +21,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 def is_torch_path(path: str | pathlib.Path) -> bool:
   """A PyTorch file or a transformers directory (what `read` reads)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.is_dir():
     return (path / "config.json").is_file() and is_hf_dir(path)
   return path.suffix in TORCH_SUFFIXES
@@ -30,7 +30,7 @@ def is_torch_path(path: str | pathlib.Path) -> bool:
 def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
   """A PyTorch file or transformers directory: its tensors in the OpenAI layout, and the config
   its weights (and a model card beside them) describe."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.is_dir():
     return read_hf_dir(path)
   return as_openai(read_torch_file(path), path)
@@ -40,13 +40,14 @@ def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   """A state_dict as numpy arrays; training checkpoints ({'state_dict': ...}, 'module.'
   prefixes) are unwrapped. Pickle is read only with torch's weights_only loader."""
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    return load_file(str(path))
+    return load(path.read_bytes())
   import torch
 
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+      obj = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, ...
     raise ValueError(
       f"{path} cannot be read without running pickled code, which this loader refuses "

@@ -1,0 +1,131 @@
+"""Where a run's outputs live: a local directory, a gcsfuse mount or an object store (`gs://`).
+
+Everything a run writes goes through `etils.epath` (gcsfs under `gs://`; Orbax's arrays go
+through TensorStore, which talks to GCS itself). Object stores and gcsfuse mounts cannot rename
+a directory (gcsfuse on a flat bucket refuses to rename one with subdirectories, and a rename on
+GCS is a copy anyway), so there checkpoints are committed by a `commit_success.txt` file and a
+checkpoint set aside is copied, then deleted (`checkpoint_atomicity` in the config).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+
+from etils import epath
+
+ATOMICITIES = ("auto", "rename", "commit_file")
+GCSFUSE_TYPES = ("fuse.gcsfuse", "fuse.gcsfuse2")
+MOUNTS = pathlib.Path("/proc/mounts")
+
+
+class StorageError(RuntimeError):
+  """A run directory that cannot be used: unreachable, no credentials, or not writable."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` names an object store (`gs://...`, any URL scheme epath knows)."""
+  return "://" in os.fspath(path)
+
+
+def path(value: str | os.PathLike) -> epath.Path:
+  """`value` as an epath: URLs as they are, local paths made absolute (Orbax needs that)."""
+  return epath.Path(value) if is_remote(value) else epath.Path(os.path.abspath(value))
+
+
+def mount_type(directory: str | os.PathLike, mounts: str | None = None) -> str:
+  """The file system type of the mount holding local `directory` (from /proc/mounts), or ""."""
+  if mounts is None:
+    mounts = MOUNTS.read_text() if MOUNTS.is_file() else ""
+  target = os.path.realpath(directory)
+  best, kind = "", ""
+  for line in mounts.splitlines():
+    fields = line.split()
+    if len(fields) < 3:
+      continue
+    point = fields[1].replace("\\040", " ")
+    inside = target == point or target.startswith(point.rstrip("/") + "/")
+    if inside and len(point) > len(best):
+      best, kind = point, fields[2]
+  return kind
+
+
+def commit_file(directory: str | os.PathLike, atomicity: str = "auto") -> bool:
+  """Whether saves under `directory` must commit by file instead of by renaming a directory:
+  `atomicity` says so, or (auto) the directory is remote or on a gcsfuse mount."""
+  if atomicity not in ATOMICITIES:
+    raise ValueError(f"checkpoint_atomicity={atomicity!r}: choose one of {ATOMICITIES}")
+  if atomicity != "auto":
+    return atomicity == "commit_file"
+  return is_remote(directory) or mount_type(directory) in GCSFUSE_TYPES
+
+
+def move_tree(src: epath.Path, dst: epath.Path, rename: bool) -> None:
+  """Moves directory `src` into `dst`: a rename where the file system has one, else a streamed
+  copy of every file (across file systems too) followed by deleting `src`, so nothing is lost
+  if it stops half-way."""
+  if rename:
+    src.rename(dst)
+    return
+  for file in files(src):
+    target = dst / os.path.relpath(os.fspath(file), os.fspath(src))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("rb") as reader, target.open("wb") as writer:
+      shutil.copyfileobj(reader, writer, 1 << 24)
+  src.rmtree()
+
+
+def files(root: epath.Path) -> Iterator[epath.Path]:
+  """Every file under `root` (epath's own walk and `**` globs drop the gs:// scheme)."""
+  for child in root.iterdir():
+    if child.is_dir():
+      yield from files(child)
+    else:
+      yield child
+
+
+def check_writable(directory: epath.Path, name: str) -> None:
+  """Creates `directory`, writes, reads back and deletes a small object `name` in it, so that a
+  missing bucket, missing credentials or a read-only bucket stop a run before its first step,
+  naming the path and what failed."""
+  probe = directory / name
+  if os.fspath(directory).startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+      google.auth.default()
+    except DefaultCredentialsError as e:
+      raise StorageError(
+        f"cannot write to {directory}: no Google Cloud credentials (run `gcloud auth "
+        "application-default login`, or on a Cloud TPU VM use its service account); "
+        f"{type(e).__name__}: {e}"
+      ) from e
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_text("smartclip_jax write check\n")
+    if probe.read_text() != "smartclip_jax write check\n":
+      raise OSError("the object read back differs from the one written")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001  gcsfs, google-auth and the OS raise many kinds
+    raise StorageError(f"cannot write to {directory}: {_reason(e)}") from e
+
+
+def _reason(error: Exception) -> str:
+  """What a storage error means for a user, with the library's own message."""
+  text = f"{type(error).__name__}: {error}"
+  low = text.lower()
+  if "credentials" in low or "defaultcredentialserror" in low or "401" in low:
+    hint = "no usable credentials (run `gcloud auth application-default login`, or on a TPU VM "
+    hint += "give its service account access to the bucket)"
+  elif "403" in low or "forbidden" in low or "permission" in low or "read-only" in low:
+    hint = "permission denied (the account needs roles/storage.objectAdmin on the bucket)"
+  elif "nosuchbucket" in low or "bucket does not exist" in low or "404" in low:
+    hint = "the bucket does not exist (create it with `gcloud storage buckets create`)"
+  elif "connect" in low or "timeout" in low or "resolve" in low:
+    hint = "the storage endpoint cannot be reached"
+  else:
+    return text
+  return f"{hint}; {text}"
