@@ -159,7 +159,7 @@ def test_folder_sources_in_every_caption_format(folder):
     sources.folder_entries(folder / "captions.tsv")
 
 
-def test_sharegpt4v_json_holds_out_the_first_records(tmp_path):
+def test_sharegpt4v_json_holds_out_the_first_records(tmp_path, monkeypatch):
   items = [
     {
       "id": f"img{i}",
@@ -180,6 +180,18 @@ def test_sharegpt4v_json_holds_out_the_first_records(tmp_path):
   assert (len(train), len(held)) == (7, 5)
   assert train[0]["id"] == "img5" and train[0]["caption"] == "Caption 5. More."
   assert held[4]["image"] == image_bytes(seed=4)
+  # With no image_root, every source reads images beside its data file, wherever the run starts.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  beside = sources.sharegpt4v_source(str(tmp_path / "share.json"), "", "train", 5)
+  assert beside[0]["image"] == image_bytes(seed=5) and "error" not in beside[0]
+  out = tmp_path / "prepared"
+  prepare.main(
+    ["--format", "sharegpt4v", "--input", str(tmp_path / "share.json")]
+    + ["--out", str(out), "--holdout", "5", "--workers", "1"]
+  )
+  assert json.loads((out / "summary.json").read_text())["written"] == 12
 
 
 def test_pipeline_replaces_and_counts_bad_records_in_full_batches(folder, demo_config):

@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if args.format == "sharegpt4v":
-    entries, root = sources.sharegpt4v_entries(args.input), pathlib.Path(args.image_root)
+    entries, root = sources.sharegpt4v_entries(args.input)
     holdout = config_lib.SHAREGPT4V_HOLDOUT if args.holdout is None else args.holdout
   else:
     entries, root = sources.folder_entries(args.input, args.image_key, args.caption_key)

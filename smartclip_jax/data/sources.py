@@ -48,8 +48,11 @@ class FileListSource:
     return f"{self.name}({len(self)} records under {self.image_root})"
 
 
-def sharegpt4v_entries(json_path: str | pathlib.Path) -> list[tuple[str, str, str]]:
-  """(id, image path, long caption) from a ShareGPT4V captioner JSON, in file order.
+def sharegpt4v_entries(
+  json_path: str | pathlib.Path,
+) -> tuple[list[tuple[str, str, str]], pathlib.Path]:
+  """(id, image path, long caption) from a ShareGPT4V captioner JSON, in file order, and the
+  root the image paths are relative to by default: the JSON's folder (as for every source).
 
   The caption is the first `gpt` turn of `conversations`; a record without one gets an empty
   caption (skipped and counted as `empty_caption` downstream, not dropped here).
@@ -61,14 +64,15 @@ def sharegpt4v_entries(json_path: str | pathlib.Path) -> list[tuple[str, str, st
     turns = item.get("conversations") or []
     caption = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
     entries.append((str(item.get("id", i)), str(item.get("image", "")), caption))
-  return entries
+  return entries, pathlib.Path(json_path).resolve().parent
 
 
 def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int) -> FileListSource:
-  """`train`: records after the first `holdout` (ShareGPT4V-1k); `eval`: the first `holdout`."""
-  entries = sharegpt4v_entries(json_path)
+  """`train`: records after the first `holdout` (ShareGPT4V-1k); `eval`: the first `holdout`.
+  Images are read under `image_root`, or beside the JSON when it is empty."""
+  entries, root = sharegpt4v_entries(json_path)
   entries = entries[holdout:] if split == "train" else entries[:holdout]
-  return FileListSource(entries, image_root, "ShareGPT4V")
+  return FileListSource(entries, image_root or root, "ShareGPT4V")
 
 
 def folder_entries(

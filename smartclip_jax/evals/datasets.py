@@ -264,10 +264,10 @@ def _sharegpt4v_1k(out: _Collector, path: pathlib.Path, image_root: str) -> None
   parses it, so that the set is exactly the one training holds out. Images default to the
   JSON's folder."""
   try:
-    entries = sharegpt4v_entries(path)
+    entries, root = sharegpt4v_entries(path)
   except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
     raise ValueError(f"cannot read annotation file {path}: {e}") from e
-  root = pathlib.Path(image_root or path.parent)
+  root = pathlib.Path(image_root) if image_root else root
   for record_id, image, caption in entries[: config_lib.SHAREGPT4V_HOLDOUT]:
     out.add(root / image, [caption], f"record {record_id}")
 
