@@ -2,6 +2,8 @@
 `smartclip_jax.load`, give the same embeddings (and masks) on the same inputs."""
 
 import json
+import pickle
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -331,3 +333,34 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   np.testing.assert_array_equal(
     got["text"]["positional_embedding"][:20], ref.positional_embedding.detach().numpy()[:20]
   )
+
+
+def test_an_openai_torchscript_archive_loads_without_running_its_code(tmp_path):
+  # OpenAI's original .pt files are torch.jit archives of their model; this one is the
+  # reference model traced (it does not script) and saved the same way.
+  torch.manual_seed(0)
+  ref = ReferenceCLIP(image_size=32, context=77).eval()
+  images, tokens = torch.zeros(2, 3, 32, 32), torch.zeros(2, 77, dtype=torch.long)
+  archive = torch.jit.trace_module(
+    ref,
+    {"encode_image": images, "encode_text": tokens},
+    check_trace=False,
+  )
+  archive.save(tmp_path / "ViT-tiny.pt")
+  model = smartclip_jax.load(tmp_path / "ViT-tiny.pt")
+  assert_same_embeddings(model, ref.encode_image, ref.encode_text)
+
+
+def test_a_torchscript_archive_naming_anything_but_tensors_is_refused(tmp_path):
+  ref = ReferenceCLIP(image_size=32, context=77).eval()
+  torch.jit.trace_module(ref, {"encode_image": torch.zeros(1, 3, 32, 32)}, check_trace=False).save(
+    tmp_path / "good.pt"
+  )
+  with zipfile.ZipFile(tmp_path / "good.pt") as z, zipfile.ZipFile(tmp_path / "evil.pt", "w") as w:
+    for item in z.infolist():
+      data = z.read(item)
+      if item.filename.endswith("/data.pkl"):  # what a crafted archive would make unpickling call
+        data = pickle.dumps(Payload(), protocol=2)
+      w.writestr(item, data)
+  with pytest.raises(ValueError, match=r"names json\.loads.*refused \(nothing in it was run\)"):
+    smartclip_jax.load(tmp_path / "evil.pt")

@@ -1,8 +1,9 @@
 """PyTorch weights as numpy arrays in the OpenAI layout, with the config their shapes imply.
 
 Files (`.pt`, `.pth`, `.bin`, `.safetensors`) in the OpenAI / open_clip / Long-CLIP / SmartCLIP
-layout or transformers'; transformers `CLIPModel` directories. Nothing pickled is executed:
-safetensors, or `torch.load(weights_only=True)`, or a clear refusal.
+layout or transformers'; OpenAI's TorchScript archives (`torchscript.py`); transformers
+`CLIPModel` directories. Nothing pickled is executed: safetensors, a TorchScript archive's
+tensors through a tensors-only unpickler, or `torch.load(weights_only=True)`, or a refusal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from smartclip_jax import config as config_lib, storage
-from smartclip_jax.interop import layout
+from smartclip_jax.interop import layout, torchscript
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -43,6 +44,12 @@ def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     return load(path.read_bytes())
+  with path.open("rb") as f:
+    if torchscript.is_archive(f):  # OpenAI's original files: tensors only, no code run
+      try:
+        return torchscript.read_archive(f)
+      except torchscript.RefusedArchive as e:
+        raise ValueError(f"{path}: {e}; refused (nothing in it was run)") from None
   import torch
 
   try:
@@ -51,9 +58,7 @@ def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, ...
     raise ValueError(
       f"{path} cannot be read without running pickled code, which this loader refuses "
-      f"({type(e).__name__}: {str(e).splitlines()[0]}). A TorchScript archive (OpenAI's "
-      "original .pt files) can be converted where you trust it: "
-      "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')."
+      f"({type(e).__name__}: {str(e).splitlines()[0]})."
     ) from None
   if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
     obj = obj["state_dict"]
