@@ -29,7 +29,7 @@ log = logging.getLogger("smartclip_jax")
 
 def model_key(path: str | os.PathLike) -> str:
   """What identifies a model's weights: the resolved checkpoint step, or file size + mtime."""
-  path = storage.path(path)
+  path = torch_files.resolve(path)
   if torch_files.is_torch_path(path):
     files = [path] if path.is_file() else sorted(path.iterdir())
     return f"{path}|" + ",".join(f"{f.name}:{f.stat().length}:{f.stat().mtime}" for f in files)
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except ValueError as e:
     parser.error(str(e))
   overrides = {"activation": args.activation} if args.activation else {}
-  labels = [storage.path(m).name or m for m in args.model]
+  labels = [m.rstrip("/").rsplit("/", 1)[-1] or m for m in args.model]  # paths, gs://, hf-hub:
   if len(set(labels)) < len(labels):
     labels = [f"{i}:{label}" for i, label in enumerate(labels)]
   results = {}

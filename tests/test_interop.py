@@ -364,3 +364,32 @@ def test_a_torchscript_archive_naming_anything_but_tensors_is_refused(tmp_path):
       w.writestr(item, data)
   with pytest.raises(ValueError, match=r"names json\.loads.*refused \(nothing in it was run\)"):
     smartclip_jax.load(tmp_path / "evil.pt")
+
+
+def test_hub_names_resolve_in_the_local_cache_offline(tmp_path, monkeypatch):
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  small = dict(num_hidden_layers=1, num_attention_heads=2)
+  config = transformers.CLIPConfig(
+    text_config=dict(hidden_size=64, intermediate_size=256, **small),
+    vision_config=dict(
+      hidden_size=128, intermediate_size=512, image_size=32, patch_size=8, **small
+    ),
+    projection_dim=64,
+  )
+  # huggingface_hub's cache layout: models--ORG--NAME/{refs/main, snapshots/<commit>/...}
+  repo = tmp_path / "hub" / "models--openai--clip-tiny"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  transformers.CLIPModel(config).eval().save_pretrained(repo / "snapshots" / commit)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  from smartclip_jax.interop import torch_files
+
+  assert torch_files.resolve("hf-hub:openai/clip-tiny") == repo / "snapshots" / commit
+  by_name = smartclip_jax.load("hf-hub:openai/clip-tiny")
+  by_path = smartclip_jax.load(repo / "snapshots" / commit)
+  jax.tree.map(np.testing.assert_array_equal, by_name.params, by_path.params)
+  with pytest.raises(FileNotFoundError, match="hf download openai/clip-missing"):
+    smartclip_jax.load("hf-hub:openai/clip-missing")

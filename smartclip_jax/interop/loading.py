@@ -1,9 +1,10 @@
 """`smartclip_jax.load(path)`: any checkpoint this project meets, as one ready-to-use model.
 
-Paths: a workdir or Orbax checkpoint of ours; a PyTorch file (`.pt`, `.pth`, `.bin`,
-`.safetensors`) in the OpenAI / open_clip / Long-CLIP / SmartCLIP layout or transformers'; a
-transformers `CLIPModel` directory. The architecture comes from the weights' shapes. Nothing
-pickled is executed: safetensors, or `torch.load(weights_only=True)`, or a clear refusal.
+Paths (local or gs://): a workdir or Orbax checkpoint of ours; a PyTorch file (`.pt`, `.pth`,
+`.bin`, `.safetensors`) in the OpenAI / open_clip / Long-CLIP / SmartCLIP layout or
+transformers'; OpenAI's TorchScript archives; a transformers `CLIPModel` directory; or a
+`hf-hub:ORG/NAME` name in the local Hugging Face cache. The architecture comes from the weights'
+shapes. Nothing pickled is executed (interop/torch_files.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib, storage
+from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib
 from smartclip_jax.evals.encoder import Encoder
 from smartclip_jax.interop import layout, torch_files
 from smartclip_jax.models.clip import TwoTowers, build_model
@@ -69,7 +70,7 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
   """The model at `path` (see the module doc). `overrides` set config fields: a model field by
   its name (`activation="gelu"`, e.g. for open_clip's non-QuickGELU models), any other by its
   dotted path written with `__` (`model__mask__hard=False`)."""
-  path = storage.path(path)
+  path = torch_files.resolve(path)
   if (
     path.is_dir()
     and (path / "config.json").is_file()

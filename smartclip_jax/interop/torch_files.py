@@ -9,20 +9,54 @@ tensors through a tensors-only unpickler, or `torch.load(weights_only=True)`, or
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from smartclip_jax import config as config_lib, storage
 from smartclip_jax.interop import layout, torchscript
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+HUB_PREFIX = "hf-hub:"
+OPEN_CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def resolve(path: str | os.PathLike) -> epath.Path:
+  """A model's location: `hf-hub:ORG/NAME[@REVISION]` resolved in huggingface_hub's local cache
+  (offline), anything else as a local or gs:// path (`storage.path`)."""
+  name = os.fspath(path)
+  if not name.startswith(HUB_PREFIX):
+    return storage.path(name)
+  repo, _, revision = name[len(HUB_PREFIX) :].partition("@")
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import LocalEntryNotFoundError
+
+  try:
+    snapshot = epath.Path(
+      snapshot_download(
+        repo,
+        revision=revision or None,
+        cache_dir=os.environ.get("HF_HUB_CACHE"),  # read now, not when huggingface_hub loaded
+        local_files_only=True,
+      )
+    )
+  except LocalEntryNotFoundError:
+    raise FileNotFoundError(
+      f"{name}: not in the Hugging Face cache ({os.environ.get('HF_HUB_CACHE', 'the default')}); "
+      f"fetch it first with: hf download {repo}" + (f" --revision {revision}" if revision else "")
+    ) from None
+  for file in OPEN_CLIP_HUB_FILES:  # an open_clip repository: its weights file
+    if (snapshot / file).is_file():
+      return snapshot / file
+  return snapshot
 
 
 def is_torch_path(path: str | pathlib.Path) -> bool:
   """A PyTorch file or a transformers directory (what `read` reads)."""
-  path = storage.path(path)
+  path = resolve(path)
   if path.is_dir():
     return (path / "config.json").is_file() and is_hf_dir(path)
   return path.suffix in TORCH_SUFFIXES
@@ -31,7 +65,7 @@ def is_torch_path(path: str | pathlib.Path) -> bool:
 def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
   """A PyTorch file or transformers directory: its tensors in the OpenAI layout, and the config
   its weights (and a model card beside them) describe."""
-  path = storage.path(path)
+  path = resolve(path)
   if path.is_dir():
     return read_hf_dir(path)
   return as_openai(read_torch_file(path), path)
