@@ -1,12 +1,15 @@
-"""The prepare CLI on a generated image folder in which a tenth of the records are broken.
+"""The prepare CLI on generated data in which a tenth of the records are broken.
 
-  python benchmarks/prepare_faults.py [--images 1000] [--workers 2]
+  python benchmarks/prepare_faults.py [--images 1000] [--workers 2] [--format folder|tar|both]
 
-Writes `--images` demo scenes as JPEGs with one `.txt` caption each into a temporary folder,
-breaks every tenth record in one of seven ways (truncated JPEG, zero-byte file, deleted image,
-blank caption, invalid UTF-8 caption, 1x1 image, a PNG header claiming 20000x20000), runs
-`python -m smartclip_jax.data.prepare --format folder` on it, and prints the summary it wrote
-next to the faults that were planted. The last line is the summary as JSON.
+`folder`: `--images` demo scenes as JPEGs with one `.txt` caption each in a temporary folder,
+every tenth record broken in one of seven ways (truncated JPEG, zero-byte file, deleted image,
+blank caption, invalid UTF-8 caption, 1x1 image, a PNG header claiming 20000x20000), through
+`prepare --format folder`. `tar`: the same records as img2dataset's WebDataset shards (8 tars of
+`<key>.jpg|png` + `<key>.txt`), every tenth broken in one of nine ways: the seven above (a
+deleted image is a sample without its image member), a sample without its `.txt`, and a sample
+at the end of a tar cut one byte into it; through `prepare --format webdataset`. Each prints the
+summary next to the faults planted; the last line of each is the summary as JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zlib
@@ -39,6 +43,7 @@ FAULTS = (
   "one_pixel",
   "huge_header",
 )
+TAR_FAULTS = (*FAULTS, "no_txt", "cut_tar")
 EXPECTED_REASON = {
   "truncated": "undecodable_image",
   "zero_bytes": "undecodable_image",
@@ -48,6 +53,8 @@ EXPECTED_REASON = {
   "one_pixel": "too_small",
   "huge_header": "too_large",
 }
+TAR_REASON = {**EXPECTED_REASON, "deleted": "no_image", "no_txt": "no_caption"}
+TAR_REASON["cut_tar"] = "truncated_archive"
 
 
 def encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
@@ -62,15 +69,14 @@ def claims_size(png: bytes, width: int, height: int) -> bytes:
   return png[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + png[33:]
 
 
-def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
-  planted = dict.fromkeys(FAULTS, 0)
+def records(count: int, faults: tuple[str, ...]):
+  """(index, fault or "", {member suffix: bytes}) for each record: image and caption, broken."""
   for i in range(count):
     shapes, rng = demo.DemoSource(count, 96, seed=11).scene(i)
     image, caption = encode(demo.render(shapes, 96, rng)), " ".join(s.sentence() for s in shapes)
-    caption_bytes = caption.encode()
+    caption_bytes, fault = caption.encode(), ""
     if i % 10 == 9:
-      fault = FAULTS[(i // 10) % len(FAULTS)]
-      planted[fault] += 1
+      fault = faults[(i // 10) % len(faults)]
       image = {
         "truncated": image[: len(image) // 3],
         "zero_bytes": b"",
@@ -80,12 +86,44 @@ def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
       caption_bytes = {"blank_caption": b"  \n", "bad_utf8": b"caf\xe9 \xff\xfe"}.get(
         fault, caption_bytes
       )
-      if fault == "deleted":  # its caption stays, its image is gone
-        (root / f"{i:05d}.txt").write_bytes(caption_bytes)
-        continue
     suffix = ".png" if image.startswith(b"\x89PNG") else ".jpg"
-    (root / f"{i:05d}{suffix}").write_bytes(image)
-    (root / f"{i:05d}.txt").write_bytes(caption_bytes)
+    members = {} if fault == "deleted" else {suffix: image}  # its caption stays, its image goes
+    if fault != "no_txt":
+      members[".txt"] = caption_bytes
+    yield i, fault, members
+
+
+def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
+  planted = dict.fromkeys(FAULTS, 0)
+  for i, fault, members in records(count, FAULTS):
+    planted[fault] = planted.get(fault, 0) + 1
+    for suffix, data in members.items():
+      (root / f"{i:05d}{suffix}").write_bytes(data)
+  planted.pop("", None)
+  return planted
+
+
+def write_tars(root: pathlib.Path, count: int, shards: int = 8) -> dict[str, int]:
+  """img2dataset's layout; a `cut_tar` sample goes last into a tar of its own, cut inside it."""
+  planted = dict.fromkeys(TAR_FAULTS, 0)
+  groups: dict[str, list] = {}
+  for i, fault, members in records(count, TAR_FAULTS):
+    planted[fault] = planted.get(fault, 0) + 1
+    name = f"cut-{i:05d}" if fault == "cut_tar" else f"{i * shards // count:05d}"
+    groups.setdefault(name, []).extend((f"{i:09d}{s}", d) for s, d in members.items())
+  for name, members in groups.items():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+      for member, data in members:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    if name.startswith("cut-"):
+      with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        data = data[: tar.getmembers()[-1].offset_data + 1]
+    (root / f"{name}.tar").write_bytes(data)
+  planted.pop("", None)
   return planted
 
 
@@ -95,43 +133,41 @@ def main() -> None:
   )
   parser.add_argument("--images", type=int, default=1000)
   parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--format", choices=("folder", "tar", "both"), default="both")
   args = parser.parse_args()
+  for kind in ("folder", "tar") if args.format == "both" else (args.format,):
+    run(kind, args.images, args.workers)
+
+
+def run(kind: str, images: int, workers: int) -> None:
   with tempfile.TemporaryDirectory() as tmp:
-    folder, out = pathlib.Path(tmp) / "images", pathlib.Path(tmp) / "shards"
-    folder.mkdir()
-    planted = write_folder(folder, args.images)
+    data, out = pathlib.Path(tmp) / "data", pathlib.Path(tmp) / "shards"
+    data.mkdir()
+    if kind == "folder":
+      planted, reasons = write_folder(data, images), EXPECTED_REASON
+      source = ["--format", "folder", "--input", str(data), "--num-shards", "8"]
+    else:
+      planted, reasons = write_tars(data, images), TAR_REASON
+      source = ["--format", "webdataset", "--input", str(data / "*.tar")]
     start = time.perf_counter()
     subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "smartclip_jax.data.prepare",
-        "--format",
-        "folder",
-        "--input",
-        str(folder),
-        "--out",
-        str(out),
-        "--num-shards",
-        "8",
-        "--workers",
-        str(args.workers),
-      ],
+      [sys.executable, "-m", "smartclip_jax.data.prepare", *source, "--out", str(out)]
+      + ["--workers", str(workers)],
       check=True,
       cwd=REPO,
     )
     seconds = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
-  print(f"planted faults in {sum(planted.values())} of {args.images} records: {planted}")
+  print(f"[{kind}] planted faults in {sum(planted.values())} of {images} records: {planted}")
   print(
-    f"prepare took {seconds:.1f} s; summary.json: written {summary['written']} of "
-    f"{summary['records']} listed, skipped {summary['skipped']}"
+    f"[{kind}] prepare took {seconds:.1f} s; summary.json: written {summary['written']} of "
+    f"{summary['records']} read, skipped {summary['skipped']}"
   )
   expected = {}
   for fault, n in planted.items():
-    expected[EXPECTED_REASON[fault]] = expected.get(EXPECTED_REASON[fault], 0) + n
+    expected[reasons[fault]] = expected.get(reasons[fault], 0) + n
   got = {r: n for r, n in summary["skipped"].items() if n}
-  print("skipped counts match the planted faults:", got == expected)
+  print(f"[{kind}] skipped counts match the planted faults:", got == expected)
   print(json.dumps(summary))
 
 

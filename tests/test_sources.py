@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -345,3 +346,78 @@ def test_tfds_source_through_the_pipeline(demo_config):
     batch = next(pipeline.train_iterator(demo_config))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["tokens"].shape == (4, 32)
   assert (batch["tokens"][:, 0] == 49406).all()
+
+
+def write_tar(path, members, cut=None):
+  """A tar of (name, bytes) members, as img2dataset writes them; `cut` keeps that many bytes."""
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  path.write_bytes(buffer.getvalue()[:cut])
+
+
+def test_prepare_reads_webdataset_shards_and_counts_every_bad_sample(tmp_path):
+  def sample(key, seed, txt=None, meta=None, image=True):
+    out = [(f"{key}.jpg", image_bytes(seed=seed))] if image else []
+    out += [(f"{key}.txt", txt.encode())] if txt is not None else []
+    out += [(f"{key}.json", json.dumps(meta).encode())] if meta is not None else []
+    return out
+
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  write_tar(
+    shards / "00000.tar",
+    sample("00000001", 1, "A red fox.", {"recaption": "A red fox jumps. Over a log."})
+    + sample("00000002", 2, None, {"recaption": "Only recaptioned."})  # no .txt
+    + sample("00000003", 3, "No picture.", image=False)
+    + [("00000004.jpg", b"not a jpeg"), ("00000004.txt", b"Broken.")],
+  )
+  whole = sample("00000005", 5, "A grey cat.") + sample("00000006", 6, "A tree.")
+  write_tar(shards / "00001.tar", whole)
+  with tarfile.open(shards / "00001.tar") as tar:
+    last = tar.getmembers()[-1]  # 00000006.txt: the copy is cut one byte into its data
+  write_tar(shards / "00002.tar", whole, cut=last.offset_data + 1)
+  out = tmp_path / "out"
+  argv = ["--format", "webdataset", "--input", str(shards / "{00000..00003}.tar")]
+  summary = prepare.main(argv + ["--out", str(out), "--workers", "2"])
+  assert summary["shards"] == 3 and summary["written"] == 1 + 2 + 1
+  assert {k: v for k, v in summary["skipped"].items() if v} == {
+    "no_caption": 1,
+    "no_image": 1,
+    "undecodable_image": 1,
+    "truncated_archive": 1,
+  }
+  source = sources.ArrayRecordSource(str(out / "train"))
+  captions = {source[i]["id"]: source[i]["caption"] for i in range(len(source))}
+  assert captions["00000001"] == "A red fox." and captions["00000006"] == "A tree."
+  # A recaptioned set: the caption is a field of the .json; a rerun redoes nothing.
+  again = prepare.main(
+    argv[:3]
+    + [str(shards / "0000[0-1].tar"), "--out", str(tmp_path / "re")]
+    + ["--caption-key", "recaption", "--workers", "1"]
+  )
+  source = sources.ArrayRecordSource(str(tmp_path / "re" / "train"))
+  captions = {source[i]["id"]: source[i]["caption"] for i in range(len(source))}
+  assert captions == {"00000001": "A red fox jumps. Over a log.", "00000002": "Only recaptioned."}
+  assert again["skipped"]["no_caption"] == 3  # 00000004 and both samples of 00001.tar
+  (tmp_path / "re" / "summary.json").unlink()
+  assert (
+    prepare.main(
+      argv[:3]
+      + [str(shards / "0000[0-1].tar"), "--out", str(tmp_path / "re")]
+      + ["--caption-key", "recaption"]
+    )["written"]
+    == again["written"]
+  )
+
+
+def test_prepare_names_a_pattern_that_matches_nothing(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    prepare.main(
+      ["--format", "webdataset", "--input", str(tmp_path / "{0..3}.tar")]
+      + ["--out", str(tmp_path / "out")]
+    )
+  assert "no file matches" in capsys.readouterr().err

@@ -21,6 +21,9 @@ REASONS = (
   "invalid_text",
   "too_small",
   "too_large",
+  "no_image",  # a WebDataset sample without an image member
+  "no_caption",  # ... without its .txt (or the JSON field asked for)
+  "truncated_archive",  # the sample a tar file was cut off in (what follows is unreadable)
 )
 
 # OpenAI CLIP's image normalisation (RGB in [0, 1]).

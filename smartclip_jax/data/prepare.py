@@ -1,7 +1,13 @@
-"""Converts ShareGPT4V or an image folder into ArrayRecord shards for pod-scale training.
+"""Converts ShareGPT4V, an image folder or WebDataset tar shards into ArrayRecord shards.
 
   python -m smartclip_jax.data.prepare --format sharegpt4v|folder --input <json/csv/dir>
       --image-root <dir> --out <dir> [--num-shards N] [--max-side 512] [--workers W]
+  python -m smartclip_jax.data.prepare --format webdataset --input 'shards/{00000..00127}.tar'
+      --out <dir> [--caption-key FIELD] [--workers W]
+
+WebDataset shards are img2dataset's layout: members grouped by key (`<key>.jpg|png|webp`,
+`<key>.txt`, `<key>.json`); the caption is the `.txt`, or `--caption-key`'s field of the `.json`
+(recaptioned sets). `--input` takes brace ranges and globs; each tar becomes one output shard.
 
 Images are decoded, converted to RGB, shrunk so their longer side is at most `--max-side`, and
 re-encoded as JPEG; each record is msgpack {id, caption, image}. Unusable records are skipped
@@ -17,14 +23,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import io
 import json
 import math
 import multiprocessing
 import os
 import pathlib
+import posixpath
+import re
 import sys
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 
 import PIL.Image
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -55,25 +65,16 @@ def encode_record(
   return sources.pack(str(record["id"]), caption, out.getvalue())
 
 
-def write_shard(
-  entries: list[Entry],
-  image_root: str,
-  path: str,
-  max_side: int,
-  min_side: int,
-  max_pixels: int,
-  quality: int,
-) -> dict:
+def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
   """Writes one shard atomically (tmp + rename), then its summary `<path>.json`."""
-  source = sources.FileListSource(entries, image_root, "prepare")
   skipped = dict.fromkeys(decode.REASONS, 0)
-  examples, written = [], 0
+  examples, written, seen = [], 0, 0
   tmp = path + ".tmp"
   writer = ArrayRecordWriter(tmp, "group_size:1")
-  for index in range(len(source)):
-    record = source[index]
+  for record in records:
+    seen += 1
     try:
-      writer.write(encode_record(record, max_side, min_side, max_pixels, quality))
+      writer.write(encode_record(record, *encode_args))
       written += 1
     except decode.BadRecord as e:
       skipped[e.reason] += 1
@@ -81,9 +82,89 @@ def write_shard(
         examples.append(f"{record['id']}: {e}")
   writer.close()
   os.replace(tmp, path)
-  summary = {"records": len(entries), "written": written, "skipped": skipped, "examples": examples}
+  summary = {"records": seen, "written": written, "skipped": skipped, "examples": examples}
   pathlib.Path(path + ".json").write_text(json.dumps(summary))
   return summary
+
+
+def write_shard(entries: list[Entry], image_root: str, path: str, *encode_args) -> dict:
+  """One shard of file entries (ShareGPT4V, folders)."""
+  source = sources.FileListSource(entries, image_root, "prepare")
+  return write_records((source[i] for i in range(len(source))), path, *encode_args)
+
+
+def write_tar_shard(tar: str, caption_key: str, path: str, *encode_args) -> dict:
+  """One shard of one WebDataset tar."""
+  return write_records(tar_records(tar, caption_key), path, *encode_args)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def tar_records(path: str, caption_key: str = "") -> Iterator[dict]:
+  """A WebDataset tar's samples in order, as raw records ({"id", "image", "caption"}) or bad
+  ones ({"error", "id", "detail"}); a tar cut off mid-way ends with one `truncated_archive`."""
+  key, parts = None, {}
+  try:
+    with tarfile.open(path) as archive:
+      for member in archive:
+        if not member.isfile():
+          continue
+        folder, base = posixpath.split(member.name)
+        stem, _, ext = base.partition(".")
+        if posixpath.join(folder, stem) != key:
+          if key is not None:
+            yield _sample(key, parts, caption_key)
+          key, parts = posixpath.join(folder, stem), {}
+        parts[ext.lower()] = archive.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError) as e:
+    yield {"error": "truncated_archive", "id": f"{path}:{key}", "detail": str(e)}
+    return
+  if key is not None:
+    yield _sample(key, parts, caption_key)
+
+
+def _sample(key: str, parts: dict[str, bytes], caption_key: str) -> dict:
+  image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+  if image is None:
+    return {"error": "no_image", "id": key, "detail": f"members {sorted(parts)}"}
+  if caption_key:
+    try:
+      caption = json.loads(parts["json"])[caption_key] if "json" in parts else None
+    except (ValueError, TypeError, KeyError):
+      caption = None
+  else:
+    caption = parts.get("txt")
+  if caption is None:
+    what = f"{key}.json field {caption_key!r}" if caption_key else f"{key}.txt"
+    return {"error": "no_caption", "id": key, "detail": f"no {what}"}
+  return {"id": key, "image": image, "caption": caption}
+
+
+def expand(pattern: str) -> list[str]:
+  """Files matching `pattern`: brace ranges `{00000..00127}` (zero-padded as written) and lists
+  `{a,b}`, then glob wildcards; sorted (names that match no file are left out, as a shard
+  img2dataset failed to write). Raises FileNotFoundError when nothing matches."""
+  files = _expand(pattern)
+  if not files:
+    raise FileNotFoundError(f"no file matches {pattern}")
+  return files
+
+
+def _expand(pattern: str) -> list[str]:
+  match = re.search(r"\{([^{}]*)\}", pattern)
+  if match:
+    body = match.group(1)
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    options = (
+      [str(i).zfill(len(span.group(1))) for i in range(int(span.group(1)), int(span.group(2)) + 1)]
+      if span
+      else body.split(",")
+    )
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return sorted({f for o in options for f in _expand(head + o + tail)})
+  files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+  return [f for f in files if os.path.isfile(f)]
 
 
 def plan_shards(
@@ -92,10 +173,7 @@ def plan_shards(
   """Contiguous, nearly equal slices of `entries`, each with its shard path."""
   bounds = [round(k * len(entries) / num_shards) for k in range(num_shards + 1)]
   return [
-    (
-      entries[bounds[k] : bounds[k + 1]],
-      str(out_dir / f"shard-{k:05d}-of-{num_shards:05d}.array_record"),
-    )
+    (entries[bounds[k] : bounds[k + 1]], str(out_dir / _shard_name(k, num_shards)))
     for k in range(num_shards)
   ]
 
@@ -126,33 +204,75 @@ def prepare(
     if split == "eval":
       shards = min(shards, max(1, math.ceil(len(items) / 5000)))
     (out / split).mkdir(parents=True, exist_ok=True)
-    jobs += plan_shards(items, out / split, min(shards, len(items)))
-  todo = [(e, p) for e, p in jobs if not pathlib.Path(p + ".json").exists()]
-  done_records = sum(len(e) for e, _ in jobs) - sum(len(e) for e, _ in todo)
+    jobs += [
+      (write_shard, (e, image_root), p, len(e))
+      for e, p in plan_shards(items, out / split, min(shards, len(items)))
+    ]
+  splits = [split for split in splits if splits[split]]
+  return _run(jobs, out, splits, (max_side, min_side, max_pixels, quality), workers, progress)
+
+
+def prepare_tars(
+  tars: list[str],
+  out: pathlib.Path,
+  *,
+  caption_key: str,
+  max_side: int,
+  min_side: int,
+  max_pixels: int,
+  quality: int,
+  workers: int,
+  progress: bool = True,
+) -> dict:
+  """One train shard per WebDataset tar, written in parallel; returns the summary."""
+  (out / "train").mkdir(parents=True, exist_ok=True)
+  jobs = [
+    (write_tar_shard, (tar, caption_key), str(out / "train" / _shard_name(k, len(tars))), 1)
+    for k, tar in enumerate(tars)
+  ]
+  encode_args = (max_side, min_side, max_pixels, quality)
+  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="tar")
+
+
+def _shard_name(k: int, n: int) -> str:
+  return f"shard-{k:05d}-of-{n:05d}.array_record"
+
+
+def _run(
+  jobs: list[tuple],
+  out: pathlib.Path,
+  splits: list[str],
+  encode_args: tuple,
+  workers: int,
+  progress: bool,
+  unit: str = "img",
+) -> dict:
+  """Runs the shard jobs (fn, args, path, size) not done yet (no `<path>.json`) in worker
+  processes, then sums every shard's summary into `<out>/summary.json`."""
+  todo = [job for job in jobs if not pathlib.Path(job[2] + ".json").exists()]
   bar = tqdm(
-    total=len(entries),
-    initial=done_records,
-    unit="img",
+    total=sum(job[3] for job in jobs),
+    initial=sum(job[3] for job in jobs) - sum(job[3] for job in todo),
+    unit=unit,
     disable=not progress,
     desc=f"{len(todo)}/{len(jobs)} shards to write",
   )
-  args = (max_side, min_side, max_pixels, quality)
   # spawn, not fork: a caller may have started threads (JAX does) that fork would copy broken.
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=spawn) as pool:
-    futures = {pool.submit(write_shard, e, image_root, p, *args): len(e) for e, p in todo}
+    futures = {pool.submit(fn, *args, path, *encode_args): size for fn, args, path, size in todo}
     for future in concurrent.futures.as_completed(futures):
       future.result()
       bar.update(futures[future])
   bar.close()
-  shard_summaries = [json.loads(pathlib.Path(p + ".json").read_text()) for _, p in jobs]
+  shard_summaries = [json.loads(pathlib.Path(job[2] + ".json").read_text()) for job in jobs]
   summary = {
-    "records": len(entries),
+    "records": sum(s["records"] for s in shard_summaries),
     "shards": len(jobs),
     "written": sum(s["written"] for s in shard_summaries),
     "skipped": {r: sum(s["skipped"][r] for s in shard_summaries) for r in decode.REASONS},
     "examples": [x for s in shard_summaries for x in s["examples"]][:20],
-    "splits": {split: str(out / split) for split in splits if splits[split]},
+    "splits": {split: str(out / split) for split in splits},
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
@@ -164,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--format", choices=("sharegpt4v", "folder"), required=True)
+  parser.add_argument("--format", choices=("sharegpt4v", "folder", "webdataset"), required=True)
   parser.add_argument(
-    "--input", required=True, help="ShareGPT4V JSON; or a folder, CSV/TSV or JSONL of captions"
+    "--input",
+    required=True,
+    help="ShareGPT4V JSON; a folder, CSV/TSV or JSONL of captions; tar shards ({0..9}, globs)",
   )
   parser.add_argument("--image-root", default="", help="image paths are relative to this")
   parser.add_argument("--out", required=True)
@@ -187,28 +309,50 @@ def main(argv: Sequence[str] | None = None) -> dict:
   )
   parser.add_argument("--image-key", default=config_lib.CSV_KEYS[0], help="CSV/TSV image column")
   parser.add_argument(
-    "--caption-key", default=config_lib.CSV_KEYS[1], help="CSV/TSV caption column"
+    "--caption-key",
+    default=None,
+    help=f"CSV/TSV caption column (default {config_lib.CSV_KEYS[1]}); webdataset: the .json "
+    "field to caption with (default: the .txt)",
   )
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  if args.format == "sharegpt4v":
+  encode = dict(
+    max_side=args.max_side, min_side=args.min_side, max_pixels=args.max_pixels, quality=args.quality
+  )
+  if args.format == "webdataset":
+    if args.holdout:
+      parser.error(
+        "--holdout: a WebDataset's held-out split is its own shards (prepare them apart)"
+      )
+    try:
+      tars = expand(args.input)
+    except FileNotFoundError as e:
+      parser.error(str(e))
+    summary = prepare_tars(
+      tars,
+      pathlib.Path(args.out),
+      caption_key=args.caption_key or "",
+      workers=args.workers,
+      **encode,
+    )
+  elif args.format == "sharegpt4v":
     entries, root = sources.sharegpt4v_entries(args.input)
     holdout = config_lib.SHAREGPT4V_HOLDOUT if args.holdout is None else args.holdout
   else:
-    entries, root = sources.folder_entries(args.input, args.image_key, args.caption_key)
+    entries, root = sources.folder_entries(
+      args.input, args.image_key, args.caption_key or config_lib.CSV_KEYS[1]
+    )
     holdout = args.holdout or 0
-  summary = prepare(
-    entries,
-    str(args.image_root or root),
-    pathlib.Path(args.out),
-    holdout=holdout,
-    num_shards=args.num_shards,
-    max_side=args.max_side,
-    min_side=args.min_side,
-    max_pixels=args.max_pixels,
-    quality=args.quality,
-    workers=args.workers,
-  )
+  if args.format != "webdataset":
+    summary = prepare(
+      entries,
+      str(args.image_root or root),
+      pathlib.Path(args.out),
+      holdout=holdout,
+      num_shards=args.num_shards,
+      workers=args.workers,
+      **encode,
+    )
   skipped = ", ".join(f"{r} {n}" for r, n in summary["skipped"].items() if n) or "none"
   print(
     f"wrote {summary['written']} of {summary['records']} records in {summary['shards']} "
