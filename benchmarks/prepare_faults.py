@@ -15,9 +15,11 @@ summary next to the faults planted; the last line of each is the summary as JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -104,25 +106,26 @@ def write_folder(root: pathlib.Path, count: int) -> dict[str, int]:
 
 
 def write_tars(root: pathlib.Path, count: int, shards: int = 8) -> dict[str, int]:
-  """img2dataset's layout; a `cut_tar` sample goes last into a tar of its own, cut inside it."""
+  """img2dataset's layout (each sample's files written, then added to its tar in order); a
+  `cut_tar` sample goes last into a tar of its own, which is then cut inside it."""
   planted = dict.fromkeys(TAR_FAULTS, 0)
-  groups: dict[str, list] = {}
-  for i, fault, members in records(count, TAR_FAULTS):
-    planted[fault] = planted.get(fault, 0) + 1
-    name = f"cut-{i:05d}" if fault == "cut_tar" else f"{i * shards // count:05d}"
-    groups.setdefault(name, []).extend((f"{i:09d}{s}", d) for s, d in members.items())
-  for name, members in groups.items():
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-      for member, data in members:
-        info = tarfile.TarInfo(member)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    data = buffer.getvalue()
-    if name.startswith("cut-"):
-      with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        data = data[: tar.getmembers()[-1].offset_data + 1]
-    (root / f"{name}.tar").write_bytes(data)
+  staging = root / "samples"
+  staging.mkdir()
+  tars: dict[str, tarfile.TarFile] = {}
+  with contextlib.ExitStack() as stack:
+    for i, fault, members in records(count, TAR_FAULTS):
+      planted[fault] = planted.get(fault, 0) + 1
+      name = f"cut-{i:05d}" if fault == "cut_tar" else f"{i * shards // count:05d}"
+      if name not in tars:
+        tars[name] = stack.enter_context(tarfile.open(root / f"{name}.tar", "w"))
+      for suffix, data in members.items():
+        (staging / f"{i:09d}{suffix}").write_bytes(data)
+        tars[name].add(staging / f"{i:09d}{suffix}", arcname=f"{i:09d}{suffix}")
+    cuts = {n: t.getmembers()[-1].offset_data + 1 for n, t in tars.items() if n.startswith("cut-")}
+  for name, cut in cuts.items():
+    path = root / f"{name}.tar"
+    path.write_bytes(path.read_bytes()[:cut])
+  shutil.rmtree(staging)
   planted.pop("", None)
   return planted
 
