@@ -421,3 +421,42 @@ def test_prepare_names_a_pattern_that_matches_nothing(tmp_path, capsys):
       + ["--out", str(tmp_path / "out")]
     )
   assert "no file matches" in capsys.readouterr().err
+
+
+def test_prepare_reads_img2dataset_parquet_and_refuses_a_list_of_urls(tmp_path, capsys):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  rows = {
+    "key": ["000000001", "000000002", "000000003", "000000004"],
+    "url": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg", "http://a/4.jpg"],
+    "caption": ["A red fox.", "A grey cat.", None, "Failed download."],
+    "jpg": [image_bytes(seed=1), image_bytes(seed=2), image_bytes(seed=3), None],
+    "status": ["success", "success", "success", "failed_to_download"],
+  }
+  files = tmp_path / "parquet"
+  files.mkdir()
+  pq.write_table(pa.table(rows), files / "00000.parquet")
+  good = (files / "00000.parquet").read_bytes()
+  (files / "00001.parquet").write_bytes(good[: len(good) // 2])  # cut off: unreadable
+  out = tmp_path / "out"
+  summary = prepare.main(
+    ["--format", "parquet", "--input", str(files / "*.parquet"), "--out", str(out)]
+  )
+  assert summary["written"] == 2
+  assert {k: v for k, v in summary["skipped"].items() if v} == {
+    "no_caption": 1,
+    "no_image": 1,
+    "truncated_archive": 1,
+  }
+  source = sources.ArrayRecordSource(str(out / "train"))
+  assert {source[i]["id"]: source[i]["caption"] for i in range(2)} == {
+    "000000001": "A red fox.",
+    "000000002": "A grey cat.",
+  }
+  pq.write_table(pa.table({k: rows[k] for k in ("url", "caption")}), tmp_path / "urls.parquet")
+  with pytest.raises(SystemExit):
+    prepare.main(
+      ["--format", "parquet", "--input", str(tmp_path / "urls.parquet")]
+      + ["--out", str(tmp_path / "none")]
+    )
+  assert "lists image URLs; download them first" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Converts ShareGPT4V, an image folder or WebDataset tar shards into ArrayRecord shards.
+"""Converts ShareGPT4V, an image folder, WebDataset tars or Parquet files into ArrayRecord shards.
 
   python -m smartclip_jax.data.prepare --format sharegpt4v|folder --input <json/csv/dir>
       --image-root <dir> --out <dir> [--num-shards N] [--max-side 512] [--workers W]
@@ -7,7 +7,9 @@
 
 WebDataset shards are img2dataset's layout: members grouped by key (`<key>.jpg|png|webp`,
 `<key>.txt`, `<key>.json`); the caption is the `.txt`, or `--caption-key`'s field of the `.json`
-(recaptioned sets). `--input` takes brace ranges and globs; each tar becomes one output shard.
+(recaptioned sets). `--format parquet` reads img2dataset's Parquet output (image bytes in a
+`jpg`/`png`/`webp`/`image` column, the caption in `caption`, or `--caption-key`). `--input` takes
+brace ranges and globs; each tar or Parquet file becomes one output shard.
 
 Images are decoded, converted to RGB, shrunk so their longer side is at most `--max-side`, and
 re-encoded as JPEG; each record is msgpack {id, caption, image}. Unusable records are skipped
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import glob
 import io
 import json
@@ -96,6 +99,72 @@ def write_shard(entries: list[Entry], image_root: str, path: str, *encode_args) 
 def write_tar_shard(tar: str, caption_key: str, path: str, *encode_args) -> dict:
   """One shard of one WebDataset tar."""
   return write_records(tar_records(tar, caption_key), path, *encode_args)
+
+
+def write_parquet_shard(file: str, caption_key: str, path: str, *encode_args) -> dict:
+  """One shard of one Parquet file."""
+  return write_records(parquet_records(file, caption_key), path, *encode_args)
+
+
+PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
+
+
+class UnusableParquet(ValueError):
+  """A Parquet file without image bytes (URLs to download first) or without the caption column."""
+
+
+def parquet_columns(path: str, caption_key: str = "") -> tuple[str, str]:
+  """(image column, caption column) of an img2dataset Parquet file. A file of URLs without
+  image bytes (img2dataset's input, not its output), or one without the caption column, is
+  UnusableParquet, saying so."""
+  import pyarrow.parquet as pq
+
+  schema = pq.read_schema(path)
+  image = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
+  if image is None:
+    has_urls = "url" in schema.names
+    raise UnusableParquet(
+      f"{path} has no image bytes (columns {schema.names})"
+      + (
+        ": it lists image URLs; download them first, e.g. `img2dataset --url_list "
+        f"{path} --input_format parquet --output_format parquet`, and prepare its output"
+        if has_urls
+        else f"; expected one of {PARQUET_IMAGE_COLUMNS}"
+      )
+    )
+  caption = caption_key or next((c for c in ("caption", "txt", "text") if c in schema.names), "")
+  if caption not in schema.names:
+    raise UnusableParquet(f"{path}: no caption column {caption_key or 'caption'} in {schema.names}")
+  return image, caption
+
+
+def parquet_records(path: str, caption_key: str = "") -> Iterator[dict]:
+  """An img2dataset Parquet file's rows as raw records; rows without image bytes (failed
+  downloads) or caption are bad records; a file that stops being readable ends with one
+  `truncated_archive`."""
+  import pyarrow.parquet as pq
+
+  key_col, row = "key", 0
+  try:
+    image_col, caption_col = parquet_columns(path, caption_key)
+    file = pq.ParquetFile(path)
+    columns = [c for c in (key_col, image_col, caption_col) if c in file.schema_arrow.names]
+    for batch in file.iter_batches(columns=columns, batch_size=256):
+      data = batch.to_pydict()
+      for i in range(batch.num_rows):
+        key = str(data[key_col][i]) if key_col in data else f"{path}:{row}"
+        image, caption = data[image_col][i], data[caption_col][i]
+        if isinstance(image, dict):  # {"bytes": ..., "path": ...}, as datasets writes images
+          image = image.get("bytes")
+        row += 1
+        if image is None:
+          yield {"error": "no_image", "id": key, "detail": f"no bytes in column {image_col}"}
+        elif caption is None:
+          yield {"error": "no_caption", "id": key, "detail": f"no {caption_col}"}
+        else:
+          yield {"id": key, "image": image, "caption": caption}
+  except (OSError, ValueError) as e:  # pyarrow's errors on a cut or corrupt file
+    yield {"error": "truncated_archive", "id": f"{path}:{row}", "detail": str(e)}
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -212,10 +281,11 @@ def prepare(
   return _run(jobs, out, splits, (max_side, min_side, max_pixels, quality), workers, progress)
 
 
-def prepare_tars(
-  tars: list[str],
+def prepare_files(
+  files: list[str],
   out: pathlib.Path,
   *,
+  kind: str,
   caption_key: str,
   max_side: int,
   min_side: int,
@@ -224,14 +294,16 @@ def prepare_tars(
   workers: int,
   progress: bool = True,
 ) -> dict:
-  """One train shard per WebDataset tar, written in parallel; returns the summary."""
+  """One train shard per WebDataset tar or Parquet file (`kind`), written in parallel; returns
+  the summary."""
+  write = {"webdataset": write_tar_shard, "parquet": write_parquet_shard}[kind]
   (out / "train").mkdir(parents=True, exist_ok=True)
   jobs = [
-    (write_tar_shard, (tar, caption_key), str(out / "train" / _shard_name(k, len(tars))), 1)
-    for k, tar in enumerate(tars)
+    (write, (file, caption_key), str(out / "train" / _shard_name(k, len(files))), 1)
+    for k, file in enumerate(files)
   ]
   encode_args = (max_side, min_side, max_pixels, quality)
-  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="tar")
+  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="file")
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -284,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--format", choices=("sharegpt4v", "folder", "webdataset"), required=True)
+  parser.add_argument(
+    "--format", choices=("sharegpt4v", "folder", "webdataset", "parquet"), required=True
+  )
   parser.add_argument(
     "--input",
     required=True,
@@ -319,18 +393,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
   encode = dict(
     max_side=args.max_side, min_side=args.min_side, max_pixels=args.max_pixels, quality=args.quality
   )
-  if args.format == "webdataset":
+  if args.format in ("webdataset", "parquet"):
     if args.holdout:
-      parser.error(
-        "--holdout: a WebDataset's held-out split is its own shards (prepare them apart)"
-      )
+      parser.error(f"--holdout: a {args.format} held-out split is its own files (prepare apart)")
     try:
-      tars = expand(args.input)
+      files = expand(args.input)
+      if args.format == "parquet":
+        for file in files:  # a file of URLs stops here, saying what to do; a cut one is counted
+          with contextlib.suppress(OSError, ValueError):
+            try:
+              parquet_columns(file, args.caption_key or "")
+            except UnusableParquet as e:
+              parser.error(str(e))
     except FileNotFoundError as e:
       parser.error(str(e))
-    summary = prepare_tars(
-      tars,
+    summary = prepare_files(
+      files,
       pathlib.Path(args.out),
+      kind=args.format,
       caption_key=args.caption_key or "",
       workers=args.workers,
       **encode,
@@ -343,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       args.input, args.image_key, args.caption_key or config_lib.CSV_KEYS[1]
     )
     holdout = args.holdout or 0
-  if args.format != "webdataset":
+  if args.format in ("sharegpt4v", "folder"):
     summary = prepare(
       entries,
       str(args.image_root or root),
