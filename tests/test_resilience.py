@@ -128,14 +128,17 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch_two(workdir, overrides):
+def launch_two(workdir, overrides, logs=None):
+  """Two processes of 4 devices; process i logs to `<logs or the workdir's parent>/<name>.i`."""
   address = f"127.0.0.1:{free_port()}"
+  logs = logs or workdir.parent
+  name = storage.path(workdir).name
   return [
     launch(
       workdir,
       overrides,
       devices=4,
-      log=open(workdir.parent / f"{workdir.name}.{i}", "w"),
+      log=open(logs / f"{name}.{i}", "w"),
       flags=["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
     )
     for i in range(2)
@@ -199,3 +202,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   for log in logs:
     assert f"stopped by SIGTERM after step {stopped} of 1000" in log, log
   assert [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()] == [stopped]
+
+
+def test_two_processes_write_one_run_into_a_bucket_and_a_rerun_resumes(tmp_path, gcs):
+  # What a pod does: every process writes its shards of each checkpoint to gs://, process 0
+  # commits; then a rerun of the same command (here by one process) resumes from the bucket.
+  workdir = f"{gcs}/runs/two_processes"
+  run = ["total_steps=8", "log_every=1", "checkpoint_every=4"]
+  for i, p in enumerate(launch_two(workdir, ["total_steps=4", *run[1:]], logs=tmp_path)):
+    assert p.wait(timeout=600) == 0, (tmp_path / f"two_processes.{i}").read_text()
+  saved = storage.path(workdir) / "checkpoints" / "4"
+  assert (saved / "commit_success.txt").exists()
+  assert sorted(p.name for p in (saved / "state").iterdir() if p.name.startswith("ocdbt.process"))
+  out = finish(launch(workdir, run))
+  assert "resumed at step 4 of 8" in out, out
+  assert [s for s, _ in losses(workdir)] == list(range(1, 9))
