@@ -78,10 +78,10 @@ class Checkpointer:
     )
 
   def restore(
-    self, shardings: TrainState, abstract: TrainState
+    self, shardings: TrainState, abstract: TrainState, labels: tuple[str, ...] = ("",)
   ) -> tuple[TrainState | None, DataStats]:
-    """The newest restorable checkpoint's state, in `shardings`, and the data counts so far;
-    (None, empty counts) when there is no checkpoint."""
+    """The newest restorable checkpoint's state, in `shardings`, and the data counts so far
+    (per train source `labels`); (None, empty counts) when there is no checkpoint."""
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -107,7 +107,7 @@ class Checkpointer:
         continue
       self._set_aside([s for s, _ in failed])
       log.info("restored checkpoint at step %d from %s", step, self.directory)
-      return restored["state"], DataStats.from_state_dict(restored["data_stats"])
+      return restored["state"], DataStats.from_state_dict(restored["data_stats"], labels)
     if failed:  # nothing restores: more likely a config that does not match than corruption
       step, error = failed[0]
       raise CheckpointError(
@@ -115,7 +115,7 @@ class Checkpointer:
         f"restored; the newest (step {step}) failed with {type(error).__name__}: {error}. "
         "Was the run started with a different model config?"
       ) from error
-    return None, DataStats()
+    return None, DataStats(labels)
 
   def _set_aside(self, steps: list[int]) -> None:
     if not steps:

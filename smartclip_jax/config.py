@@ -170,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ""
   c.data.image_root = ""  # images are read relative to this (default: beside data.path)
   c.data.eval_path = ""  # held-out split for folder / array_record (ShareGPT4V: its first 1k)
+  # Train on a blend instead of data.name/data.path: "NAME:PATH=WEIGHT,..." (e.g.
+  # "array_record:/d/a/train=0.7,folder:/d/b.tsv=0.3"); evaluation stays on data.name's split.
+  c.data.mixture = ""
   # Fields of one source each.
   c.data.demo = ml_collections.ConfigDict(dict(num_train=4096, num_eval=256))
   # The first `holdout` records are held out of training: the ShareGPT4V-1k test set.
@@ -355,6 +358,28 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str
   return paths
 
 
+MIXABLE = ("demo", "sharegpt4v", "folder", "array_record", "tfds")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
+  """`data.mixture` as (name, path, weight) triples; "" is no mixture."""
+  parts = []
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    source, _, weight = item.rpartition("=")
+    name, _, path = source.partition(":")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    if name not in MIXABLE or not path or not value > 0:
+      raise ValueError(
+        f"data.mixture item {item!r}: write NAME:PATH=WEIGHT with NAME one of {MIXABLE} and "
+        "a positive weight"
+      )
+    parts.append((name, path, value))
+  return parts
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked without devices; `check_batch` does the mesh part."""
   unknown = sorted(_field_paths(config) - _field_paths(base_config()))
@@ -377,6 +402,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"skip_nonfinite={config.skip_nonfinite!r}: choose one of {SKIP_FORMS}")
   if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
+  try:
+    parse_mixture(config.data.mixture)
+  except ValueError as e:
+    errors.append(str(e))
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
   if config.data.train_transform not in TRAIN_TRANSFORMS:

@@ -41,7 +41,7 @@ from smartclip_jax import (
   step as step_lib,
   storage,
 )
-from smartclip_jax.data import pipeline
+from smartclip_jax.data import pipeline, sources
 from smartclip_jax.evals import report, run as evals_run, tasks
 from smartclip_jax.evals.encoder import Encoder
 from smartclip_jax.models.clip import build_model
@@ -278,7 +278,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config)
-  state, data_stats = checkpointer.restore(shardings, step_lib.abstract_state(model, tx, config))
+  state, data_stats = checkpointer.restore(
+    shardings, step_lib.abstract_state(model, tx, config), sources.train_labels(config)
+  )
   if state is None:
     state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))

@@ -90,3 +90,15 @@ def test_a_renamed_field_names_its_new_name(tmp_path):
   old["data"]["holdout"] = old["data"].pop("sharegpt4v")["holdout"] + 1
   c = config_lib.from_dict(old)
   assert (c.eval.every, c.data.sharegpt4v.holdout) == (7, config_lib.SHAREGPT4V_HOLDOUT + 1)
+
+
+@pytest.mark.parametrize(
+  "spec", ["folder:/a", "folder:/a=0", "folder:/a=x", "nothing:/a=1", "folder=1"]
+)
+def test_a_mixture_item_that_cannot_be_read_is_named(spec):
+  with pytest.raises(config_lib.ConfigError, match="data.mixture item"):
+    config_lib.load(DEMO, [f"data.mixture={spec}"])
+  assert config_lib.parse_mixture("folder:/d/a.tsv=0.7, array_record:/d/b=0.3") == [
+    ("folder", "/d/a.tsv", 0.7),
+    ("array_record", "/d/b", 0.3),
+  ]

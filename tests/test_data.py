@@ -115,3 +115,73 @@ def test_the_number_of_grain_workers_does_not_change_the_batches(demo_config):
     it = pipeline.train_iterator(demo_config, start_step=1)
     for w in want[1:]:
       np.testing.assert_array_equal(next(it)["image"], w)
+
+
+def test_interleave_gives_each_source_its_share_in_every_prefix():
+  pattern, rank, counts = pipeline.interleave([0.7, 0.3])
+  assert counts == [233, 100] and len(pattern) == 333
+  assert pipeline.interleave([5.0])[2] == [1] and pipeline.interleave([2, 2])[2] == [1, 1]
+  seen = np.zeros(2)
+  for n, (source, r) in enumerate(zip(pattern, rank), 1):
+    assert r == seen[source]
+    seen[source] += 1
+    assert np.all(np.abs(seen - n * np.array(counts) / 333) < 1)
+
+
+def caption_folder(root, prefix, n):
+  """n images with one-sentence captions `<prefix> <i>.` (a folder source)."""
+  from tests.test_sources import image_bytes
+
+  root.mkdir()
+  for i in range(n):
+    (root / f"{i}.png").write_bytes(image_bytes(fmt="PNG", seed=i))
+    (root / f"{i}.txt").write_text(f"{prefix} {i}.")
+  return root
+
+
+def test_a_mixture_blends_by_weight_resumes_anywhere_and_counts_per_source(demo_config, tmp_path):
+  a, b = caption_folder(tmp_path / "a", "Alpha", 12), caption_folder(tmp_path / "b", "Beta", 5)
+  demo_config.data.update(mixture=f"folder:{a}=3,folder:{b}=1", caption_mode="full")
+  demo_config.batch_size = 8
+  it = pipeline.train_iterator(demo_config)
+  batches = [next(it) for _ in range(6)]  # 48 positions: 36 of a (3 epochs), 12 of b
+  sources = np.concatenate([b["source"] for b in batches])
+  assert np.bincount(sources).tolist() == [36, 12]
+  for n in range(0, 48, 4):  # 3:1 in every 4 positions
+    assert np.bincount(sources[n : n + 4], minlength=2).tolist() == [3, 1]
+  alpha = [bytes(t) for b in batches for t, s in zip(b["tokens"], b["source"]) if s == 0]
+  epoch = tokenize([f"Alpha {i}." for i in range(12)], demo_config.model.text.context_length)
+  assert sorted(alpha[:12]) == sorted(map(bytes, epoch))  # each epoch of a: every record once
+  halves = [pipeline.train_iterator(demo_config, p, 2, start_step=4) for p in range(2)]
+  for want in batches[4:]:
+    got = [next(h) for h in halves]
+    for key in ("image", "tokens", "source"):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+  labels = ("mix0", "mix1")
+  stats = pipeline.DataStats(labels)
+  for batch in batches:
+    stats.update(batch)
+  metrics = stats.metrics()
+  assert (metrics["data/mix0/used"], metrics["data/mix1/used"], metrics["data/used"]) == (
+    36,
+    12,
+    48,
+  )
+  back = pipeline.DataStats.from_state_dict(stats.state_dict(), labels)
+  assert back.metrics() == metrics
+
+
+@pytest.mark.slow
+def test_a_mixture_run_keeps_its_per_source_counts_across_a_resume(demo_config, tmp_path):
+  from smartclip_jax import train
+  from tests.test_train import read_metrics
+
+  a, b = caption_folder(tmp_path / "a", "Alpha", 12), caption_folder(tmp_path / "b", "Beta", 5)
+  demo_config.data.update(mixture=f"folder:{a}=3,folder:{b}=1")
+  demo_config.update(batch_size=8, total_steps=4, log_every=1, checkpoint_every=2)
+  train.train_and_evaluate(demo_config, tmp_path / "run")
+  demo_config.total_steps = 6  # a rerun with more steps resumes at 4
+  train.train_and_evaluate(demo_config, tmp_path / "run")
+  last = read_metrics(tmp_path / "run")[-1]
+  assert last["step"] == 6
+  assert (last["data/mix0/used"], last["data/mix1/used"], last["data/used"]) == (36, 12, 48)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Callable, Iterator
 
@@ -28,10 +29,10 @@ from absl import flags
 
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
-from smartclip_jax.data.sources import make_source
+from smartclip_jax.data.sources import make_source, train_sources
 from smartclip_jax.tokenizer import tokenize
 
-HOST_FIELDS = ("skipped", "bad_example")  # batch fields that stay on the host
+HOST_FIELDS = ("skipped", "bad_example", "source")  # batch fields that stay on the host
 
 
 def featurize(
@@ -111,27 +112,49 @@ def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.par
 SUBSTITUTE_TRIES = 16  # a bad record and its replacements (each from a later epoch) tried
 
 
+def interleave(weights: list[float]) -> tuple[list[int], list[int], list[int]]:
+  """A fixed pattern that blends sources in proportion to `weights`: (source of each slot,
+  how many earlier slots of the pattern are that source's, slots per source). Weights become
+  integers (the smallest 100, then divided by their common divisor), and the slots are spread
+  evenly (smooth weighted round robin), so any window of the stream is close to the shares."""
+  counts = [max(1, round(100 * w / min(weights))) for w in weights]
+  counts = [c // math.gcd(*counts) for c in counts]
+  total, credit = sum(counts), [0] * len(counts)
+  pattern, rank, seen = [], [], [0] * len(counts)
+  for _ in range(total):
+    credit = [c + n for c, n in zip(credit, counts)]
+    source = max(range(len(counts)), key=lambda i: credit[i])
+    credit[source] -= total
+    pattern.append(source)
+    rank.append(seen[source])
+    seen[source] += 1
+  return pattern, rank, counts
+
+
 class _Slice(grain.MapDataset):
   """Example k of one process's share of the endless train stream (see the module doc).
 
-  Local example k is stream position (k // b) * B + p * b + k % b, for b = B / P examples per
-  process and step. `records` is the source shuffled per epoch and repeated, so position
-  i + j * epoch is the same slot j epochs later, which the shuffle fills with another record: a
-  bad record's replacement.
+  Local example k is stream position i = (k // b) * B + p * b + k % b, for b = B / P examples
+  per process and step. Position i is record n of source s by the `interleave` pattern (one
+  source: s = 0, n = i). Each source is shuffled per epoch and repeated, so n + j * epoch is
+  the same slot j epochs later, which the shuffle fills with another record: a bad record's
+  replacement.
   """
 
   def __init__(
     self,
-    records: grain.MapDataset,
+    sources: list[grain.MapDataset],
+    weights: list[float],
     featurize: Callable,
     seed: int,
-    epoch: int,
     batch_size: int,
     process_index: int,
     process_count: int,
   ):
-    super().__init__(records)
-    self._featurize, self._seed, self._epoch = featurize, seed, epoch
+    super().__init__([src.shuffle(seed=seed).repeat() for src in sources])
+    self._records, self._epochs = self._parents, [len(src) for src in sources]
+    self._pattern, self._rank, self._counts = interleave(weights)
+    self._featurize, self._seed = featurize, seed
     self._batch, self._local = batch_size, batch_size // process_count
     self._offset = process_index * self._local
 
@@ -143,12 +166,17 @@ class _Slice(grain.MapDataset):
       return self.slice(index)
     step, row = divmod(index, self._local)
     position = step * self._batch + self._offset + row
+    cycle, slot = divmod(position, len(self._pattern))
+    source = self._pattern[slot]
+    n = cycle * self._counts[source] + self._rank[slot]
+    # One source keeps the key it had before mixtures existed; several add theirs to it.
+    key = [self._seed] if len(self._records) == 1 else [self._seed, source]
     skipped, example = np.zeros(len(decode.REASONS), np.int32), ""
     for tries in range(SUBSTITUTE_TRIES):
-      at = position + tries * self._epoch
-      out = self._featurize(self._parent[at], np.random.default_rng([self._seed, at]))
+      at = n + tries * self._epochs[source]
+      out = self._featurize(self._records[source][at], np.random.default_rng([*key, at]))
       if "error" not in out:
-        return {**out, "skipped": skipped, "bad_example": example}
+        return {**out, "skipped": skipped, "bad_example": example, "source": np.int32(source)}
       skipped[decode.REASONS.index(out["error"])] += 1
       example = f"{out.get('id', '?')}: {out.get('detail') or out['error']}"
     raise DataError(
@@ -173,12 +201,19 @@ def train_iterator(
   count = jax.process_count() if process_count is None else process_count
   if config.batch_size % count:
     raise ValueError(f"batch_size={config.batch_size} does not split over {count} processes")
-  source = make_source(config, "train")
-  if not len(source):
-    raise DataError("the train split has no records")
-  records = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
-  featurize = _featurizer(config, train=True)
-  share = _Slice(records, featurize, config.seed, len(source), config.batch_size, index, count)
+  sources, weights, labels = train_sources(config)
+  for source, label in zip(sources, labels):
+    if not len(source):
+      raise DataError(f"the train split{f' of {label}' if label else ''} has no records")
+  share = _Slice(
+    [grain.MapDataset.source(src) for src in sources],
+    weights,
+    _featurizer(config, train=True),
+    config.seed,
+    config.batch_size,
+    index,
+    count,
+  )
   local = config.batch_size // count
   iter_ds = share[start_step * local :].to_iter_dataset()
   if config.data.num_workers > 0:
@@ -206,56 +241,77 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass
 class DataStats:
-  """Running counts of records used and skipped by reason, summed over all processes.
+  """Running counts of records used and skipped by reason, per train source (`labels`: one ""
+  without a mixture), summed over all processes.
 
-  `restored` holds the global totals a checkpoint carried, so counts survive a resume.
+  `counts[s]` is this process's [used, skipped per reason] of source s; `restored` holds the
+  global counts a checkpoint carried, so they survive a resume.
   """
 
-  used: int = 0
-  skipped: np.ndarray = dataclasses.field(
-    default_factory=lambda: np.zeros(len(decode.REASONS), np.int64)
-  )
+  labels: tuple[str, ...] = ("",)
+  counts: np.ndarray = None  # [sources, 1 + reasons], int64
   examples: list[str] = dataclasses.field(default_factory=list)
-  restored: np.ndarray = dataclasses.field(
-    default_factory=lambda: np.zeros(1 + len(decode.REASONS), np.int64)
-  )
+  restored: np.ndarray = None
+
+  def __post_init__(self):
+    shape = (len(self.labels), 1 + len(decode.REASONS))
+    self.counts = np.zeros(shape, np.int64) if self.counts is None else self.counts
+    self.restored = np.zeros(shape, np.int64) if self.restored is None else self.restored
 
   def update(self, batch: dict) -> None:
     """Counts a local batch's host fields."""
-    self.used += len(batch["skipped"])
-    self.skipped += batch["skipped"].sum(axis=0)
+    source = batch.get("source", np.zeros(len(batch["skipped"]), np.int32))
+    np.add.at(self.counts[:, 0], source, 1)
+    np.add.at(self.counts[:, 1:], source, batch["skipped"])
     self.examples += [e for e in batch["bad_example"] if e][: 5 - len(self.examples)]
 
-  def totals(self) -> tuple[int, np.ndarray]:
-    """(used, skipped per reason) over all processes; every process must call it together."""
-    local = np.concatenate([[self.used], self.skipped]).astype(np.int64)
+  def per_source(self) -> np.ndarray:
+    """[sources, used + skipped per reason] over all processes (a collective: every process
+    calls it together)."""
+    local = self.counts
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       local = multihost_utils.process_allgather(local).sum(axis=0)
-    total = local + self.restored
+    return local + self.restored
+
+  def totals(self) -> tuple[int, np.ndarray]:
+    """(used, skipped per reason) over all processes and sources (a collective)."""
+    total = self.per_source().sum(axis=0)
     return int(total[0]), total[1:]
 
   def state_dict(self) -> dict:
-    """Global totals, for a checkpoint (a collective, like `totals`)."""
-    used, skipped = self.totals()
-    return {"used": used, "skipped": dict(zip(decode.REASONS, map(int, skipped)))}
+    """Global totals, and per source with a mixture, for a checkpoint (a collective)."""
+    counts = self.per_source()
+    as_dict = lambda c: {"used": int(c[0]), "skipped": dict(zip(decode.REASONS, map(int, c[1:])))}
+    state = as_dict(counts.sum(axis=0))
+    if len(self.labels) > 1:
+      state["sources"] = {label: as_dict(c) for label, c in zip(self.labels, counts)}
+    return state
 
   @classmethod
-  def from_state_dict(cls, state: dict | None) -> DataStats:
-    stats = cls()
-    if state:
-      stats.restored = np.array(
-        [state["used"], *(state["skipped"].get(r, 0) for r in decode.REASONS)], np.int64
-      )
+  def from_state_dict(cls, state: dict | None, labels: tuple[str, ...] = ("",)) -> DataStats:
+    stats = cls(tuple(labels))
+    as_row = lambda d: [d["used"], *(d["skipped"].get(r, 0) for r in decode.REASONS)]
+    if state and len(labels) == 1:
+      stats.restored[0] = as_row(state)
+    elif state:
+      saved = state.get("sources", {})
+      for s, label in enumerate(labels):
+        if label in saved:
+          stats.restored[s] = as_row(saved[label])
     return stats
 
   def metrics(self) -> dict[str, float]:
-    used, skipped = self.totals()
+    counts = self.per_source()
+    used, skipped = int(counts[:, 0].sum()), counts[:, 1:].sum(axis=0)
     seen = used + skipped.sum()
     out = {f"data/skipped_{r}": float(n) for r, n in zip(decode.REASONS, skipped)}
     out["data/skipped_fraction"] = float(skipped.sum() / seen) if seen else 0.0
     out["data/used"] = float(used)
+    if len(self.labels) > 1:
+      for label, c in zip(self.labels, counts):
+        out[f"data/{label}/used"], out[f"data/{label}/skipped"] = float(c[0]), float(c[1:].sum())
     return out
 
   def check(self, max_fraction: float, min_seen: int = 1000) -> None:

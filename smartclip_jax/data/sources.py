@@ -194,6 +194,26 @@ def unpack(data: bytes) -> dict:
   return msgpack.unpackb(data, raw=False)
 
 
+def train_sources(config: ml_collections.ConfigDict) -> tuple[list, list[float], list[str]]:
+  """The train split's sources, their weights and labels: `data.mixture`'s components
+  (labelled mix0, mix1, ...), or the one source `data.name` names (weight 1, label "")."""
+  mixture = config_lib.parse_mixture(config.data.mixture)
+  if not mixture:
+    return [make_source(config, "train")], [1.0], list(train_labels(config))
+  found = []
+  for name, path, _ in mixture:
+    part = config.copy_and_resolve_references()
+    part.data.update(name=name, path=path)
+    found.append(make_source(part, "train"))
+  return found, [w for _, _, w in mixture], list(train_labels(config))
+
+
+def train_labels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The train sources' labels in metrics and checkpoints: mix0, mix1, ... or ("",)."""
+  count = len(config_lib.parse_mixture(config.data.mixture))
+  return tuple(f"mix{i}" for i in range(count)) or ("",)
+
+
 def make_source(config: ml_collections.ConfigDict, split: str):
   """The source `config.data` names, for `split` (`train` or `eval`)."""
   d = config.data
