@@ -1,9 +1,12 @@
 """A local Google Cloud Storage for tests: gcp-storage-emulator (requirements-dev.txt) on
 127.0.0.1, with the variables that point gcsfs, google-cloud-storage and TensorStore at it.
 
-Run as a script, it is that emulator with one header added: GCS sends an object's generation
-as `x-goog-generation` with its bytes, and TensorStore (Orbax's array writer, which makes
-conditional writes by generation) refuses a download without it.
+Run as a script, it is that emulator with two changes. One header is added: GCS sends an
+object's generation as `x-goog-generation` with its bytes, and TensorStore (Orbax's array
+writer, which makes conditional writes by generation) refuses a download without it. And the
+emulator's metadata of every object ever written is no longer dumped to one JSON file after
+each write: that made every write cost more than the one before, until a session's later runs
+stalled on a one-threaded server (the metadata lives in memory, which is all tests need).
 
   python tests/gcs_emulator.py DATA_DIR PORT BUCKET
 """
@@ -33,8 +36,11 @@ def free_port() -> int:
 
 def endpoint_env(url: str) -> dict[str, str]:
   """What the GCS clients read: gcsfs and google-cloud-storage STORAGE_EMULATOR_HOST,
-  TensorStore its own URL and a token it sends as is (the emulator checks none)."""
+  TensorStore its own URL and a token it sends as is (the emulator checks none). gcsfs is kept
+  to its plain file system: its default one asks Google's control-plane API (which no emulator
+  serves) for the bucket's layout before every operation, and logs a warning each time."""
   return {
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     "STORAGE_EMULATOR_HOST": url,
     "TENSORSTORE_GCS_HTTP_URL": url,
     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
@@ -91,6 +97,9 @@ def serve(data_dir: str, port: int, bucket: str) -> None:
 
   objects.download = download_with_generation  # before `server` binds its handler table
   from gcp_storage_emulator.server import create_server
+  from gcp_storage_emulator.storage import Storage
+
+  Storage._write_config_to_file = lambda self: None
 
   logging.disable(logging.WARNING)
   create_server("127.0.0.1", port, default_bucket=bucket, data_dir=data_dir).run()

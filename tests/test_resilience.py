@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def launch(workdir, overrides, devices=8, flags=(), log=None):
-  """`python -m smartclip_jax.train` on the TINY demo."""
+  """`python -m smartclip_jax.train` on the TINY demo, its output to `log` (a temporary file if
+  none; a pipe that nobody reads while the run goes on fills up and stalls it)."""
+  log = log or tempfile.NamedTemporaryFile("w", suffix=".log")  # noqa: SIM115  lives with proc
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
@@ -37,26 +40,32 @@ def launch(workdir, overrides, devices=8, flags=(), log=None):
     *flags,
     *(f"--config.{o}" for o in TINY + overrides),
   ]
-  return subprocess.Popen(
-    cmd, env=env, cwd=REPO, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  return proc
+
+
+def output(proc) -> str:
+  return open(proc.log.name).read()
 
 
 def wait_for_step(proc, workdir, step, timeout=300):
-  """Blocks until metrics.jsonl has logged `step` (the run is then past it)."""
-  deadline = time.time() + timeout
+  """Blocks until metrics.jsonl has logged `step` (the run is then past it). A bucket is asked
+  less often: its emulator serves one request at a time, the run's writes included."""
+  deadline, pause = time.time() + timeout, 0.5 if storage.is_remote(workdir) else 0.05
   while time.time() < deadline:
     path = storage.path(workdir) / "metrics.jsonl"
     if path.exists() and any(m["step"] >= step for m in read_metrics(workdir)):
       return
     if proc.poll() is not None:
-      raise AssertionError(f"run ended early:\n{proc.stdout.read() if proc.stdout else ''}")
-    time.sleep(0.05)
+      raise AssertionError(f"run ended early:\n{output(proc)}")
+    time.sleep(pause)
   raise TimeoutError(f"step {step} not reached")
 
 
 def finish(proc, timeout=600):
-  out, _ = proc.communicate(timeout=timeout)
+  proc.wait(timeout=timeout)
+  out = output(proc)
   assert proc.returncode == 0, out
   return out
 
