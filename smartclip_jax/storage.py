@@ -122,7 +122,9 @@ def _reason(error: Exception) -> str:
     hint += "give its service account access to the bucket)"
   elif "403" in low or "forbidden" in low or "permission" in low or "read-only" in low:
     hint = "permission denied (the account needs roles/storage.objectAdmin on the bucket)"
-  elif "nosuchbucket" in low or "bucket does not exist" in low or "404" in low:
+  elif isinstance(error, FileNotFoundError) or any(
+    word in low for word in ("nosuchbucket", "bucket does not exist", "404")
+  ):  # gcsfs's plain file system says 404 as FileNotFoundError, naming only the URL
     hint = "the bucket does not exist (create it with `gcloud storage buckets create`)"
   elif "connect" in low or "timeout" in low or "resolve" in low:
     hint = "the storage endpoint cannot be reached"
