@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def launch(workdir, overrides, devices=8, flags=(), log=None):
 
 
 def output(proc) -> str:
-  return open(proc.log.name).read()
+  return Path(proc.log.name).read_text()
 
 
 def wait_for_step(proc, workdir, step, timeout=300):
