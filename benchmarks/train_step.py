@@ -11,25 +11,33 @@ configured to the same sizes (QuickGELU, the context length given), `return_loss
 MFU divides them by the step time and by the peak of a large jitted fp32 matmul measured in the
 same run. The steps of one batch size are timed in turns, so load from elsewhere falls on all
 of them alike, and each keeps its best time (the least disturbed); `clip_again`, a second copy
-of the CLIP step, shows what difference noise alone makes. The last line is one JSON object.
+of the CLIP step, shows what difference noise alone makes; `minimal` is the same towers' math
+with nothing of the trainer around it (see `minimal`). The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import pathlib
+import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from smartclip_jax import (
-  config as config_lib,  # noqa: E402
+from smartclip_jax import (  # noqa: E402
+  config as config_lib,
+  flops as flops_lib,
+  losses,
   optim,
   sharding,
   step as step_lib,
@@ -54,15 +62,6 @@ def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[
     for name, fn in runs.items():
       times[name].append(seconds(fn))
   return {name: min(t) for name, t in times.items()}
-
-
-def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
-  """FLOP/s of an n x n x n float32 matmul, the best this machine does on dense math."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  return (
-    2 * n**3 / interleaved_best({"matmul": lambda: f(a).block_until_ready()}, repeats)["matmul"]
-  )
 
 
 def make_config(arch: str, loss: str, batch: int, context: int, dtype: str):
@@ -99,7 +98,7 @@ def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
   jitted = step_lib.jit_train_step(model, tx, c, mesh, shardings)
   with sharding.activate(mesh):
     compiled = jitted.lower(state, batch).compile()
-  flops = compiled.cost_analysis()["flops"]
+  flops = flops_lib.compiled_flops(compiled)
   holder = {"state": state}
 
   def run():
@@ -109,8 +108,44 @@ def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
   return run, flops
 
 
-def torch_step(c, caption_tokens: int, threads: int) -> Callable[[], None]:
-  """transformers' CLIPModel of the same sizes: loss, backward, AdamW (fp32 or bf16 autocast)."""
+def minimal(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
+  """The same towers' math and nothing else: `model.apply`, a plain symmetric cross-entropy,
+  `optax.adamw`, one jit with the state donated. No mesh, schedules, parameter groups,
+  non-finite skip or metrics: the gap to `ours` is what all of those cost."""
+  model, data = build_model(c), inputs(c, caption_tokens)
+  batch = {k: jnp.asarray(v) for k, v in data.items()}
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1]))
+  tx = optax.adamw(1e-6, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=0.01)
+
+  def loss(params):
+    out = model.apply(params, batch["image"], batch["tokens"])
+    img, txt = losses.l2_normalize(out["img_emb"]), losses.l2_normalize(out["txt_emb"])
+    logits = jnp.exp(out["logit_scale"]) * img @ txt.T
+    diag = jnp.diagonal(logits)
+    rows, cols = jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0)
+    return (jnp.mean(rows - diag) + jnp.mean(cols - diag)) / 2
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  holder = {"state": (params, tx.init(params))}
+  flops = flops_lib.compiled_flops(step.lower(*holder["state"]).compile())
+
+  def run():
+    *holder["state"], value = step(*holder["state"])
+    value.block_until_ready()
+
+  return run, flops
+
+
+def torch_step(
+  c, caption_tokens: int, threads: int, device: str = "cpu", compile: bool = False
+) -> Callable[[], None]:
+  """transformers' CLIPModel of the same sizes: loss, backward, AdamW (fp32 or bf16 autocast),
+  on `device`, its forward and loss under `torch.compile` if `compile`."""
   import torch
   import transformers
 
@@ -138,21 +173,27 @@ def torch_step(c, caption_tokens: int, threads: int) -> Callable[[], None]:
     ),
     projection_dim=m.embed_dim,
   )
-  model = transformers.CLIPModel(config).train()
+  model = transformers.CLIPModel(config).train().to(device)
   opt = torch.optim.AdamW(
     model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01
   )
   data = inputs(c, caption_tokens)
-  pixels = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous()
-  tokens = torch.from_numpy(data["tokens"]).long()
+  pixels = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+  tokens = torch.from_numpy(data["tokens"]).long().to(device)
   bf16 = c.model.dtype == "bfloat16"
 
+  def loss_of(tokens, pixels):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      return model(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
+
+  forward = torch.compile(loss_of) if compile else loss_of
+
   def run():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      loss = model(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
-    loss.backward()
+    forward(tokens, pixels).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if device != "cpu":
+      torch.cuda.synchronize()
 
   return run
 
@@ -180,8 +221,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   args = parser.parse_args()
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
 
-  peak = matmul_peak()
+  peak = flops_lib.measured_peak("float32", n=4096, repeats=5)
   threads = os.cpu_count() or 1
   print(
     f"{jax.devices()[0].device_kind}, {threads} cores: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
@@ -200,6 +243,7 @@ def main() -> None:
     runs, flops = {}, {}
     for name, c in configs.items():
       runs[name], flops[name] = ours(c, args.caption_tokens)
+    runs["minimal"], flops["minimal"] = minimal(configs["clip"], args.caption_tokens)
     if args.torch:
       runs["torch_clip"] = torch_step(configs["clip"], args.caption_tokens, threads)
       flops["torch_clip"] = flops["clip"]  # the same model's work
@@ -233,6 +277,8 @@ def main() -> None:
     if "clip_trim" in found:
       trim = found["clip_trim"]["speedup_vs_clip"] = times["clip"] / times["clip_trim"]
       line += f"; padding cut: {trim:.2f}x"
+    lean = found["clip"]["vs_minimal"] = times["clip"] / times["minimal"] - 1
+    line += f"; our CLIP step {lean:+.1%} vs the minimal step"
     print(line, flush=True)
   print(
     json.dumps(

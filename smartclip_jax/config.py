@@ -19,6 +19,7 @@ import ml_collections
 from flax import traverse_util
 
 from smartclip_jax import storage
+from smartclip_jax.models.layers import ATTENTIONS
 from smartclip_jax.models.text import KEEP_POSITIONS
 
 LOSSES = ("smartclip", "clip", "siglip")
@@ -137,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
   c.model.remat = "none"  # none | full | dots: what each tower block keeps for the backward pass
   c.model.scan_layers = False  # tower blocks under nn.scan: compile time flat in depth
+  # The attention core (models.layers.Attention): auto | dot_product | einsum. auto is
+  # jax.nn.dot_product_attention on TPU/GPU and plain einsums on CPU; same numerics.
+  c.model.attention = "auto"
   c.model.vision = ml_collections.ConfigDict(arch["vision"])
   c.model.text = ml_collections.ConfigDict(
     dict(context_length=248, vocab_size=49408, **arch["text"])
@@ -414,6 +418,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if config.optim.decay not in DECAYS:
     errors.append(f"optim.decay={config.optim.decay!r}: choose one of {DECAYS}")
+  if m.attention not in ATTENTIONS:
+    errors.append(f"model.attention={m.attention!r}: choose one of {ATTENTIONS}")
   if m.remat not in REMATS:
     errors.append(f"model.remat={m.remat!r}: choose one of {REMATS}")
   if m.activation not in ("quick_gelu", "gelu"):

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from smartclip_jax import losses, optim, sharding
+from smartclip_jax import flops as flops_lib, losses, optim, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -259,18 +259,32 @@ def jit_train_step(
   )
 
 
+class CompiledStep:
+  """The train step (state, batch) -> (state, metrics), compiled once per batch shape (a cut
+  of text padding changes the shape), with XLA's FLOPs per device of the last shape it ran
+  (`flops`), for the throughput the trainer logs (flops.py)."""
+
+  def __init__(self, jitted: Any, mesh: Mesh):
+    self._jitted, self._mesh = jitted, mesh
+    self._compiled: dict[Any, tuple[jax.stages.Compiled, float]] = {}
+    self.flops = 0.0
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
+    if shape not in self._compiled:
+      with sharding.activate(self._mesh):
+        compiled = self._jitted.lower(state, batch).compile()
+      self._compiled[shape] = compiled, flops_lib.compiled_flops(compiled)
+    compiled, self.flops = self._compiled[shape]
+    return compiled(state, batch)
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
   config: ml_collections.ConfigDict,
   mesh: Mesh,
   shardings: TrainState,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The train step as a plain function of (state, batch) -> (state, metrics)."""
-  jitted = jit_train_step(model, tx, config, mesh, shardings)
-
-  def step(state: TrainState, batch: Batch):
-    with sharding.activate(mesh):
-      return jitted(state, batch)
-
-  return step
+) -> CompiledStep:
+  """The train step as a callable of (state, batch) -> (state, metrics)."""
+  return CompiledStep(jit_train_step(model, tx, config, mesh, shardings), mesh)

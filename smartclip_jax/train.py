@@ -33,6 +33,7 @@ from smartclip_jax import (
   checkpoint,
   config as config_lib,
   distributed,
+  flops as flops_lib,
   init_from,
   losses,
   optim,
@@ -107,6 +108,8 @@ class Run:
   writer: MetricWriter
   start: int  # the step this process started (or resumed) from
   clock: tuple[float, int]  # (time, step) of the last throughput figure
+  peak_flops: float  # one device's peak FLOP/s (flops.py), for MFU
+  flops: float = 0.0  # FLOPs per device run since the clock
 
 
 class Profile:
@@ -155,7 +158,7 @@ def maybe_log(
     write_metrics(run, step, metrics, data_stats)
   if step == run.start + 1:  # later throughput figures leave compilation out
     jax.block_until_ready(metrics)
-    run.clock = (time.perf_counter(), step)
+    run.clock, run.flops = (time.perf_counter(), step), 0.0
 
 
 def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats) -> None:
@@ -164,18 +167,23 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
   data_stats.check(config.data.max_bad_fraction)
   maybe_abort_nonfinite(run, step, metrics)
   now, (last_time, last_step) = time.perf_counter(), run.clock
-  metrics["images_per_sec"] = config.batch_size * (step - last_step) / (now - last_time)
-  run.clock = (now, step)
+  seconds = now - last_time
+  metrics["images_per_sec"] = config.batch_size * (step - last_step) / seconds
+  metrics["tflops_per_device"] = run.flops / seconds / 1e12
+  metrics["mfu"] = run.flops / seconds / run.peak_flops
+  run.clock, run.flops = (now, step), 0.0
   run.writer.write(step, metrics)
   density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
   log.info(
-    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s",
+    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%%",
     step,
     config.total_steps,
     metrics["loss"],
     metrics["lr"],
     density,
     metrics["images_per_sec"],
+    metrics["tflops_per_device"],
+    100 * metrics["mfu"],
   )
 
 
@@ -303,6 +311,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
     MetricWriter(workdir),
     start,
     (time.perf_counter(), start),
+    flops_lib.mesh_peak(mesh, config.model.dtype),
   )
   run.writer.truncate_after(start)  # a resumed run rewrites the steps after its checkpoint
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
@@ -330,6 +339,7 @@ def train_and_evaluate(
       state, metrics = train_step(
         state, global_batch(batch, run.mesh, text_length(batch["tokens"], config))
       )
+      run.flops += train_step.flops
       profile.maybe_stop(step, state)
       stopping = stop.reached(step)
       maybe_log(run, step, metrics, data_stats, force=stopping)

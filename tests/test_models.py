@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from smartclip_jax import config as config_lib, losses
+from smartclip_jax.models import layers
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.mask import MaskNetwork, straight_through_hard
 from smartclip_jax.models.text import TextTransformer, stretch_positions
@@ -133,21 +134,48 @@ def _loss_and_grads(config, params, batch):
   return jax.device_get(jax.jit(fn)(params))
 
 
-@pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow)])
-def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
+def _same_loss_and_gradients(config, field: str, reference, value):
+  """Loss and gradients on a demo batch with config.model.<field> = value match `reference`."""
   from smartclip_jax.data import pipeline
 
-  batch = next(pipeline.train_iterator(demo_config))
-  model = build_model(demo_config)
+  batch = next(pipeline.train_iterator(config))
+  config.model[field] = reference
+  model = build_model(config)
   params = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
-  ref = _loss_and_grads(demo_config, params, batch)
-  demo_config.model.remat = remat
-  got = _loss_and_grads(demo_config, params, batch)
+  ref = _loss_and_grads(config, params, batch)
+  config.model[field] = value
+  got = _loss_and_grads(config, params, batch)
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(ref[1])):
-    np.testing.assert_allclose(
-      g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path)
-    )
+    # The floor: the pooling bias's gradient is zero in exact arithmetic (a softmax ignores a
+    # shift shared by all its inputs), so both sides are rounding noise of ~1e-6.
+    atol = max(1e-6 * np.abs(r).max(), 1e-5)
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow)])
+def test_remat_gives_the_same_loss_and_gradients(demo_config, remat):
+  _same_loss_and_gradients(demo_config, "remat", "none", remat)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "auto"])
+def test_attention_forms_give_the_same_loss_and_gradients(demo_config, attention):
+  """The heads-first einsum core (and `auto`, which picks it on CPU) against
+  jax.nn.dot_product_attention: both towers, the causal text tower and the mask net's block."""
+  _same_loss_and_gradients(demo_config, "attention", "dot_product", attention)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_attention_matches_the_definition(causal):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 3, 7, 4)).astype(np.float32) for _ in range(3))
+  scores = q @ k.transpose(0, 1, 3, 2) / 2.0  # head_dim 4
+  if causal:
+    scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  want = (weights / weights.sum(-1, keepdims=True)) @ v
+  got = layers.softmax_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

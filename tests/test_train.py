@@ -33,8 +33,9 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
   config, workdir, results = fifty_step_run
   logged = read_metrics(workdir)
   assert [m["step"] for m in logged] == list(range(1, 51))
-  for key in ("loss", "lr", "mask_density", "images_per_sec"):
+  for key in ("loss", "lr", "mask_density", "images_per_sec", "tflops_per_device", "mfu"):
     assert all(np.isfinite(m[key]) for m in logged), key
+  assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in logged[1:])
   first = np.mean([m["loss"] for m in logged[:10]])
   last = np.mean([m["loss"] for m in logged[-10:]])
   assert last < 0.8 * first, (first, last)

@@ -31,9 +31,15 @@ class TwoTowers(nn.Module):
   init_logit_scale: float = math.log(1 / 0.07)
   init_logit_bias: float | None = None
   dtype: Dtype = jnp.float32
+  attention: str = "auto"  # layers.ATTENTIONS
 
   def setup(self):
-    common = dict(embed_dim=self.embed_dim, activation=self.activation, dtype=self.dtype)
+    common = dict(
+      embed_dim=self.embed_dim,
+      activation=self.activation,
+      dtype=self.dtype,
+      attention=self.attention,
+    )
     self.visual = VisionTransformer(**self.vision, **common)
     self.text_tower = TextTransformer(**self.text, **common, name="text")
     if self.use_mask_net:
@@ -90,4 +96,5 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
     init_logit_scale=m.logit_scale_init,
     init_logit_bias=m.logit_bias_init,
     dtype=jnp.dtype(m.dtype),
+    attention=m.attention,
   )

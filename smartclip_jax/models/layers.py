@@ -59,16 +59,36 @@ def residual_std(width: int, depth: int) -> float:
   return width**-0.5 * (2 * depth) ** -0.5
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+  """Scaled dot-product attention on heads-first [batch, heads, length, head_dim] arrays, as
+  plain batched matmuls and a softmax: on CPU XLA runs these with no transposes between them."""
+  scores = jnp.einsum("bhqk,bhsk->bhqs", q * q.shape[-1] ** -0.5, k)
+  if causal:
+    length = scores.shape[-1]
+    visible = jnp.tril(jnp.ones((length, length), bool))
+    scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+  return jnp.einsum("bhqs,bhsk->bhqk", jax.nn.softmax(scores, axis=-1), v)
+
+
+ATTENTIONS = ("auto", "dot_product", "einsum")  # config.model.attention
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused q/k/v projection (CLIP's `in_proj_weight`).
 
   `depth` is the number of blocks in the stack, for OpenAI's scaled `out_proj` initialisation.
+  `attention` picks the core: `dot_product` is `jax.nn.dot_product_attention` on [B, L, H, K]
+  (cuDNN's fused kernel on GPUs, XLA's best form on TPUs); `einsum` is `softmax_attention` on
+  heads-first arrays, which XLA:CPU runs faster; `auto` lowers `einsum` for CPUs and
+  `dot_product` for everything else (`lax.platform_dependent`, so an ahead-of-time compile for
+  a TPU on a CPU host gets the TPU form). Same parameters and numerics either way.
   """
 
   heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
   depth: int = 1
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,9 +112,20 @@ class Attention(nn.Module):
     )
     b_out = self.param("out_proj_bias", param_init(zeros, ("embed",)), (width,))
     x, w_in, b_in, w_out, b_out = (a.astype(self.dtype) for a in (x, w_in, b_in, w_out, b_out))
-    qkv = jnp.einsum("bld,dthk->tblhk", x, w_in) + b_in[:, None, None]
-    out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
-    return jnp.einsum("blhk,hkd->bld", out, w_out) + b_out
+
+    def dot_product(x: jax.Array) -> jax.Array:
+      qkv = jnp.einsum("bld,dthk->tblhk", x, w_in) + b_in[:, None, None]
+      out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+      return jnp.einsum("blhk,hkd->bld", out, w_out) + b_out
+
+    def einsum(x: jax.Array) -> jax.Array:
+      qkv = jnp.einsum("bld,dthk->tbhlk", x, w_in) + b_in[:, None, :, None]
+      out = softmax_attention(qkv[0], qkv[1], qkv[2], self.causal)
+      return jnp.einsum("bhlk,hkd->bld", out, w_out) + b_out
+
+    if self.attention == "auto":
+      return jax.lax.platform_dependent(x, cpu=einsum, default=dot_product)
+    return {"dot_product": dot_product, "einsum": einsum}[self.attention](x)
 
 
 class Mlp(nn.Module):
@@ -134,11 +165,12 @@ class ResidualAttentionBlock(nn.Module):
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   depth: int = 1
+  attention: str = "auto"  # ATTENTIONS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = constrain(x)
-    x = x + Attention(self.heads, self.causal, self.dtype, self.depth, name="attn")(
+    x = x + Attention(self.heads, self.causal, self.dtype, self.depth, self.attention, name="attn")(
       layer_norm("ln_1", self.dtype)(x)
     )
     x = x + Mlp(self.activation, self.dtype, self.depth, name="mlp")(
@@ -179,13 +211,14 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     block = _ScanBlock if self.scan else ResidualAttentionBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-    args = (self.heads, self.causal, self.activation, self.dtype, self.layers)
+    args = (self.heads, self.causal, self.activation, self.dtype, self.layers, self.attention)
     if self.scan:
       stack = nn.scan(
         block,
@@ -212,6 +245,7 @@ class Tower(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # REMAT_POLICIES, or none
   scan: bool = False  # blocks under nn.scan
+  attention: str = "auto"  # ATTENTIONS
 
   def transformer(self, causal: bool) -> Transformer:
     return Transformer(
@@ -222,5 +256,6 @@ class Tower(nn.Module):
       dtype=self.dtype,
       remat=self.remat,
       scan=self.scan,
+      attention=self.attention,
       name="transformer",
     )

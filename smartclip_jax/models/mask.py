@@ -40,12 +40,18 @@ class MaskNetwork(nn.Module):
   hard: bool = True
   activation: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  attention: str = "auto"  # layers.ATTENTIONS
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = jax.lax.stop_gradient(tokens)
     x = ResidualAttentionBlock(
-      self.heads, causal=False, activation=self.activation, dtype=self.dtype, name="resblocks_0"
+      self.heads,
+      causal=False,
+      activation=self.activation,
+      dtype=self.dtype,
+      attention=self.attention,
+      name="resblocks_0",
     )(x)
     width = x.shape[-1]
     scores = nn.Dense(

@@ -1,0 +1,78 @@
+"""Throughput as MaxText reports it: TFLOP/s per device and MFU against the device's peak.
+
+FLOPs are XLA's cost analysis of the compiled (SPMD-partitioned) step, so they are per device
+and count what the program does, mask network and rematerialisation included. The peak is the
+chip's dense bf16 matrix rate from its data sheet (the rate MaxText divides by, whatever the
+model's dtype) or, on a CPU, a large jitted matmul measured once in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 FLOP/s per JAX device, by a substring of `device_kind`, most specific first.
+# TPU v2 and v3 expose each of a chip's two cores as a device: half the chip's rate.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+  ("TPU v2", 22.5e12),
+  ("TPU v3", 61.5e12),
+  ("TPU v4 lite", 137.5e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),  # v5e
+  ("TPU v5", 459e12),  # v5p
+  ("TPU v6 lite", 918e12),  # v6e (Trillium)
+  ("TPU7x", 2307e12),  # Ironwood
+  ("H100 PCIe", 756e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("GH200", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L4", 121e12),
+)
+
+
+def table_peak(device_kind: str) -> float | None:
+  """The data-sheet peak of a device kind, or None if the table does not know it."""
+  for name, peak in PEAK_FLOPS:
+    if name in device_kind:
+      return peak
+  return None
+
+
+@functools.cache
+def measured_peak(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
+  """FLOP/s of the best of `repeats` jitted n x n x n matmuls in `dtype` on the default device:
+  the peak of a device with no data sheet here (a CPU). Measured once per process."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs of one call of a compiled program per device, from XLA's cost analysis (0 if the
+  backend gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def mesh_peak(mesh: jax.sharding.Mesh, dtype: str = "float32") -> float:
+  """Peak FLOP/s of one device of `mesh`. Simulated CPU devices share the host's cores, so a
+  measured host peak is split between the process's local devices."""
+  device = mesh.devices.flat[0]
+  peak = table_peak(device.device_kind)
+  if peak is not None:
+    return peak
+  return measured_peak(dtype) / max(1, len(jax.local_devices(backend=device.platform)))

@@ -1,0 +1,46 @@
+"""Throughput accounting (flops.py): XLA's FLOPs per device and the peak MFU divides by."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from smartclip_jax import flops, sharding
+
+
+@pytest.mark.parametrize(
+  "kind,peak",
+  [
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),  # v5p's device_kind
+    ("TPU v6 lite", 918e12),
+    ("TPU v4", 275e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("cpu", None),
+  ],
+)
+def test_table_peak_by_device_kind(kind, peak):
+  assert flops.table_peak(kind) == peak
+
+
+def test_compiled_flops_are_per_device():
+  """A matmul's 2·M·K·N FLOPs, split 8 ways when its rows are sharded over 8 devices."""
+  a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+  one = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert flops.compiled_flops(one) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+  mesh = sharding.data_mesh(jax.devices()[:8])
+  rows = NamedSharding(mesh, P("data"))
+  split = jax.jit(jnp.matmul, in_shardings=(rows, sharding.replicated(mesh)), out_shardings=rows)
+  eight = split.lower(a, b).compile()
+  assert flops.compiled_flops(eight) == pytest.approx(2 * 64 * 32 * 16 / 8, rel=0.01)
+
+
+def test_cpu_peak_is_measured_and_shared_by_the_local_devices():
+  mesh = sharding.data_mesh(jax.devices()[:8])
+  peak = flops.measured_peak("float32")
+  assert np.isfinite(peak) and peak > 1e8  # any CPU of this century: > 0.1 GFLOP/s
+  assert flops.mesh_peak(mesh) == peak / len(jax.local_devices())
