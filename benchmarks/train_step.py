@@ -53,14 +53,18 @@ def seconds(fn) -> float:
 
 
 def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-  """Best seconds of each callable, timed in turns (a, b, c, a, b, c, ...) after one warm-up
-  each, so that load from elsewhere on a shared machine falls on all of them alike."""
+  """Best seconds of each callable, timed in turns after one warm-up each, so that load from
+  elsewhere on a shared machine falls on all of them alike. Each round starts one further
+  along (a, b, c; b, c, a; ...): a step run right after PyTorch's was seen to pay for it
+  (15 % at batch 8), and the best of rotated rounds leaves that out."""
   for fn in runs.values():
     fn()  # compilation, allocations
-  times: dict[str, list[float]] = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, fn in runs.items():
-      times[name].append(seconds(fn))
+  names = list(runs)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for round_ in range(repeats):
+    for i in range(len(names)):
+      name = names[(round_ + i) % len(names)]
+      times[name].append(seconds(runs[name]))
   return {name: min(t) for name, t in times.items()}
 
 
@@ -198,6 +202,29 @@ def torch_step(
   return run
 
 
+ROWS = ("smartclip", "clip", "clip_again", "clip_trim", "minimal", "torch_clip")
+
+
+def ratios(found: dict[str, dict]) -> list[str]:
+  """The run's comparisons, each where both of its rows were timed (also stored in `found`)."""
+  seconds = {name: row["seconds"] for name, row in found.items()}
+  pairs = [  # (row, against, key, how it reads)
+    ("smartclip", "clip", "overhead_vs_clip", "SmartCLIP step {:+.1%} vs CLIP"),
+    ("clip_again", "clip", "vs_clip", "the same CLIP step again: {:+.1%}"),
+    ("clip", "minimal", "vs_minimal", "our CLIP step {:+.1%} vs the minimal step"),
+    ("clip_trim", "clip", "speedup_vs_clip", "padding cut: {:.2f}x"),
+    ("clip", "torch_clip", "speedup_vs_torch", "ours {:.2f}x the speed of transformers' CLIPModel"),
+  ]
+  lines = []
+  for row, against, key, text in pairs:
+    if row in seconds and against in seconds:
+      speedup = key.startswith("speedup")
+      value = seconds[against] / seconds[row] if speedup else seconds[row] / seconds[against] - 1
+      found[row][key] = value
+      lines.append(text.format(value))
+  return lines
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,6 +247,13 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument(
+    "--rows",
+    nargs="+",
+    default=list(ROWS),
+    choices=ROWS,
+    help="the steps to time (fewer hold less memory: each keeps its state between turns)",
+  )
   args = parser.parse_args()
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
@@ -234,19 +268,25 @@ def main() -> None:
   rows = []
   for batch in args.batches:
     configs = {
-      name: make_config(args.arch, name.removesuffix("_again"), batch, args.context, args.dtype)
-      for name in ("smartclip", "clip", "clip_again")
+      name: make_config(
+        args.arch, "smartclip" if name == "smartclip" else "clip", batch, args.context, args.dtype
+      )
+      for name in ROWS
     }
-    if args.caption_tokens:
-      configs["clip_trim"] = make_config(args.arch, "clip", batch, args.context, args.dtype)
-      configs["clip_trim"].model.text.trim_padding = 16
+    configs["clip_trim"].model.text.trim_padding = 16
+    wanted = [r for r in args.rows if (r != "clip_trim" or args.caption_tokens)]
+    wanted = [r for r in wanted if r != "torch_clip" or args.torch]
     runs, flops = {}, {}
-    for name, c in configs.items():
-      runs[name], flops[name] = ours(c, args.caption_tokens)
-    runs["minimal"], flops["minimal"] = minimal(configs["clip"], args.caption_tokens)
-    if args.torch:
-      runs["torch_clip"] = torch_step(configs["clip"], args.caption_tokens, threads)
-      flops["torch_clip"] = flops["clip"]  # the same model's work
+    for name in wanted:
+      if name == "minimal":
+        runs[name], flops[name] = minimal(configs[name], args.caption_tokens)
+      elif name == "torch_clip":
+        runs[name] = torch_step(configs[name], args.caption_tokens, threads)
+        flops[name] = None  # the same model as clip: its FLOPs, if clip is timed
+      else:
+        runs[name], flops[name] = ours(configs[name], args.caption_tokens)
+    if "torch_clip" in flops:
+      flops["torch_clip"] = flops.get("clip") or flops.get("minimal") or 0.0
     times = interleaved_best(runs, args.repeats)
     found = {}
     for name, t in times.items():
@@ -264,22 +304,7 @@ def main() -> None:
         f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%}",
         flush=True,
       )
-    overhead = found["smartclip"]["seconds"] / found["clip"]["seconds"] - 1
-    found["smartclip"]["overhead_vs_clip"] = overhead
-    noise = found["clip_again"]["vs_clip"] = times["clip_again"] / times["clip"] - 1
-    line = (
-      f"batch {batch}: SmartCLIP step {overhead:+.1%} vs CLIP (the same CLIP step again: "
-      f"{noise:+.1%})"
-    )
-    if "torch_clip" in found:
-      speedup = found["clip"]["speedup_vs_torch"] = times["torch_clip"] / times["clip"]
-      line += f"; ours {speedup:.2f}x the speed of transformers' CLIPModel"
-    if "clip_trim" in found:
-      trim = found["clip_trim"]["speedup_vs_clip"] = times["clip"] / times["clip_trim"]
-      line += f"; padding cut: {trim:.2f}x"
-    lean = found["clip"]["vs_minimal"] = times["clip"] / times["minimal"] - 1
-    line += f"; our CLIP step {lean:+.1%} vs the minimal step"
-    print(line, flush=True)
+    print(f"batch {batch}: " + "; ".join(ratios(found)), flush=True)
   print(
     json.dumps(
       {
