@@ -55,8 +55,8 @@ def seconds(fn) -> float:
 def interleaved_best(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
   """Best seconds of each callable, timed in turns after one warm-up each, so that load from
   elsewhere on a shared machine falls on all of them alike. Each round starts one further
-  along (a, b, c; b, c, a; ...): a step run right after PyTorch's was seen to pay for it
-  (15 % at batch 8), and the best of rotated rounds leaves that out."""
+  along (a, b, c; b, c, a; ...): a step timed right after PyTorch's seemed to pay for it
+  (benchmarks/README.md), and the best of rotated rounds leaves that out."""
   for fn in runs.values():
     fn()  # compilation, allocations
   names = list(runs)
