@@ -1,7 +1,8 @@
 """Throughput as MaxText reports it: TFLOP/s per device and MFU against the device's peak.
 
 FLOPs are XLA's cost analysis of the compiled (SPMD-partitioned) step, so they are per device
-and count what the program does, mask network and rematerialisation included. The peak is the
+and count what the program does, mask network and rematerialisation included (but a scanned
+stack, `model.scan_layers`, is counted once, so its MFU reads low). The peak is the
 chip's dense bf16 matrix rate from its data sheet (the rate MaxText divides by, whatever the
 model's dtype) or, on a CPU, a large jitted matmul measured once in the model's dtype.
 """
