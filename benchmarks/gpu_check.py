@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 
@@ -106,13 +105,7 @@ def largest_batch(args: argparse.Namespace) -> int:
 
 
 def best_seconds(run, steps: int) -> float:
-  run()  # compilation, allocations
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return bench.interleaved_best({"step": run}, steps)["step"]
 
 
 def is_out_of_memory(error: Exception) -> bool:
