@@ -27,6 +27,7 @@ import ml_collections  # noqa: E402
 
 from smartclip_jax import (
   config as config_lib,  # noqa: E402
+  flops as flops_lib,
   optim,
   sharding,
   step as step_lib,
@@ -34,8 +35,8 @@ from smartclip_jax import (
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
 GIB = 2**30
-# Per chip: HBM (GiB) and dense bf16 peak (TFLOP/s), from Cloud TPU's published specifications.
-CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918)}
+# HBM per chip (GiB), from Cloud TPU's published specifications; peaks are flops.PEAK_FLOPS.
+CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 
 
 def compile_step(config: ml_collections.ConfigDict, topology: str):
@@ -68,10 +69,9 @@ def compile_step(config: ml_collections.ConfigDict, topology: str):
 
 def report(compiled, mesh, topology: str, step_time: float | None) -> dict:
   """Per-chip memory and FLOPs of a compiled step, with the chip's HBM and peak."""
-  hbm, peak = CHIPS[topology.split(":")[0]]
+  hbm = CHIPS[topology.split(":")[0]]
+  peak = flops_lib.table_peak(mesh.devices.flat[0].device_kind) / 1e12
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   chips = mesh.devices.size
   total = (
     mem.argument_size_in_bytes
@@ -80,7 +80,7 @@ def report(compiled, mesh, topology: str, step_time: float | None) -> dict:
     + mem.temp_size_in_bytes
     + mem.generated_code_size_in_bytes
   )
-  flops_per_chip = float(cost["flops"])  # the partitioned program: one chip's share
+  flops_per_chip = flops_lib.compiled_flops(compiled)  # partitioned: one chip's share
   out = {
     "topology": topology,
     "chips": chips,
@@ -115,7 +115,7 @@ def format_report(r: dict, name: str, batch_size: int, seconds: float) -> str:
     + ("fits" if r["fits"] else "DOES NOT FIT"),
     f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_chip']:.3e} per chip, XLA "
     f"cost analysis, recomputation included)",
-    f"at {r['peak_tflops_per_chip']} TFLOP/s bf16 per chip, 50% utilisation is a "
+    f"at {r['peak_tflops_per_chip']:g} TFLOP/s bf16 per chip, 50% utilisation is a "
     f"{r['step_time_at_50pct_mfu']:.3g} s step",
   ]
   if "mfu" in r:
