@@ -2,7 +2,8 @@
 the same architecture, and MFU against this machine's measured matmul peak.
 
   python benchmarks/train_step.py [--arch vit_b16] [--batches 8 32] [--context 77]
-      [--caption-tokens 20] [--dtype float32] [--repeats 3] [--no-torch]
+      [--caption-tokens 20] [--dtype float32] [--repeats 3] [--no-torch] [--rows ...]
+      [--malloc system|tcmalloc|jemalloc]
 
 Every step is loss + backward + AdamW on one device (all host cores), fp32 unless --dtype says.
 Ours: `step.make_train_step` (the code the trainer runs). PyTorch: transformers' `CLIPModel`
@@ -10,8 +11,9 @@ configured to the same sizes (QuickGELU, the context length given), `return_loss
 `backward()`, `torch.optim.AdamW`. FLOPs per step are XLA's cost analysis of our compiled step;
 MFU divides them by the step time and by the peak of a large jitted fp32 matmul measured in the
 same run. The steps of one batch size are timed in turns, so load from elsewhere falls on all
-of them alike, and each keeps its best time (the least disturbed); `clip_again`, a second copy
-of the CLIP step, shows what difference noise alone makes; `minimal` is the same towers' math
+of them alike, and each keeps its best time (the least disturbed); `clip_again` and
+`smartclip_again`, second copies, show what difference noise alone makes and give SmartCLIP's
+overhead a second estimate; `minimal` is the same towers' math
 with nothing of the trainer around it (see `minimal`). The last line is one JSON object.
 """
 
@@ -38,6 +40,7 @@ from smartclip_jax import (  # noqa: E402
   config as config_lib,
   flops as flops_lib,
   losses,
+  malloc,
   optim,
   sharding,
   step as step_lib,
@@ -202,7 +205,7 @@ def torch_step(
   return run
 
 
-ROWS = ("smartclip", "clip", "clip_again", "clip_trim", "minimal", "torch_clip")
+ROWS = ("smartclip", "clip", "smartclip_again", "clip_again", "clip_trim", "minimal", "torch_clip")
 
 
 def ratios(found: dict[str, dict]) -> list[str]:
@@ -210,6 +213,7 @@ def ratios(found: dict[str, dict]) -> list[str]:
   seconds = {name: row["seconds"] for name, row in found.items()}
   pairs = [  # (row, against, key, how it reads)
     ("smartclip", "clip", "overhead_vs_clip", "SmartCLIP step {:+.1%} vs CLIP"),
+    ("smartclip_again", "clip_again", "overhead_vs_clip", "their second copies: {:+.1%}"),
     ("clip_again", "clip", "vs_clip", "the same CLIP step again: {:+.1%}"),
     ("clip", "minimal", "vs_minimal", "our CLIP step {:+.1%} vs the minimal step"),
     ("clip_trim", "clip", "speedup_vs_clip", "padding cut: {:.2f}x"),
@@ -254,14 +258,23 @@ def main() -> None:
     choices=ROWS,
     help="the steps to time (fewer hold less memory: each keeps its state between turns)",
   )
+  parser.add_argument(
+    "--malloc",
+    default="system",
+    choices=["system", *malloc.LIBRARIES],
+    help="the heap allocator to run under (the command starts again with it preloaded): "
+    "XLA:CPU's per-step temporaries cost page faults under glibc's",
+  )
   args = parser.parse_args()
+  malloc.use(args.malloc)
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
 
   peak = flops_lib.measured_peak("float32", n=4096, repeats=5)
   threads = os.cpu_count() or 1
   print(
-    f"{jax.devices()[0].device_kind}, {threads} cores: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
+    f"{jax.devices()[0].device_kind}, {threads} cores, {malloc.loaded()} malloc: "
+    f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
     flush=True,
   )
   print(f"{'step':>16} {'batch':>6} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'MFU':>6}")
@@ -269,7 +282,11 @@ def main() -> None:
   for batch in args.batches:
     configs = {
       name: make_config(
-        args.arch, "smartclip" if name == "smartclip" else "clip", batch, args.context, args.dtype
+        args.arch,
+        "smartclip" if name.startswith("smartclip") else "clip",
+        batch,
+        args.context,
+        args.dtype,
       )
       for name in ROWS
     }
@@ -311,6 +328,7 @@ def main() -> None:
         "arch": args.arch,
         "context": args.context,
         "dtype": args.dtype,
+        "malloc": malloc.loaded(),
         "caption_tokens": args.caption_tokens,
         "peak_flops": peak,
         "threads": threads,

@@ -36,6 +36,7 @@ from smartclip_jax import (
   flops as flops_lib,
   init_from,
   losses,
+  malloc,
   optim,
   preemption,
   sharding,
@@ -283,6 +284,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
     jax.devices()[0].platform,
     jax.process_count(),
   )
+  if jax.devices()[0].platform == "cpu" and (line := malloc.hint()):
+    log.info(line)
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config)

@@ -1,6 +1,7 @@
 """The train loop end to end: it learns, checkpoints round-trip, and a rerun resumes."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -8,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smartclip_jax import config as config_lib, optim, sharding, step as step_lib, storage, train
+from smartclip_jax import (
+  config as config_lib,
+  malloc,
+  optim,
+  sharding,
+  step as step_lib,
+  storage,
+  train,
+)
 from smartclip_jax.checkpoint import Checkpointer
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
@@ -139,3 +148,12 @@ def test_run_stops_after_too_many_nonfinite_steps(demo_config, tmp_path, monkeyp
   demo_config.update(log_every=1, max_nonfinite_steps=3)
   with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row by step 3"):
     train.train_and_evaluate(demo_config, tmp_path)
+
+
+def test_a_cpu_run_under_glibc_malloc_logs_what_to_preload(
+  demo_config, tmp_path, monkeypatch, caplog
+):
+  monkeypatch.setattr(malloc, "hint", lambda: "preload an allocator that keeps memory")
+  with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+    train.setup(demo_config, tmp_path)
+  assert "preload an allocator that keeps memory" in caplog.text

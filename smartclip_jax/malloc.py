@@ -1,0 +1,84 @@
+"""The process's heap allocator, which decides a CPU step's speed more than any XLA flag.
+
+XLA:CPU allocates a step's temporaries (gigabytes for a ViT-B/16 step) afresh each step. glibc's
+malloc serves blocks that large with mmap and returns them with munmap, so every step faults all
+of them in again page by page. Its tunables cannot keep them: mmap_threshold stops at 32 MiB,
+and the arena of the worker thread that runs the step maps such a block whatever mmap_max says.
+tcmalloc and jemalloc keep freed memory for the next step. A library replaces malloc only when
+loaded before everything else (LD_PRELOAD), so `use` starts the program again with it preloaded.
+benchmarks/README.md has the measurements. GPU and TPU steps keep their temporaries in device
+memory and gain nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+# Library file names by allocator, and the package that installs them.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+  "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+  "jemalloc": ("libjemalloc.so.2",),
+}
+PACKAGES = {
+  "tcmalloc": "libtcmalloc-minimal4 (apt) or gperftools",
+  "jemalloc": "libjemalloc2 (apt)",
+}
+_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
+_GUARD = "SMARTCLIP_MALLOC_RESTARTED"
+
+
+def loaded() -> str:
+  """The allocator mapped into this process: a key of LIBRARIES, or "system" (glibc's)."""
+  try:
+    maps = pathlib.Path("/proc/self/maps").read_text()
+  except OSError:
+    return "system"
+  for name, files in LIBRARIES.items():
+    if any(f"/{f}" in maps for f in files):
+      return name
+  return "system"
+
+
+def find(name: str) -> str | None:
+  """The path of allocator `name`'s library in the usual library folders, or None."""
+  for folder in _DIRS:
+    for file in LIBRARIES[name]:
+      path = pathlib.Path(folder, file)
+      if path.exists():
+        return str(path)
+  return None
+
+
+def use(name: str) -> None:
+  """Makes `name` ("system", "tcmalloc", "jemalloc") this process's allocator: returns at once
+  if it already is (or for "system"), else starts this same command again with the library
+  preloaded. Fails with the package to install if the library is missing."""
+  if name == "system" or loaded() == name:
+    return
+  if name not in LIBRARIES:
+    raise ValueError(f"allocator {name!r}: choose system, {', '.join(LIBRARIES)}")
+  path = find(name)
+  if path is None:
+    raise SystemExit(f"allocator {name} not found in {', '.join(_DIRS)}: install {PACKAGES[name]}")
+  if os.environ.get(_GUARD):
+    raise SystemExit(f"allocator {name}: preloading {path} did not load it (see ld.so's message)")
+  preload = " ".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
+  os.environ.update(LD_PRELOAD=preload, **{_GUARD: "1"})
+  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def hint() -> str | None:
+  """One line for a CPU run on glibc's allocator: what to preload, or None if another runs."""
+  if loaded() != "system":
+    return None
+  found = {name: find(name) for name in LIBRARIES}
+  how = next(
+    (f"LD_PRELOAD={path}" for path in found.values() if path),
+    f"install {PACKAGES['tcmalloc']} and preload it",
+  )
+  return (
+    "CPU steps on glibc's malloc fault their temporaries in afresh every step; "
+    f"{how} makes large steps faster (smartclip_jax/malloc.py)"
+  )
