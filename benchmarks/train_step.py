@@ -299,10 +299,9 @@ def main() -> None:
         runs[name], flops[name] = minimal(configs[name], args.caption_tokens)
       elif name == "torch_clip":
         runs[name] = torch_step(configs[name], args.caption_tokens, threads)
-        flops[name] = None  # the same model as clip: its FLOPs, if clip is timed
       else:
         runs[name], flops[name] = ours(configs[name], args.caption_tokens)
-    if "torch_clip" in flops:
+    if "torch_clip" in runs:  # the same model as clip: its FLOPs, if clip or minimal ran
       flops["torch_clip"] = flops.get("clip") or flops.get("minimal") or 0.0
     times = interleaved_best(runs, args.repeats)
     found = {}

@@ -73,11 +73,8 @@ def hint() -> str | None:
   """One line for a CPU run on glibc's allocator: what to preload, or None if another runs."""
   if loaded() != "system":
     return None
-  found = {name: find(name) for name in LIBRARIES}
-  how = next(
-    (f"LD_PRELOAD={path}" for path in found.values() if path),
-    f"install {PACKAGES['tcmalloc']} and preload it",
-  )
+  path = next(filter(None, map(find, LIBRARIES)), None)
+  how = f"LD_PRELOAD={path}" if path else f"install {PACKAGES['tcmalloc']} and preload it"
   return (
     "CPU steps on glibc's malloc fault their temporaries in afresh every step; "
     f"{how} makes large steps faster (smartclip_jax/malloc.py)"
