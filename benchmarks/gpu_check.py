@@ -30,6 +30,7 @@ import train_step as bench  # noqa: E402
 
 from smartclip_jax import (  # noqa: E402
   flops as flops_lib,
+  memory,
   optim,
   sharding,
   step as step_lib,
@@ -77,10 +78,7 @@ def step_bytes(c) -> int:
   )
   with sharding.activate(mesh):
     m = step_lib.jit_train_step(model, tx, c, mesh, shardings).lower(state, batch).compile()
-  m = m.memory_analysis()
-  return (
-    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  )
+  return memory.step_bytes(m)["total"]
 
 
 def largest_batch(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""The CLIP baseline on the ViT-B/16 recipe: the same towers, data and schedule as
-smartclip_vitb16.py, with a learned temperature (init 0.07) and no mask network."""
+"""The CLIP baseline on the ViT-B/16 recipe: the same towers, starting weights, data and
+schedule as smartclip_vitb16.py (init_from and data named the same way), with a learned
+temperature (init 0.07) and no mask network."""
 
 from smartclip_jax.config import recipe_config
 

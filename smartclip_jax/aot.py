@@ -28,6 +28,7 @@ import ml_collections  # noqa: E402
 from smartclip_jax import (
   config as config_lib,  # noqa: E402
   flops as flops_lib,
+  memory,
   optim,
   sharding,
   step as step_lib,
@@ -71,24 +72,17 @@ def report(compiled, mesh, topology: str, step_time: float | None) -> dict:
   """Per-chip memory and FLOPs of a compiled step, with the chip's HBM and peak."""
   hbm = CHIPS[topology.split(":")[0]]
   peak = flops_lib.table_peak(mesh.devices.flat[0].device_kind) / 1e12
-  mem = compiled.memory_analysis()
-  chips = mesh.devices.size
-  total = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    - mem.alias_size_in_bytes
-    + mem.temp_size_in_bytes
-    + mem.generated_code_size_in_bytes
-  )
+  mem = memory.step_bytes(compiled)
+  chips, total = mesh.devices.size, mem["total"]
   flops_per_chip = flops_lib.compiled_flops(compiled)  # partitioned: one chip's share
   out = {
     "topology": topology,
     "chips": chips,
     "mesh": dict(mesh.shape),
-    "arguments_gib": mem.argument_size_in_bytes / GIB,
-    "temporaries_gib": mem.temp_size_in_bytes / GIB,
-    "outputs_gib": mem.output_size_in_bytes / GIB,
-    "aliased_gib": mem.alias_size_in_bytes / GIB,
+    "arguments_gib": mem["arguments"] / GIB,
+    "temporaries_gib": mem["temporaries"] / GIB,
+    "outputs_gib": mem["outputs"] / GIB,
+    "aliased_gib": mem["aliased"] / GIB,
     "total_gib": total / GIB,
     "hbm_gib": hbm,
     "fits": total <= hbm * GIB,

@@ -117,6 +117,16 @@ class Checkpointer:
       ) from error
     return None, DataStats(labels)
 
+  def latest_config(self) -> tuple[int, dict] | None:
+    """The newest checkpoint's step and the config it was saved with (None: no checkpoint); a
+    checkpoint whose config cannot be read gives way to the one before, as in `restore`."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, saved_config(self.directory / str(step))
+      except Exception as e:  # noqa: BLE001  a torn item: `restore` reports and sets it aside
+        log.warning("checkpoint at step %d: its config cannot be read (%s)", step, e)
+    return None
+
   def _set_aside(self, steps: list[int]) -> None:
     if not steps:
       return
@@ -151,11 +161,12 @@ class Checkpointer:
     return ocp.args.JsonSave(config_lib.to_dict(self.config) if self.config else {})
 
   def close(self) -> None:
-    """Waits for pending saves to be committed."""
+    """Waits for pending saves to be committed; later calls do nothing."""
     for manager in (self.manager, self.best):
       if manager is not None:
         manager.wait_until_finished()
         manager.close()
+    self.manager = self.best = None
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 from flax import traverse_util
@@ -31,6 +31,7 @@ TRAIN_TRANSFORMS = ("centre_crop", "random_resized_crop")
 DECAYS = ("all", "matrices")
 OPTIONAL_FLOATS = ("model.logit_bias_init",)  # a number, or none
 SHAREGPT4V_HOLDOUT = 1000  # ShareGPT4V-1k: the JSON's first records, never trained on
+INIT_SCRATCH = "scratch"  # init_from's explicit "random initialisation"
 CSV_KEYS = ("filepath", "title")  # image and caption columns of CSV/TSV captions (open_clip's)
 # Fields that moved: old name -> new name. Given the old way, they stop the run naming the new
 # one; saved configs of older runs are read with them moved.
@@ -48,15 +49,18 @@ RENAMED = {
 }
 
 
-# OpenAI CLIP tower sizes; SmartCLIP's mask net uses the text tower's head count.
+# OpenAI CLIP tower sizes, and the pretrained weights the recipe starts from (Hugging Face Hub
+# names); SmartCLIP's mask net uses the text tower's head count.
 ARCHS = {
   "vit_b16": dict(
+    weights="openai/clip-vit-base-patch16",
     embed_dim=512,
     vision=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),
     text=dict(width=512, layers=12, heads=8),
     mask_heads=8,
   ),
   "vit_l14": dict(
+    weights="openai/clip-vit-large-patch14",
     embed_dim=768,
     vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
     text=dict(width=768, layers=12, heads=12),
@@ -117,8 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
   # rename directories); "auto" picks commit_file for gs:// workdirs and gcsfuse mounts.
   c.checkpoint_atomicity = "auto"
   # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
-  # checkpoint, a PyTorch file or a transformers directory (anything smartclip_jax.load reads).
+  # checkpoint, a PyTorch file or a transformers directory, an hf-hub:ORG/NAME name (anything
+  # smartclip_jax.load reads); "" or "scratch" (INIT_SCRATCH): random initialisation.
   c.init_from = ""
+  # The paper recipe's architecture (ARCHS) when this config is that recipe ("": not a recipe).
+  # A recipe fine-tunes a pretrained CLIP: a run needs init_from (or init_from=scratch, said
+  # explicitly) and data.name.
+  c.recipe = ""
   c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
   # How a non-finite step is left out (step.keep_if_finite): "where" (leaf by leaf) or "cond";
@@ -169,7 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the other devices
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "demo"  # demo | sharegpt4v | folder | array_record | tfds
+  c.data.name = "demo"  # demo | sharegpt4v | folder | array_record | tfds ("": not set yet)
   # ShareGPT4V JSON; folder dir / CSV / TSV / JSONL; ArrayRecord dir or glob; TFDS name.
   c.data.path = ""
   c.data.image_root = ""  # images are read relative to this (default: beside data.path)
@@ -213,6 +222,8 @@ def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDi
   """The recipe (docs/method.md, the recipe) for an OpenAI CLIP architecture in `ARCHS`."""
   a = ARCHS[arch]
   c = set_loss(base_config(), loss)
+  c.recipe = arch
+  c.data.name = ""  # the user's data: a train run stops until it is named (preflight.py)
   c.model.embed_dim = a["embed_dim"]
   c.model.dtype = "bfloat16"
   c.model.vision.update(**a["vision"])
@@ -221,8 +232,13 @@ def recipe_config(arch: str, loss: str = "smartclip") -> ml_collections.ConfigDi
   return c
 
 
-def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Imports `path`, calls its `get_config()`, applies `a.b=value` overrides, validates.
+def load(
+  path: str | pathlib.Path,
+  overrides: Sequence[str] = (),
+  check: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> ml_collections.ConfigDict:
+  """Imports `path`, calls its `get_config()`, applies `a.b=value` overrides, then `check`s it
+  (`validate` by default; a train run's `preflight.check` adds what the run needs).
 
   `FILE:ARG` calls `get_config(ARG)` (big_vision's form), e.g. `configs/demo.py:clip`.
   """
@@ -236,7 +252,7 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collecti
   config = module.get_config(arg) if sep else module.get_config()
   for item in overrides:
     apply_override(config, item)
-  validate(config)
+  (check or validate)(config)
   return config
 
 
@@ -253,10 +269,13 @@ def arg_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def parse_args(
-  parser: argparse.ArgumentParser, argv: Sequence[str]
+  parser: argparse.ArgumentParser,
+  argv: Sequence[str],
+  check: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
   """The parser's arguments and the config they name, with any number of `--config.a.b=value`
-  overrides; a bad override or config stops with the parser's usage error."""
+  overrides, `check`ed as `load` does; a bad override or config stops with the parser's usage
+  error."""
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -264,7 +283,7 @@ def parse_args(
       parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
     overrides.append(item[len("--config.") :])
   try:
-    return load(args.config, overrides), args
+    return load(args.config, overrides, check), args
   except ConfigError as e:
     parser.error(str(e))
 
@@ -362,7 +381,8 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str
   return paths
 
 
-MIXABLE = ("demo", "sharegpt4v", "folder", "array_record", "tfds")
+DATA_NAMES = ("demo", "sharegpt4v", "folder", "array_record", "tfds")
+MIXABLE = DATA_NAMES
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
@@ -384,26 +404,111 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
   return parts
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks what can be checked without devices; `check_batch` does the mesh part."""
-  unknown = sorted(_field_paths(config) - _field_paths(base_config()))
-  if unknown:
-    raise ConfigError(
-      "config has fields that base_config() does not define: "
-      + ", ".join(k + _renamed(k) for k in unknown)
+# Numeric fields and their allowed intervals ("[a, b)": a included, b not); every float field
+# must also be finite.
+RANGES = {
+  "batch_size": "[1, inf)",
+  "accum_steps": "[1, inf)",
+  "total_steps": "[1, inf)",
+  "log_every": "[1, inf)",
+  "checkpoint_every": "[1, inf)",
+  "keep_checkpoints": "[1, inf)",
+  "max_nonfinite_steps": "[1, inf)",
+  "profile_steps": "[0, inf)",
+  "eval.every": "[0, inf)",
+  "smartclip.temperature": "(0, inf)",
+  "smartclip.align_weight": "[0, inf)",
+  "smartclip.sparsity_weight": "[0, inf)",
+  "clip.temperature": "[0, inf)",
+  "model.text.trim_padding": "[0, inf)",
+  "optim.b1": "[0, 1)",
+  "optim.b2": "[0, 1)",
+  "optim.eps": "(0, inf)",
+  "optim.grad_clip_norm": "[0, inf)",
+  "optim.end_lr_ratio": "[0, 1]",
+  "optim.frozen_positions": "[0, inf)",
+  "optim.towers.lr": "[0, inf)",
+  "optim.towers.weight_decay": "[0, inf)",
+  "optim.towers.warmup_steps": "[0, inf)",
+  "optim.mask_net.lr": "[0, inf)",
+  "optim.mask_net.weight_decay": "[0, inf)",
+  "data.min_image_side": "[1, inf)",
+  "data.max_image_pixels": "[1, inf)",
+  "data.max_bad_fraction": "[0, 1]",
+  "data.num_workers": "[0, inf)",
+  "data.eval_batch_size": "[1, inf)",
+}
+# Held-out split's metrics, and each kind of `eval.tasks` task's (evals/retrieval, zeroshot).
+RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)) + (
+  "mean_recall",
+)
+ZEROSHOT_METRICS = ("top1", "top5")
+
+
+def _in_range(value: float, interval: str) -> bool:
+  low, high = (float(x) for x in interval[1:-1].split(","))
+  above = value > low or (interval[0] == "[" and value == low)
+  below = value < high or (interval[-1] == "]" and value == high)
+  return above and below
+
+
+def _numeric_problems(config: ml_collections.ConfigDict) -> list[str]:
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  errors = []
+  for key, value in flat.items():
+    values = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      errors.append(f"{key}={value} must be finite")
+    elif key in RANGES and not _in_range(value, RANGES[key]):
+      errors.append(f"{key}={value} is outside {RANGES[key]}")
+  d = config.data
+  if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+    errors.append(f"data.crop_scale={d.crop_scale}: write (low, high) with 0 < low <= high <= 1")
+  if not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+    errors.append(f"data.crop_ratio={d.crop_ratio}: write (low, high) with 0 < low <= high")
+  return errors
+
+
+def best_metric_problem(config: ml_collections.ConfigDict, task_labels: dict[str, bool]) -> str:
+  """Why `eval.best_metric` names no metric the run's evaluation produces ("" if it does).
+  `task_labels`: each `eval.tasks` task's label and whether it is a retrieval task."""
+  name = config.eval.best_metric
+  if not name:
+    return ""
+  task, _, metric = name.rpartition("/")
+  if not task:
+    known, where = RETRIEVAL_METRICS, "the held-out split"
+  elif task in task_labels:
+    known = RETRIEVAL_METRICS if task_labels[task] else ZEROSHOT_METRICS
+    where = f"task {task}"
+  else:
+    return (
+      f"eval.best_metric={name!r}: eval.tasks has no task {task!r} "
+      f"(tasks: {', '.join(task_labels) or 'none'})"
     )
+  if metric in known:
+    return ""
+  return f"eval.best_metric={name!r}: {where} gives {', '.join(known)}"
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Everything wrong with `config` that can be seen without devices or files, one line each."""
   m = config.model
   errors = []
   if config.loss not in LOSSES:
     errors.append(f"loss={config.loss!r}: choose one of {LOSSES}")
   if config.loss_impl not in LOSS_IMPLS:
     errors.append(f"loss_impl={config.loss_impl!r}: choose one of {LOSS_IMPLS}")
+  if config.recipe and config.recipe not in ARCHS:
+    errors.append(f"recipe={config.recipe!r}: one of {', '.join(ARCHS)}, or '' for none")
   if config.checkpoint_atomicity not in storage.ATOMICITIES:
     errors.append(
       f"checkpoint_atomicity={config.checkpoint_atomicity!r}: choose one of {storage.ATOMICITIES}"
     )
   if config.skip_nonfinite not in SKIP_FORMS:
     errors.append(f"skip_nonfinite={config.skip_nonfinite!r}: choose one of {SKIP_FORMS}")
+  if config.data.name not in DATA_NAMES + ("",):
+    errors.append(f"data.name={config.data.name!r}: choose one of {DATA_NAMES}")
   if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   try:
@@ -436,11 +541,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ):
     if width % heads:
       errors.append(f"model.{name}: width {width} is not divisible by {heads} heads")
-  for field in ("batch_size", "accum_steps", "total_steps", "log_every", "checkpoint_every"):
-    if config[field] <= 0:
-      errors.append(f"{field}={config[field]} must be positive")
-  if m.text.trim_padding < 0:
-    errors.append(f"model.text.trim_padding={m.text.trim_padding} must be >= 0")
+  errors += _numeric_problems(config)
   if m.text.trim_padding and m.mask_net:
     errors.append(
       "model.text.trim_padding needs loss=clip or siglip (model.mask_net=false): "
@@ -452,8 +553,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"optim.frozen_positions={config.optim.frozen_positions} freezes every "
       f"position of a {m.text.context_length}-token context"
     )
+  return errors
+
+
+def raise_problems(errors: Sequence[str]) -> None:
+  """One ConfigError naming every problem, or nothing."""
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """A config file's `get_config` may add fields; those `base_config()` lacks stop here."""
+  unknown = sorted(_field_paths(config) - _field_paths(base_config()))
+  if unknown:
+    raise ConfigError(
+      "config has fields that base_config() does not define: "
+      + ", ".join(k + _renamed(k) for k in unknown)
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without devices or files (`problems`); `check_batch` does the
+  mesh part and `preflight.check` what a training run needs besides."""
+  check_fields(config)
+  raise_problems(problems(config))
 
 
 def check_batch(config: ml_collections.ConfigDict, data_parallel: int, processes: int) -> None:

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from smartclip_jax import flops as flops_lib, losses, optim, sharding
+from smartclip_jax import flops as flops_lib, losses, memory, optim, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -262,10 +262,11 @@ def jit_train_step(
 class CompiledStep:
   """The train step (state, batch) -> (state, metrics), compiled once per batch shape (a cut
   of text padding changes the shape), with XLA's FLOPs per device of the last shape it ran
-  (`flops`), for the throughput the trainer logs (flops.py)."""
+  (`flops`), for the throughput the trainer logs (flops.py). A program that cannot fit the
+  devices' memory stops before it runs (`memory.check_fits`)."""
 
-  def __init__(self, jitted: Any, mesh: Mesh):
-    self._jitted, self._mesh = jitted, mesh
+  def __init__(self, jitted: Any, mesh: Mesh, config: ml_collections.ConfigDict):
+    self._jitted, self._mesh, self._config = jitted, mesh, config
     self._compiled: dict[Any, tuple[jax.stages.Compiled, float]] = {}
     self.flops = 0.0
 
@@ -274,6 +275,7 @@ class CompiledStep:
     if shape not in self._compiled:
       with sharding.activate(self._mesh):
         compiled = self._jitted.lower(state, batch).compile()
+      memory.check_fits(compiled, self._mesh.devices.flat[0], self._config)
       self._compiled[shape] = compiled, flops_lib.compiled_flops(compiled)
     compiled, self.flops = self._compiled[shape]
     return compiled(state, batch)
@@ -287,4 +289,4 @@ def make_train_step(
   shardings: TrainState,
 ) -> CompiledStep:
   """The train step as a callable of (state, batch) -> (state, metrics)."""
-  return CompiledStep(jit_train_step(model, tx, config, mesh, shardings), mesh)
+  return CompiledStep(jit_train_step(model, tx, config, mesh, shardings), mesh, config)

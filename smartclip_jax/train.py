@@ -37,14 +37,17 @@ from smartclip_jax import (
   init_from,
   losses,
   malloc,
+  memory,
   optim,
   preemption,
+  preflight,
+  resume,
   sharding,
   step as step_lib,
   storage,
 )
 from smartclip_jax.data import pipeline, sources
-from smartclip_jax.evals import report, run as evals_run, tasks
+from smartclip_jax.evals import report, run as evals_run
 from smartclip_jax.evals.encoder import Encoder
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
@@ -90,7 +93,7 @@ def initial_state(
 ) -> step_lib.TrainState:
   """A fresh state, with parameters from `config.init_from` when it names a model."""
   state = step_lib.init_state(model, tx, config, mesh, shardings)
-  if not config.init_from:
+  if config.init_from in ("", config_lib.INIT_SCRATCH):
     return state
   # AdamW's initial moments do not depend on the parameters' values.
   return state.replace(params=init_from.fill(config.init_from, state.params))
@@ -267,16 +270,23 @@ def maybe_evaluate(run: Run, step: int, state: step_lib.TrainState) -> None:
     evaluate(run, step, state)
 
 
+def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
+  """`config.json` is the config of the latest start; one it replaces that differs is kept as
+  `config.before_step_<step>.json`."""
+  path, text = workdir / "config.json", config.to_json_best_effort(indent=2)
+  if path.exists() and (old := path.read_text()) != text:
+    (workdir / f"config.before_step_{step}.json").write_text(old)
+  path.write_text(text)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   """Everything before the first step: mesh, model, optimizer, data, and the state restored
   from the latest checkpoint or freshly initialised. Checks that can fail do so here."""
+  preflight.check(config)  # again for callers that did not come through parse_args
   storage.check_writable(workdir, f".write_check.{jax.process_index()}")
   mesh = sharding.make_mesh(config)
-  tasks.parse_tasks(config.eval.tasks)  # a mistyped task fails now, not at the first eval
   losses.make(config)  # a loss the model cannot train fails now, not at the first compile
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   log.info(
     "mesh %s over %d devices (%s), %d process(es)",
     dict(mesh.shape),
@@ -289,6 +299,10 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   model, tx = build_model(config), optim.make_optimizer(config)
   shardings = step_lib.state_shardings(model, tx, config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config)
+  if saved := checkpointer.latest_config():
+    resume.check(saved[1], config, saved[0], str(workdir))
+  if jax.process_index() == 0:
+    write_config(workdir, config, saved[0] if saved else 0)
   state, data_stats = checkpointer.restore(
     shardings, step_lib.abstract_state(model, tx, config), sources.train_labels(config)
   )
@@ -350,13 +364,12 @@ def train_and_evaluate(
       if stopping:
         return stopped(run, step, stop.reason)
       maybe_evaluate(run, step, state)
+    return evaluate(run, config.total_steps, state)
   finally:
     stop.close()
     profile.close()
-  results = evaluate(run, config.total_steps, state)
-  run.checkpointer.close()
-  run.writer.close()
-  return results
+    run.checkpointer.close()  # pending saves commit whatever ended the run
+    run.writer.close()
 
 
 def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
@@ -374,7 +387,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
   group.add_argument("--num_processes", type=int)
   group.add_argument("--process_id", type=int)
-  return config_lib.parse_args(parser, argv)
+  return config_lib.parse_args(parser, argv, check=preflight.check)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -392,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   start = time.perf_counter()
   try:
     results = train_and_evaluate(config, args.workdir)
-  except storage.StorageError as e:  # before the first step: say what, not where in our code
+  except (storage.StorageError, config_lib.ConfigError, memory.DoesNotFit) as e:
+    # before the first step: say what, not where in our code
     raise SystemExit(f"smartclip_jax.train: {e}") from e
   if results is not None:
     log.info("done in %.0f s; outputs in %s", time.perf_counter() - start, args.workdir)

@@ -68,6 +68,9 @@ class MetricWriter:
     return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
   def close(self) -> None:
+    """Flushes TensorBoard events (and uploads them for a gs:// workdir); later calls do
+    nothing."""
     if self._tb is not None:
       self._tb.close()
       self._upload()
+      self._tb = None

@@ -1,0 +1,77 @@
+"""What a resumed run may change, and what it may not.
+
+A run resumes from its checkpoint's step, and its batches are a function of the seed and the
+step (data/pipeline.py): a field that changes the data stream, the model or the loss makes the
+resumed run a different run that only looks continuous, so it stops, naming each such field
+with its saved and new value. Schedules, evaluation, logging, workers and the mesh may change;
+the changes are logged. The saved side is the newest checkpoint's `config` item.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+from flax import traverse_util
+
+from smartclip_jax import config as config_lib
+
+log = logging.getLogger("smartclip_jax")
+
+# Field prefixes that fix the data stream, the model or the loss...
+FIXED = ("seed", "batch_size", "loss", "smartclip.", "clip.", "model.", "data.")
+# ...and fields under them that do not (how the model computes, how data are read or judged).
+MAY_CHANGE = (
+  "model.dtype",
+  "model.remat",
+  "model.attention",
+  "model.text.trim_padding",
+  "data.num_workers",
+  "data.eval_path",
+  "data.eval_batch_size",
+  "data.image_root",
+  "data.max_bad_fraction",
+  "data.demo.num_eval",
+  "data.tfds.data_dir",
+  "data.tfds.eval_split",
+)
+
+
+class ResumeError(config_lib.ConfigError):
+  """A resume with a config that would change the run it continues."""
+
+
+def _flat(values: dict) -> dict:
+  return traverse_util.flatten_dict(values, sep=".")
+
+
+def changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (saved value, new value)} for every field that differs; a saved config of an older
+  version is read with today's defaults for the fields it lacks (`config.from_dict`)."""
+  old = _flat(config_lib.to_dict(config_lib.from_dict(saved)))
+  new = _flat(config_lib.to_dict(config))
+  return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def is_fixed(field: str) -> bool:
+  return field.startswith(FIXED) and not field.startswith(MAY_CHANGE)
+
+
+def check(saved: dict, config: ml_collections.ConfigDict, step: int, where: str) -> None:
+  """Stops (`ResumeError`) on a change to a fixed field; logs the others."""
+  found = changes(saved, config)
+  fixed = {k: v for k, v in found.items() if is_fixed(k)}
+  if fixed:
+    lines = "\n  ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in fixed.items())
+    raise ResumeError(
+      f"{where} holds a run at step {step} that this config would continue differently:\n  "
+      f"{lines}\nthese fields set the data stream, the model or the loss. Resume with the "
+      "values it was saved with, or start a new workdir (--config.init_from=<this workdir> "
+      "takes its parameters)"
+    )
+  if found:
+    log.info(
+      "resuming at step %d with changed fields: %s",
+      step,
+      ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in found.items()),
+    )
