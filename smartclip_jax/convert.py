@@ -9,7 +9,8 @@
 (`<out>.json`; pass it to `open_clip.add_model_config` or read it); the mask network, which
 open_clip has no place for, is left out and said so. The same `<out>.json` goes beside `openai`
 outputs: state_dicts do not record head counts or the activation, and `load` reads it. `hf`: a
-`transformers.CLIPModel` directory (config.json + model.safetensors). `openai`: OpenAI CLIP
+`transformers.CLIPModel` directory (config.json + model.safetensors) with the files of its
+`CLIPProcessor`, which tokenises and preprocesses as we do (docs/interop.md). `openai`: OpenAI CLIP
 names, Long-CLIP's two position tables for contexts over 77, and `mask_net.*`: what the
 SmartCLIP reference code loads. `.safetensors`
 outputs need no torch; `.pt`/`.pth`/`.bin` outputs are written with torch.save.
@@ -30,8 +31,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from smartclip_jax import config as config_lib, storage
+from smartclip_jax.data import decode
 from smartclip_jax.interop import layout
 from smartclip_jax.interop.loading import Loaded, load
+from smartclip_jax.tokenizer import EOT, SOT, get_tokenizer
 
 OPENAI_CONTEXT = 77
 
@@ -45,9 +48,13 @@ def openai_state(loaded: Loaded) -> layout.Flat:
 
 
 def open_clip_config(config: ml_collections.ConfigDict) -> dict:
-  """The `open_clip` model config (as in its model_configs/*.json) of our config."""
+  """The `open_clip` model config (as in its model_configs/*.json) of our config. Its top-level
+  keys are `open_clip.CLIP`'s arguments: a SigLIP model's `init_logit_bias` makes open_clip
+  create the `logit_bias` parameter the state_dict holds."""
   m = config.model
+  siglip = {"init_logit_scale": m.logit_scale_init, "init_logit_bias": m.logit_bias_init}
   return {
+    **(siglip if m.logit_bias_init is not None else {}),
     "embed_dim": m.embed_dim,
     "quick_gelu": m.activation == "quick_gelu",
     "vision_cfg": {
@@ -101,6 +108,54 @@ def hf_config(config: ml_collections.ConfigDict) -> dict:
   }
 
 
+HF_SPECIAL = {SOT: "<|startoftext|>", EOT: "<|endoftext|>"}  # transformers' names for ours
+
+
+def hf_processor_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The files of a `transformers.CLIPProcessor` that tokenises and preprocesses as we do: our
+  BPE's vocabulary and merges; pad id 0 (our padding: transformers pads with the token "!", id
+  0, kept from matching "!" in text by split_special_tokens); OpenAI CLIP's image transform."""
+  bpe = get_tokenizer()
+  vocab = {HF_SPECIAL.get(token, token): i for token, i in bpe.encoder.items()}
+  merges = "".join(f"{a} {b}\n" for a, b in sorted(bpe.ranks, key=bpe.ranks.get))
+  special = {
+    "bos_token": HF_SPECIAL[SOT],
+    "eos_token": HF_SPECIAL[EOT],
+    "unk_token": HF_SPECIAL[EOT],
+    "pad_token": {i: token for token, i in bpe.encoder.items()}[0],  # "!": we pad with id 0
+  }
+  size = config.model.vision.image_size
+  files = {
+    "vocab.json": vocab,
+    "special_tokens_map.json": special,
+    "tokenizer_config.json": {
+      "tokenizer_class": "CLIPTokenizer",
+      "processor_class": "CLIPProcessor",
+      "model_max_length": config.model.text.context_length,
+      "split_special_tokens": True,
+      **special,
+    },
+    "preprocessor_config.json": {
+      "image_processor_type": "CLIPImageProcessor",
+      "processor_class": "CLIPProcessor",
+      "do_convert_rgb": True,
+      "do_resize": True,
+      "size": {"shortest_edge": size},
+      "resample": 3,  # PIL's bicubic
+      "do_center_crop": True,
+      "crop_size": {"height": size, "width": size},
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": decode.CLIP_MEAN.tolist(),
+      "image_std": decode.CLIP_STD.tolist(),
+    },
+  }
+  return {"merges.txt": "#version: 0.2\n" + merges} | {
+    name: json.dumps(spec, indent=2) for name, spec in files.items()
+  }
+
+
 def write_state(state: layout.Flat, out: epath.Path) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".safetensors":
@@ -136,6 +191,8 @@ def export(loaded: Loaded, to: str, out: epath.Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     write_state(layout.openai_to_hf(state), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(loaded.config), indent=2))
+    for name, text in hf_processor_files(loaded.config).items():
+      (out / name).write_bytes(text.encode("utf-8"))
     return mask + (["logit_bias"] if "logit_bias" in loaded.params else [])
   raise ValueError(f"--to {to!r}: choose open_clip, hf or openai")
 
@@ -173,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument(
     "--activation",
     choices=("quick_gelu", "gelu"),
-    help="the towers' activation, which state_dicts do not record (default: QuickGELU, OpenAI's)",
+    help="the towers' activation, for a state_dict with no model config json beside it "
+    "(default there: QuickGELU, OpenAI's; docs/interop.md)",
   )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if bool(args.checkpoint) != bool(args.to):

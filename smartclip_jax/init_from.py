@@ -19,16 +19,15 @@ import orbax.checkpoint as ocp
 
 from smartclip_jax import checkpoint
 from smartclip_jax.interop import layout, torch_files
-from smartclip_jax.models.text import stretch_positions
 
 log = logging.getLogger("smartclip_jax")
 
 Filled = tuple[Any, list[str], list[str]]  # (params, names kept fresh, source names not used)
 
 
-def fill(path: str | pathlib.Path, target: Any) -> Any:
+def fill(path: str | pathlib.Path, target: Any, activation: str | None = None) -> Any:
   """`load_params`'s parameters, with a log line of what stayed fresh and what went unused."""
-  params, fresh, unused = load_params(path, target)
+  params, fresh, unused = load_params(path, target, activation)
   log.info(
     "parameters from %s; kept at initialisation: %s; not used from there: %s",
     path,
@@ -38,17 +37,19 @@ def fill(path: str | pathlib.Path, target: Any) -> Any:
   return params
 
 
-def load_params(path: str | pathlib.Path, target: Any) -> Filled:
-  """`target` (a tree of sharded arrays) filled from the model at `path`."""
+def load_params(path: str | pathlib.Path, target: Any, activation: str | None = None) -> Filled:
+  """`target` (a tree of sharded arrays) filled from the model at `path`. `activation`: the
+  target's (the run's model.activation); a PyTorch model whose model config states another is
+  an error (`torch_files.read`)."""
   if torch_files.is_torch_path(path):
-    return from_torch(path, target)
+    return from_torch(path, target, activation)
   return from_orbax(path, target)
 
 
-def from_torch(path: str | pathlib.Path, target: Any) -> Filled:
+def from_torch(path: str | pathlib.Path, target: Any, activation: str | None = None) -> Filled:
   """From a PyTorch file or transformers directory (e.g. OpenAI CLIP, whose lack of a mask
   network leaves ours fresh)."""
-  state, _ = torch_files.read(path)
+  state, _ = torch_files.read(path, activation)
   found = layout.flatten(layout.from_openai(state, target, partial=True))
   flat = layout.flatten(target)
   params = layout.unflatten(
@@ -62,8 +63,9 @@ def from_torch(path: str | pathlib.Path, target: Any) -> Filled:
 
 def from_orbax(path: str | pathlib.Path, target: Any) -> Filled:
   """From another run's checkpoint (its parameters only: no optimizer state, no step), read
-  straight into the target's shardings. A text position table of a different length is
-  stretched the Long-CLIP way."""
+  straight into the target's shardings. A position table with another number of rows is resized
+  as `layout.from_openai` resizes it (text: Long-CLIP's stretch; image: resampled to this run's
+  patch grid, for fine-tuning at another resolution)."""
   state_dir = checkpoint.resolve_step_dir(path) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(state_dir).item_metadata.tree["params"]
@@ -77,15 +79,13 @@ def from_orbax(path: str | pathlib.Path, target: Any) -> Filled:
 
   def want(name: str, like: jax.Array) -> jax.ShapeDtypeStruct:
     shape = tuple(saved_flat[name].shape)
-    if shape != like.shape and not name.endswith("text/positional_embedding"):
+    if shape != like.shape and (name not in layout.RESIZED or shape[1:] != like.shape[1:]):
       raise checkpoint.CheckpointError(
         f"init_from {path}: {name} has shape {shape} there and {like.shape} here"
       )
-    sh = (
-      like.sharding
-      if shape == like.shape
-      else jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec())
-    )
+    sh = like.sharding
+    if shape != like.shape and isinstance(sh, jax.sharding.NamedSharding):  # read whole, resized
+      sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
     return jax.ShapeDtypeStruct(shape, like.dtype, sharding=sh)
 
   wanted = {n: want(n, x) for n, x in target_flat.items() if n in saved_flat}
@@ -104,8 +104,8 @@ def from_orbax(path: str | pathlib.Path, target: Any) -> Filled:
     if name not in loaded:
       return fresh
     value = loaded[name]
-    if value.shape != fresh.shape:  # position table: 77 -> 248 and the like
-      value = jax.device_put(stretch_positions(value, fresh.shape[0]), fresh.sharding)
+    if value.shape != fresh.shape:  # a position table: 77 -> 248, a 14x14 grid -> 16x16, ...
+      value = jax.device_put(layout.RESIZED[name](value, fresh.shape[0]), fresh.sharding)
     return value
 
   params = layout.unflatten({n: pick(n, x) for n, x in target_flat.items()})

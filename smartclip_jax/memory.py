@@ -63,7 +63,8 @@ def check_fits(
     f"{config.batch_size}); accum_steps=K (K micro-batches, the same loss and gradients, now "
     f"{config.accum_steps}); model.remat=full (now {config.model.remat}); mesh.fsdp=N (parameters "
     f"and optimizer state sharded over N devices, now {config.mesh.fsdp}); "
-    "model.dtype=bfloat16 on TPU/GPU; and for a TPU slice, "
+    + ("model.dtype=bfloat16 on TPU/GPU; " if config.model.dtype == "float32" else "")
+    + "and for a TPU slice, "
     "`python -m smartclip_jax.aot --config ... --topology v5p:2x2x1` sizes the step from this "
     "host before you pay for the slice"
   )

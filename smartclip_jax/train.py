@@ -95,8 +95,11 @@ def initial_state(
   state = step_lib.init_state(model, tx, config, mesh, shardings)
   if config.init_from in ("", config_lib.INIT_SCRATCH):
     return state
-  # AdamW's initial moments do not depend on the parameters' values.
-  return state.replace(params=init_from.fill(config.init_from, state.params))
+  try:  # AdamW's initial moments do not depend on the parameters' values.
+    params = init_from.fill(config.init_from, state.params, config.model.activation)
+  except (ValueError, KeyError, checkpoint.CheckpointError) as e:  # weights that do not fit
+    raise config_lib.ConfigError(f"init_from={config.init_from}: {e}") from e
+  return state.replace(params=params)
 
 
 @dataclasses.dataclass

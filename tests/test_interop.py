@@ -2,7 +2,10 @@
 `smartclip_jax.load`, give the same embeddings (and masks) on the same inputs."""
 
 import json
+import logging
+import math
 import pickle
+import re
 import zipfile
 
 import flax.linen as nn
@@ -11,10 +14,15 @@ import numpy as np
 import pytest
 
 import smartclip_jax
-from smartclip_jax.interop import layout
+from smartclip_jax import config as config_lib, convert, init_from
+from smartclip_jax.interop import layout, torch_files
+from smartclip_jax.interop.loading import Loaded
+from smartclip_jax.models.clip import build_model
+from smartclip_jax.models.vit import resample_positions
+from tests.conftest import DEMO, TINY
 
 torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
-from tests.torch_reference import ReferenceCLIP  # noqa: E402
+from tests.torch_reference import ReferenceCLIP, open_clip_model  # noqa: E402
 
 CAPTIONS = [
   "a red square.",
@@ -136,8 +144,6 @@ def test_hf_clipmodel_embeddings_match(tmp_path, context, act):
 
 
 def test_layout_round_trips_are_bit_identical(demo_config):
-  from smartclip_jax.models.clip import build_model
-
   model = build_model(demo_config)
   params = jax.tree.map(
     np.asarray,
@@ -164,7 +170,6 @@ def test_layout_round_trips_are_bit_identical(demo_config):
 
 def test_scanned_layers_export_and_import_like_unrolled_ones(demo_config):
   """A scanned model's stacks leave and enter every layout as one tensor per layer."""
-  from smartclip_jax.models.clip import build_model
   from smartclip_jax.step import abstract_params, dummy_batch
 
   demo_config.model.update(scan_layers=True)
@@ -203,8 +208,7 @@ def test_pickled_code_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   """A 2-step TINY demo run (SmartCLIP: with a mask network, 32 positions, 4 heads of 16)."""
-  from smartclip_jax import config as config_lib, train
-  from tests.conftest import DEMO, TINY
+  from smartclip_jax import train
 
   workdir = tmp_path_factory.mktemp("demo_run")
   train.train_and_evaluate(config_lib.load(DEMO, TINY + ["total_steps=2", "log_every=1"]), workdir)
@@ -251,8 +255,6 @@ def test_orbax_workdir_loads_like_the_run_left_it(demo_run, monkeypatch):
 
 
 def test_export_openai_layout_loads_in_the_reference_with_masks(demo_run, tmp_path):
-  from smartclip_jax import convert
-
   workdir, model = demo_run
   convert.main(["--checkpoint", str(workdir), "--to", "openai", "--out", str(tmp_path / "m.pt")])
   ref = reference_for(model, mask_net=True)
@@ -270,8 +272,6 @@ def test_export_openai_layout_loads_in_the_reference_with_masks(demo_run, tmp_pa
 
 
 def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_path, capsys):
-  from smartclip_jax import convert
-
   workdir, model = demo_run
   convert.main(
     ["--checkpoint", str(workdir), "--to", "open_clip", "--out", str(tmp_path / "oc.safetensors")]
@@ -289,8 +289,6 @@ def test_export_open_clip_has_its_model_config_and_no_mask_net(demo_run, tmp_pat
 
 def test_export_hf_loads_in_transformers_without_missing_or_unexpected_keys(demo_run, tmp_path):
   transformers = pytest.importorskip("transformers")
-  from smartclip_jax import convert
-
   workdir, model = demo_run
   convert.main(["--checkpoint", str(workdir), "--to", "hf", "--out", str(tmp_path / "hf")])
   ref, info = transformers.CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -303,9 +301,7 @@ def test_export_hf_loads_in_transformers_without_missing_or_unexpected_keys(demo
 
 
 def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
-  from smartclip_jax import config as config_lib, init_from, optim, sharding, step as step_lib
-  from smartclip_jax.models.clip import build_model
-  from tests.conftest import DEMO, TINY
+  from smartclip_jax import optim, sharding, step as step_lib
 
   torch.manual_seed(0)
   config = config_lib.load(DEMO, TINY + ["model.text.context_length=68"])
@@ -366,6 +362,19 @@ def test_a_torchscript_archive_naming_anything_but_tensors_is_refused(tmp_path):
     smartclip_jax.load(tmp_path / "evil.pt")
 
 
+def hub_snapshot(tmp_path, monkeypatch, repo: str):
+  """An empty snapshot of `repo` in a Hugging Face cache laid out as huggingface_hub lays it
+  out (models--ORG--NAME/{refs/main, snapshots/<commit>/...}), made the cache, offline."""
+  root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  (root / "snapshots" / commit).mkdir(parents=True)
+  (root / "refs").mkdir()
+  (root / "refs" / "main").write_text(commit)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  return root / "snapshots" / commit
+
+
 def test_hub_names_resolve_in_the_local_cache_offline(tmp_path, monkeypatch):
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
@@ -377,19 +386,216 @@ def test_hub_names_resolve_in_the_local_cache_offline(tmp_path, monkeypatch):
     ),
     projection_dim=64,
   )
-  # huggingface_hub's cache layout: models--ORG--NAME/{refs/main, snapshots/<commit>/...}
-  repo = tmp_path / "hub" / "models--openai--clip-tiny"
-  commit = "0123456789abcdef0123456789abcdef01234567"
-  transformers.CLIPModel(config).eval().save_pretrained(repo / "snapshots" / commit)
-  (repo / "refs").mkdir()
-  (repo / "refs" / "main").write_text(commit)
-  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  from smartclip_jax.interop import torch_files
-
-  assert torch_files.resolve("hf-hub:openai/clip-tiny") == repo / "snapshots" / commit
+  snapshot = hub_snapshot(tmp_path, monkeypatch, "openai/clip-tiny")
+  transformers.CLIPModel(config).eval().save_pretrained(snapshot)
+  assert torch_files.resolve("hf-hub:openai/clip-tiny") == snapshot
   by_name = smartclip_jax.load("hf-hub:openai/clip-tiny")
-  by_path = smartclip_jax.load(repo / "snapshots" / commit)
+  by_path = smartclip_jax.load(snapshot)
   jax.tree.map(np.testing.assert_array_equal, by_name.params, by_path.params)
   with pytest.raises(FileNotFoundError, match="hf download openai/clip-missing"):
     smartclip_jax.load("hf-hub:openai/clip-missing")
+
+
+# An open_clip model config as its json holds it: no "quick_gelu" key, so GELU.
+OPEN_CLIP_GELU = dict(
+  embed_dim=64,
+  vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=8, head_width=16),
+  text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=4, layers=1),
+)
+
+
+def fresh_params(config):
+  """The initial parameters of `config`'s model, as arrays with shardings (init_from's target)."""
+  from smartclip_jax.step import dummy_batch
+
+  batch = dummy_batch(config)
+  model = build_model(config)
+  return model, nn.meta.unbox(
+    jax.jit(model.init)(jax.random.key(0), batch["image"], batch["tokens"])["params"]
+  )
+
+
+def test_an_open_clip_hub_gelu_model_loads_as_gelu_by_its_model_config(
+  tmp_path, monkeypatch, caplog
+):
+  from safetensors.torch import save_file
+
+  torch.manual_seed(0)
+  ref = open_clip_model(**OPEN_CLIP_GELU).eval()
+  snapshot = hub_snapshot(tmp_path, monkeypatch, "laion/CLIP-tiny-gelu")
+  save_file(ref.state_dict(), str(snapshot / "open_clip_model.safetensors"))
+  preprocess = dict(
+    mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711]
+  )
+  (snapshot / "open_clip_config.json").write_text(
+    json.dumps({"model_cfg": OPEN_CLIP_GELU, "preprocess_cfg": preprocess})
+  )
+  with caplog.at_level(logging.INFO, "smartclip_jax"):
+    model = smartclip_jax.load("hf-hub:laion/CLIP-tiny-gelu")
+  assert "does not record its activation" not in caplog.text
+  m = model.config.model
+  assert (m.activation, m.vision.heads, m.text.heads) == ("gelu", 4, 4)
+  assert_same_embeddings(model, ref.encode_image, ref.encode_text)
+  # The same file into a run of these sizes (init_from), told the run's activation.
+  config = config_lib.load(DEMO, TINY + ["model.activation=gelu"])
+  run, target = fresh_params(config)
+  params, fresh, _ = init_from.load_params("hf-hub:laion/CLIP-tiny-gelu", target, "gelu")
+  assert fresh and all(n.startswith("mask_net/") for n in fresh)
+  assert_same_embeddings(Loaded(config, params, run), ref.encode_image, ref.encode_text)
+  with pytest.raises(ValueError, match="open_clip_config.json says the activation is 'gelu'"):
+    init_from.load_params("hf-hub:laion/CLIP-tiny-gelu", target, "quick_gelu")
+
+
+def test_a_state_dict_without_a_model_config_says_which_activation_it_assumed(tmp_path, caplog):
+  torch.manual_seed(0)
+  path = save(open_clip_model(**OPEN_CLIP_GELU).state_dict(), tmp_path / "m.pt")
+  with caplog.at_level(logging.INFO, "smartclip_jax"):
+    _, config = torch_files.read(path)
+  assert config.model.activation == "quick_gelu"
+  assert "m.pt does not record its activation" in caplog.text
+  assert "assuming QuickGELU" in caplog.text and "activation='gelu'" in caplog.text
+  caplog.clear()
+  _, config = torch_files.read(path, "gelu")  # said by the caller: nothing assumed
+  assert config.model.activation == "gelu" and "activation" not in caplog.text
+  # open_clip's model_configs/ form beside it: no "quick_gelu", so GELU; heads from it.
+  (tmp_path / "m.json").write_text(json.dumps(OPEN_CLIP_GELU))
+  _, config = torch_files.read(path)
+  assert (config.model.activation, config.model.vision.heads) == ("gelu", 4)
+  wrong = OPEN_CLIP_GELU | {"vision_cfg": OPEN_CLIP_GELU["vision_cfg"] | {"width": 128}}
+  (tmp_path / "m.json").write_text(json.dumps(wrong))
+  said = "m.json does not describe the weights m.pt: it says vision_cfg.width=128 (the weights: 64)"
+  with pytest.raises(ValueError, match=re.escape(said)):
+    torch_files.read(path)
+
+
+@pytest.mark.parametrize(
+  "vision_cfg,ours,file_shape,expected",
+  [
+    (dict(width=128, head_width=32), "visual/class_embedding", (128,), (64,)),
+    (dict(patch_size=16), "visual/conv1/kernel", (64, 3, 16, 16), (64, 3, 8, 8)),
+  ],
+)
+def test_a_tensor_of_another_shape_is_named_with_both_shapes(
+  demo_config, vision_cfg, ours, file_shape, expected
+):
+  from smartclip_jax.step import abstract_params
+
+  spec = OPEN_CLIP_GELU | {"vision_cfg": OPEN_CLIP_GELU["vision_cfg"] | vision_cfg}
+  state = {k: v.numpy() for k, v in open_clip_model(**spec).state_dict().items()}
+  shapes = nn.meta.unbox(abstract_params(build_model(demo_config), demo_config))
+  message = (
+    f"'{layout.openai_name(ours)}' (our {ours}) has shape {file_shape} in the checkpoint, "
+    f"the model expects {expected}"
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    layout.from_openai(state, shapes, partial=True)  # as init_from reads
+
+
+@pytest.mark.parametrize("grid,new_grid", [(14, 16), (16, 14), (7, 24), (24, 7), (4, 6), (6, 4)])
+def test_image_positions_resample_as_open_clip_does(grid, new_grid):
+  table = np.random.default_rng(grid).standard_normal((1 + grid * grid, 32)).astype(np.float32)
+  got = np.asarray(resample_positions(table, 1 + new_grid * new_grid))
+  # open_clip's resize_pos_embed: the grid as NCHW, torch's antialiased bicubic.
+  cells = torch.from_numpy(table[1:]).reshape(1, grid, grid, 32).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(
+    cells, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True
+  )
+  np.testing.assert_array_equal(got[0], table[0])
+  np.testing.assert_allclose(got[1:], want.permute(0, 2, 3, 1).reshape(-1, 32), atol=1e-5)
+
+
+def test_init_from_at_another_image_size_resamples_the_image_positions(tmp_path):
+  """A 64px / 16 model (a 4x4 grid, 224/16's shape in small) into a 96px run (6x6), from the
+  PyTorch file, from its Orbax conversion, and by `load`'s override."""
+  torch.manual_seed(0)
+  spec = OPEN_CLIP_GELU | {
+    "vision_cfg": OPEN_CLIP_GELU["vision_cfg"] | dict(image_size=64, patch_size=16)
+  }
+  ref = open_clip_model(**spec)
+  path = save(ref.state_dict(), tmp_path / "m.pt")
+  (tmp_path / "m.json").write_text(json.dumps(spec))
+  table = ref.visual.positional_embedding.detach().numpy()
+  config = config_lib.load(
+    DEMO,
+    TINY + ["model.activation=gelu", "model.vision.image_size=96", "model.vision.patch_size=16"],
+  )
+  _, target = fresh_params(config)
+  from_torch, _, _ = init_from.load_params(path, target, "gelu")
+  got = np.asarray(from_torch["visual"]["positional_embedding"])
+  assert got.shape == (37, 64)
+  np.testing.assert_array_equal(got[0], table[0])  # the class token's row, unchanged
+  cells = torch.from_numpy(table[1:]).reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(
+    cells, size=(6, 6), mode="bicubic", align_corners=False, antialias=True
+  )
+  np.testing.assert_allclose(got[1:], want.permute(0, 2, 3, 1).reshape(36, 64), atol=1e-5)
+  convert.main(["--from", str(path), "--out", str(tmp_path / "orbax")])
+  from_orbax, _, _ = init_from.load_params(tmp_path / "orbax", target)
+  np.testing.assert_allclose(from_orbax["visual"]["positional_embedding"], got, atol=1e-6)
+  loaded = smartclip_jax.load(path, vision__image_size=96)
+  np.testing.assert_allclose(loaded.params["visual"]["positional_embedding"], got, atol=1e-6)
+
+
+def test_a_siglip_export_loads_in_open_clip_strictly_with_its_logit_bias(tmp_path):
+  from safetensors.torch import load_file
+
+  config = config_lib.load(f"{DEMO}:siglip", TINY)
+  model, params = fresh_params(config)
+  params = {**params, "logit_bias": jax.numpy.float32(-7.25)}  # not its init: the value travels
+  siglip = Loaded(config, params, model)
+  convert.export(siglip, "open_clip", tmp_path / "sig.safetensors")
+  spec = json.loads((tmp_path / "sig.json").read_text())
+  assert spec["init_logit_bias"] == -10.0 and spec["init_logit_scale"] == pytest.approx(
+    math.log(10.0)
+  )
+  ref = open_clip_model(**spec).eval()  # as open_clip.create_model builds it from the json
+  ref.load_state_dict(load_file(str(tmp_path / "sig.safetensors")), strict=True)
+  assert ref.logit_bias.item() == -7.25
+  assert_same_embeddings(siglip, ref.encode_image, ref.encode_text)
+  back = smartclip_jax.load(tmp_path / "sig.safetensors")
+  assert float(back.params["logit_bias"]) == -7.25 and back.config.model.logit_bias_init == -10.0
+
+
+def test_export_hf_has_a_processor_that_tokenises_and_preprocesses_as_we_do(demo_run, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  import PIL.Image
+
+  workdir, model = demo_run
+  convert.main(["--checkpoint", str(workdir), "--to", "hf", "--out", str(tmp_path / "hf")])
+  processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+  context = model.config.model.text.context_length
+  captions = [
+    "A Red Square.",
+    "WHAT?! no... (maybe)",
+    "  extra   spaces\tand\nnewlines  ",
+    "the dog's ball, don't",
+    "7 cats and 12 dogs in 2024",
+    "un café, naïve über",
+    "hello! <|endoftext|> is text here",
+    "a caption long enough to be cut at the context length " * 4,
+  ]
+  text = processor(
+    text=captions, padding="max_length", max_length=context, truncation=True, return_tensors="pt"
+  )
+  np.testing.assert_array_equal(text["input_ids"].numpy(), model.tokenize(captions))
+  rng = np.random.default_rng(0)
+  # Both resize with PIL's bicubic; the centre crop's offset is the same here (transformers
+  # floors (side - size) / 2, torchvision rounds it half to even: they differ when
+  # side - size = 3 mod 4, docs/interop.md), so only float rounding separates the pixels.
+  images = [
+    PIL.Image.fromarray(rng.integers(0, 256, (37, 45, 3), np.uint8)),  # 38x32 after resizing
+    PIL.Image.fromarray(rng.integers(0, 256, (90, 41), np.uint8), "L"),  # 32x70
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)),
+  ]
+  pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+  ours = np.stack([model.preprocess(image) for image in images])
+  np.testing.assert_allclose(pixels.numpy().transpose(0, 2, 3, 1), ours, atol=1e-5)
+  ref = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+  with torch.no_grad():
+    txt = ref.get_text_features(**text)
+    img = ref.get_image_features(pixel_values=pixels)
+  assert (
+    max_diff(model.encode_text(model.tokenize(captions)), getattr(txt, "pooler_output", txt))
+    <= 1e-4
+  )
+  assert max_diff(model.encode_image(ours), getattr(img, "pooler_output", img)) <= 1e-4

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KEEP = 20  # Long-CLIP: positions below this come from `positional_embedding`
+OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # open_clip's CLIP: init_logit_scale's default
 
 
 class QuickGELU(nn.Module):
@@ -169,6 +170,8 @@ class ReferenceCLIP(nn.Module):
     mask_net=False,
     vision_heads=None,
     text_heads=None,
+    init_logit_scale=4.6052,
+    init_logit_bias=None,
   ):
     super().__init__()
     vision_heads = vision_heads or vision_width // 64  # OpenAI's head width, unless given
@@ -183,7 +186,9 @@ class ReferenceCLIP(nn.Module):
     self.transformer = Transformer(text_width, text_layers, text_heads, quick_gelu)
     self.ln_final = nn.LayerNorm(text_width)
     self.text_projection = nn.Parameter(torch.randn(text_width, embed_dim) * text_width**-0.5)
-    self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+    self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+    if init_logit_bias is not None:  # open_clip's CLIP: a logit_bias parameter only then
+      self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
     if mask_net:
       self.mask_net = MaskNet(text_width, text_heads, quick_gelu)
     self.register_buffer(
@@ -209,3 +214,34 @@ class ReferenceCLIP(nn.Module):
 
   def masks(self, tokens):
     return self.mask_net(self.text_tokens(tokens))
+
+
+def open_clip_model(
+  embed_dim,
+  vision_cfg,
+  text_cfg,
+  quick_gelu=False,
+  init_logit_scale=OPEN_CLIP_LOGIT_SCALE,
+  init_logit_bias=None,
+):
+  """The ReferenceCLIP that `open_clip.CLIP(**model_cfg)` builds from a model config json: its
+  top-level keys as arguments (another is a TypeError, as there), open_clip's defaults for the
+  fields a config leaves out (CLIPVisionCfg, CLIPTextCfg)."""
+  vision = dict(layers=12, width=768, head_width=64, patch_size=16, image_size=224) | vision_cfg
+  text = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12) | text_cfg
+  return ReferenceCLIP(
+    embed_dim=embed_dim,
+    image_size=vision["image_size"],
+    patch=vision["patch_size"],
+    vision_width=vision["width"],
+    vision_layers=vision["layers"],
+    vision_heads=vision["width"] // vision["head_width"],
+    context=text["context_length"],
+    vocab=text["vocab_size"],
+    text_width=text["width"],
+    text_layers=text["layers"],
+    text_heads=text["heads"],
+    quick_gelu=quick_gelu,
+    init_logit_scale=init_logit_scale,
+    init_logit_bias=init_logit_bias,
+  )

@@ -10,6 +10,7 @@ Our tree is flax's: `visual/...`, `text/...`, `mask_net/...`, `logit_scale`, `lo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 
 from smartclip_jax.models.layers import SCANNED
 from smartclip_jax.models.text import KEEP_POSITIONS, stretch_positions
+from smartclip_jax.models.vit import resample_positions
 
 Flat = dict[str, np.ndarray]
 
@@ -142,10 +144,11 @@ def to_openai(params: Mapping) -> Flat:
 
 def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping, partial: bool = False) -> dict:
   """An OpenAI-layout state_dict -> our tree with the leaf shapes of `shapes` (a tree of
-  anything with `.shape`). Long-CLIP's two position tables are merged, and a text position
-  table of another length is stretched Long-CLIP's way (77 -> 248). Extra keys are ignored
-  (see `unused_keys`). A missing key is a KeyError naming it, or with `partial` the leaf is
-  left out of the result."""
+  anything with `.shape`). Long-CLIP's two position tables are merged; a position table with
+  another number of rows is resized (`RESIZED`: text positions stretched Long-CLIP's way, image
+  positions resampled to the target's patch grid). Extra keys are ignored (see `unused_keys`).
+  A missing key is a KeyError naming it, or with `partial` the leaf is left out of the result;
+  a tensor of another shape is a ValueError naming it and both shapes."""
   out = {}
   like_flat = flatten(shapes)
   for path, like in unstack_layers(like_flat).items():
@@ -159,14 +162,41 @@ def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping, partial: bool 
     else:
       raise KeyError(f"the checkpoint has no {key!r} (for our {path})")
     kind, shape = _kind(path), tuple(like.shape)
+    expected = _openai_shape(kind, shape)
+    if path in RESIZED and x.shape != expected and x.shape[1:] == expected[1:]:
+      x = np.asarray(RESIZED[path](x, expected[0]))
+    if x.shape != expected:
+      raise ValueError(
+        f"{key!r} (our {path}) has shape {x.shape} in the checkpoint, the model expects "
+        f"{expected}: the checkpoint is a model of other sizes. Let its weights set the sizes "
+        "(`smartclip_jax.load` does) or set the config's to the checkpoint's"
+      )
     if kind == "conv":
       x = x.transpose(2, 3, 1, 0)
     elif kind in ("in_proj", "out_proj", "dense"):
       x = x.T
-    if path == "text/positional_embedding" and x.shape != shape:
-      x = np.asarray(stretch_positions(x, shape[0]))
     out[path] = x.reshape(shape)
   return unflatten(restack_layers(out, like_flat))
+
+
+# Position tables that take another number of rows: how each is resized to the target's.
+RESIZED = {
+  "text/positional_embedding": stretch_positions,
+  "visual/positional_embedding": resample_positions,
+}
+
+
+def _openai_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The OpenAI-layout shape of our leaf of `shape` (the inverse of `to_openai`'s reshapes)."""
+  if kind == "conv":  # [p, p, 3, w] <- [w, 3, p, p]
+    return (shape[3], shape[2], shape[0], shape[1])
+  if kind == "in_proj":  # [w, 3, h, hd] <- [3w, w]
+    return (math.prod(shape[1:]), shape[0])
+  if kind == "out_proj":  # [h, hd, w] <- [w, h*hd]
+    return (shape[-1], math.prod(shape[:-1]))
+  if kind == "flat":
+    return (math.prod(shape),)
+  return shape[::-1] if kind == "dense" else shape
 
 
 def merged_positions(table: np.ndarray, residual: np.ndarray) -> np.ndarray:

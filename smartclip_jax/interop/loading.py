@@ -67,9 +67,13 @@ class Loaded:
 
 
 def load(path: str | pathlib.Path, **overrides) -> Loaded:
-  """The model at `path` (see the module doc). `overrides` set config fields: a model field by
-  its name (`activation="gelu"`, e.g. for open_clip's non-QuickGELU models), any other by its
-  dotted path written with `__` (`model__mask__hard=False`)."""
+  """The model at `path` (see the module doc). `overrides` set config fields by their dotted
+  paths written with `__` (`model__mask__hard=False`), where `model__` may be left out
+  (`activation="gelu"` for a GELU state_dict with no model config beside it;
+  `vision__image_size=336` to run at another resolution, the image positions resampled to the
+  new patch grid)."""
+  fields = config_lib.base_config()
+  overrides = {_dotted(k, fields): v for k, v in overrides.items()}
   path = torch_files.resolve(path)
   if (
     path.is_dir()
@@ -79,7 +83,7 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
     or path.is_file()
     and torch_files.is_torch_path(path)
   ):
-    state, config = torch_files.read(path)
+    state, config = torch_files.read(path, overrides.get("model.activation"))
   elif path.is_file():
     raise ValueError(
       f"{path}: not a checkpoint this loader knows (give a workdir, an Orbax "
@@ -100,12 +104,17 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
   return Loaded(config, params, model)
 
 
+def _dotted(key: str, config: ml_collections.ConfigDict) -> str:
+  """`load`'s keyword -> a config path: `__` for dots, `model.` implied where the config has no
+  such top-level field but its model does (`vision__image_size` -> `model.vision.image_size`)."""
+  dotted = key.replace("__", ".")
+  head = dotted.split(".")[0]
+  return f"model.{dotted}" if head not in config and head in config.model else dotted
+
+
 def _override(config: ml_collections.ConfigDict, overrides: dict) -> None:
   for key, value in overrides.items():
-    dotted = key.replace("__", ".")
-    if "." not in dotted and dotted not in config and dotted in config.model:
-      dotted = f"model.{dotted}"
-    config_lib.apply_override(config, f"{dotted}={value}")
+    config_lib.apply_override(config, f"{key}={value}")
   config_lib.validate(config)
 
 

@@ -9,6 +9,7 @@ tensors through a tensors-only unpickler, or `torch.load(weights_only=True)`, or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
@@ -22,6 +23,10 @@ from smartclip_jax.interop import layout, torchscript
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside them: {"model_cfg": ..., "preprocess_cfg": ...}
+
+log = logging.getLogger("smartclip_jax")
+Stated = tuple[str, pathlib.Path] | None  # an activation, and the file that states it
 
 
 def resolve(path: str | os.PathLike) -> epath.Path:
@@ -62,13 +67,43 @@ def is_torch_path(path: str | pathlib.Path) -> bool:
   return path.suffix in TORCH_SUFFIXES
 
 
-def read(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
+def read(
+  path: str | pathlib.Path, activation: str | None = None
+) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
   """A PyTorch file or transformers directory: its tensors in the OpenAI layout, and the config
-  its weights (and a model card beside them) describe."""
+  its weights and the model config beside them (`model_card`, or transformers' config.json)
+  describe. `activation`, the caller's (`load(path, activation=...)`, a run's), is taken where
+  the files say nothing; where they state another, it is an error."""
   path = resolve(path)
   if path.is_dir():
-    return read_hf_dir(path)
-  return as_openai(read_torch_file(path), path)
+    state, config, stated = read_hf_dir(path)
+  else:
+    state, config = as_openai(read_torch_file(path), path)
+    stated = _apply_model_card(config, path)
+  _set_activation(config, path, stated, activation)
+  return state, config
+
+
+def _set_activation(
+  config: ml_collections.ConfigDict, path: pathlib.Path, stated: Stated, asked: str | None
+) -> None:
+  if stated and asked and stated[0] != asked:
+    raise ValueError(
+      f"{path}: {stated[1]} says the activation is {stated[0]!r}, but {asked!r} was asked for "
+      f"(load's activation=, --activation, or a run's model.activation): use {stated[0]!r}, or "
+      f"correct {stated[1].name} if it is wrong"
+    )
+  if not (stated or asked):
+    log.warning(
+      "%s does not record its activation (no model config json beside it); assuming "
+      "QuickGELU, OpenAI CLIP's. For a GELU model (open_clip's, unless trained by OpenAI) say "
+      "so: smartclip_jax.load(path, activation='gelu'), convert --activation gelu, or open_clip's "
+      "model config beside the weights (%s.json, or %s)",
+      path,
+      path.stem,
+      OPEN_CLIP_CONFIG,
+    )
+  config.model.activation = asked or (stated[0] if stated else "quick_gelu")
 
 
 def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -106,7 +141,9 @@ def is_hf_dir(path: pathlib.Path) -> bool:
   return json.loads((path / "config.json").read_text()).get("model_type") == "clip"
 
 
-def read_hf_dir(path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
+def read_hf_dir(path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict, Stated]:
+  """A transformers directory: its tensors, config, and the activation its config.json states
+  (transformers' default, QuickGELU, where it names none)."""
   files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
   if not files:
     raise ValueError(
@@ -122,8 +159,7 @@ def read_hf_dir(path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
   act = hf.get("text_config", {}).get("hidden_act", "quick_gelu")
   if act not in ("quick_gelu", "gelu"):
     raise ValueError(f"{path}: activation {act!r} is not supported (quick_gelu, gelu)")
-  config.model.activation = act
-  return state, config
+  return state, config, (act, path / "config.json")
 
 
 def as_openai(state: dict, path: pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
@@ -146,22 +182,65 @@ def as_openai(state: dict, path: pathlib.Path) -> tuple[dict, ml_collections.Con
   config.optim.frozen_positions = min(
     config.optim.frozen_positions, config.model.text.context_length - 1
   )
-  _apply_model_card(config, path.with_suffix(".json"))
   return state, config
 
 
-def _apply_model_card(config: ml_collections.ConfigDict, card: pathlib.Path) -> None:
-  """What a state_dict cannot say (head counts, activation), from an open_clip model config
-  beside it (`m.json` for `m.pt`, as `convert` writes)."""
-  if not card.is_file():
-    return
-  spec = json.loads(card.read_text())
-  if "vision_cfg" not in spec:
-    return
-  vision, text = spec["vision_cfg"], spec.get("text_cfg", {})
-  config.model.vision.heads = config.model.vision.width // vision.get("head_width", 64)
-  config.model.text.heads = text.get("heads", config.model.text.heads)
-  config.model.mask.heads = (
-    config.model.text.heads
-  )  # the reference's rule (docs/method.md, the model)
-  config.model.activation = "quick_gelu" if spec.get("quick_gelu") else "gelu"
+def model_card(path: pathlib.Path) -> tuple[pathlib.Path, dict] | None:
+  """The open_clip model config of the weights file `path`, and where it is: `<name>.json` beside
+  it (the form of open_clip's model_configs/ and of `convert`'s outputs), else the `model_cfg` of
+  an `open_clip_config.json` in its directory (open_clip's hub repositories)."""
+  for card, key in (
+    (path.with_suffix(".json"), None),
+    (path.parent / OPEN_CLIP_CONFIG, "model_cfg"),
+  ):
+    if card.is_file():
+      spec = json.loads(card.read_text())
+      spec = spec.get(key) if key else spec
+      if isinstance(spec, dict) and "vision_cfg" in spec:
+        return card, spec
+  return None
+
+
+def _apply_model_card(config: ml_collections.ConfigDict, path: pathlib.Path) -> Stated:
+  """What a state_dict cannot say (head counts, activation, the logit inits) from its model card,
+  once the sizes the card states are found to be the weights'. Absent fields take open_clip's
+  defaults (head_width 64, text heads 8, quick_gelu false); the activation it states is returned."""
+  found = model_card(path)
+  if found is None:
+    return None
+  card, spec = found
+  m, vision, text = config.model, spec["vision_cfg"], spec.get("text_cfg", {})
+  square = lambda v: v[0] if isinstance(v, (list, tuple)) and len(set(v)) == 1 else v
+  sizes = {
+    "embed_dim": (spec.get("embed_dim"), m.embed_dim),
+    "vision_cfg.image_size": (square(vision.get("image_size")), m.vision.image_size),
+    "vision_cfg.patch_size": (square(vision.get("patch_size")), m.vision.patch_size),
+    "vision_cfg.width": (vision.get("width"), m.vision.width),
+    "vision_cfg.layers": (vision.get("layers"), m.vision.layers),
+    "text_cfg.context_length": (text.get("context_length"), m.text.context_length),
+    "text_cfg.vocab_size": (text.get("vocab_size"), m.text.vocab_size),
+    "text_cfg.width": (text.get("width"), m.text.width),
+    "text_cfg.layers": (text.get("layers"), m.text.layers),
+  }
+  wrong = [
+    f"{k}={said} (the weights: {got})"
+    for k, (said, got) in sizes.items()
+    if said not in (None, got)
+  ]
+  head_width = vision.get("head_width", 64)
+  if m.vision.width % head_width:
+    wrong.append(
+      f"vision_cfg.head_width={head_width} (does not divide the width, {m.vision.width})"
+    )
+  if wrong:
+    raise ValueError(
+      f"{card} does not describe the weights {path.name}: it says {'; '.join(wrong)}. Correct "
+      f"it, or move it away to let the weights' shapes set the sizes"
+    )
+  m.vision.heads = m.vision.width // head_width
+  m.text.heads = text.get("heads", 8)
+  m.mask.heads = m.text.heads  # the reference's rule (docs/method.md, the model)
+  m.logit_scale_init = float(spec.get("init_logit_scale", m.logit_scale_init))
+  if m.logit_bias_init is not None and spec.get("init_logit_bias") is not None:
+    m.logit_bias_init = float(spec["init_logit_bias"])
+  return ("quick_gelu" if spec.get("quick_gelu") else "gelu"), card

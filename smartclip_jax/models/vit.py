@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from smartclip_jax.models.layers import Tower, layer_norm, param_init
+
+log = logging.getLogger("smartclip_jax")
+
+
+def resample_positions(table: np.ndarray | jax.Array, new_rows: int) -> jax.Array:
+  """An image position table [1 + g*g, width] for another patch grid, [new_rows, width]: the class
+  token's row kept, the g x g grid resampled to g' x g' bicubically, as open_clip's
+  `resize_pos_embed` (torch's bicubic with antialias, align_corners=False) and big_vision do when
+  a model is fine-tuned at another resolution. `jax.image.resize`'s antialiased Keys cubic
+  (a = -0.5) is that kernel (tests/test_interop.py pins it against torch)."""
+  table = jnp.asarray(table)
+  grid, new_grid = (round((n - 1) ** 0.5) for n in (table.shape[0], new_rows))
+  if grid * grid + 1 != table.shape[0] or new_grid * new_grid + 1 != new_rows:
+    raise ValueError(
+      f"cannot resample {table.shape[0]} image positions to {new_rows}: both must be a class "
+      "token and a square patch grid (1 + g * g rows)"
+    )
+  log.info(
+    "image positions resampled from a %dx%d patch grid to %dx%d", grid, grid, new_grid, new_grid
+  )
+  width = table.shape[1]
+  cells = table[1:].reshape(grid, grid, width).astype(jnp.float32)
+  cells = jax.image.resize(cells, (new_grid, new_grid, width), "bicubic")
+  return jnp.concatenate([table[:1], cells.reshape(-1, width).astype(table.dtype)], axis=0)
 
 
 class VisionTransformer(Tower):
