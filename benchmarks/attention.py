@@ -17,17 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import sys
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from train_step import interleaved_best  # noqa: E402
 
 from smartclip_jax.models import layers  # noqa: E402

@@ -23,9 +23,6 @@ import subprocess
 import sys
 
 import jax
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import train_step as bench  # noqa: E402
 
 from smartclip_jax import (  # noqa: E402

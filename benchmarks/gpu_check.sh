@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, where the package is not installed
 if [[ " $* " == *" --tiny "* ]]; then
   export JAX_PLATFORMS=cpu
 fi

@@ -16,14 +16,11 @@ import io
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 import PIL.Image
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from smartclip_jax import config as config_lib  # noqa: E402
 from smartclip_jax.data import demo, pipeline, prepare  # noqa: E402

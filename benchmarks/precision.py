@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

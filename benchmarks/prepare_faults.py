@@ -32,7 +32,6 @@ import numpy as np
 import PIL.Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from smartclip_jax.data import demo  # noqa: E402
 

@@ -23,8 +23,6 @@ import argparse
 import functools
 import json
 import os
-import pathlib
-import sys
 import time
 from collections.abc import Callable
 
@@ -33,8 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from smartclip_jax import (  # noqa: E402
   config as config_lib,

@@ -441,5 +441,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `smartclip-prepare` command: `main` without its return value (the summary), which a
+  console script would take for an exit status."""
   main()
+
+
+if __name__ == "__main__":
+  cli()
