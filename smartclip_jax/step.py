@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from smartclip_jax import flops as flops_lib, losses, memory, optim, sharding
 
 Batch = dict[str, jax.Array]
+log = logging.getLogger("smartclip_jax")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -273,8 +276,15 @@ class CompiledStep:
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
     if shape not in self._compiled:
+      log.info("compiling the train step for batch %s", dict(shape))
+      start = time.perf_counter()
       with sharding.activate(self._mesh):
         compiled = self._jitted.lower(state, batch).compile()
+      log.info(
+        "compiled the train step in %.1f s: %.2f GB per device",
+        time.perf_counter() - start,
+        memory.step_bytes(compiled)["total"] / memory.GB,
+      )
       memory.check_fits(compiled, self._mesh.devices.flat[0], self._config)
       self._compiled[shape] = compiled, flops_lib.compiled_flops(compiled)
     compiled, self.flops = self._compiled[shape]

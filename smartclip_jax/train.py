@@ -41,6 +41,7 @@ from smartclip_jax import (
   optim,
   preemption,
   preflight,
+  progress,
   resume,
   sharding,
   step as step_lib,
@@ -181,8 +182,9 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
   run.clock, run.flops = (now, step), 0.0
   run.writer.write(step, metrics)
   density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
+  left = (config.total_steps - step) * seconds / max(step - last_step, 1)
   log.info(
-    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%%",
+    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%%  ETA %s",
     step,
     config.total_steps,
     metrics["loss"],
@@ -191,6 +193,7 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
     metrics["images_per_sec"],
     metrics["tflops_per_device"],
     100 * metrics["mfu"],
+    progress.duration(left),
   )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 
 import jax
@@ -157,3 +158,34 @@ def test_a_cpu_run_under_glibc_malloc_logs_what_to_preload(
   with caplog.at_level(logging.INFO, logger="smartclip_jax"):
     train.setup(demo_config, tmp_path)
   assert "preload an allocator that keeps memory" in caplog.text
+
+
+def test_a_run_says_its_data_its_compile_time_and_when_it_ends(demo_config, tmp_path, caplog):
+  demo_config.update(total_steps=3, log_every=1)
+  with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+    train.train_and_evaluate(demo_config, tmp_path)
+  text = caplog.text
+  # 3 steps of 16 over the demo's 256 training records
+  assert "training data: DemoSource(num_records=256" in text
+  assert "0.188 epochs in 3 steps of 16 (48 examples)" in text
+  assert "compiling the train step for batch" in text
+  assert re.search(r"compiled the train step in [\d.]+ s: [\d.]+ GB per device", text)
+  assert re.search(r"step 2/3 .* ETA \d+s", text) and "step 3/3" in text
+
+
+def test_progress_lines_count_what_is_done_and_estimate_the_rest(caplog, monkeypatch):
+  from smartclip_jax import progress
+
+  clock = iter([0.0, 40.0, 50.0, 90.0])
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+  p = progress.Progress("embedding images", 1000, "images")  # starts at 0 s
+  with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+    p.update(250)  # 40 s: a line, 120 s to go
+    p.update(500)  # 50 s: too soon for another
+    p.update(1000)  # 90 s: the last
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines == [
+    "embedding images: 250/1000 images, 40s, ETA 2m00s",
+    "embedding images: 1000/1000 images, 1m30s",
+  ]
+  assert progress.duration(3725) == "1h02m"

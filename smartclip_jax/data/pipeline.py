@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
 from smartclip_jax.data.sources import make_source, train_sources
 from smartclip_jax.tokenizer import tokenize
+
+log = logging.getLogger("smartclip_jax")
 
 HOST_FIELDS = ("skipped", "bad_example", "source")  # batch fields that stay on the host
 
@@ -185,6 +188,21 @@ class _Slice(grain.MapDataset):
     )
 
 
+def coverage(
+  config: ml_collections.ConfigDict, sources: list, weights: list[float], labels: list[str]
+) -> str:
+  """Each train source, its records, and the epochs of it that `total_steps` steps of
+  `batch_size` read (a mixture's sources in proportion to their weights)."""
+  seen = config.total_steps * config.batch_size
+  parts = []
+  for source, weight, label in zip(sources, weights, labels):
+    epochs = seen * weight / sum(weights) / len(source)
+    parts.append(f"{label + ' ' if label else ''}{source!r}: {epochs:.3g} epochs")
+  return (
+    "; ".join(parts) + f" in {config.total_steps} steps of {config.batch_size} ({seen:,} examples)"
+  )
+
+
 def train_iterator(
   config: ml_collections.ConfigDict,
   process_index: int | None = None,
@@ -205,6 +223,7 @@ def train_iterator(
   for source, label in zip(sources, labels):
     if not len(source):
       raise DataError(f"the train split{f' of {label}' if label else ''} has no records")
+  log.info("training data: %s", coverage(config, sources, weights, labels))
   share = _Slice(
     [grain.MapDataset.source(src) for src in sources],
     weights,

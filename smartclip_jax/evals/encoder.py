@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from smartclip_jax import sharding
 from smartclip_jax.data import decode
+from smartclip_jax.progress import Progress
 from smartclip_jax.tokenizer import get_tokenizer, tokenize
 
 METHODS = ("encode_image", "encode_text", "text_masks")
@@ -107,10 +108,11 @@ class Encoder:
     return self._batched("text_masks", captions, lambda c: self.tokenize(c)[0])
 
   def _batched(self, method: str, items: Sequence, prepare: Callable) -> np.ndarray:
-    out = [
-      self.apply(method, np.stack([prepare(x) for x in items[i : i + self.batch_size]]))
-      for i in range(0, len(items), self.batch_size)
-    ]
+    unit = "images" if method == "encode_image" else "captions"
+    progress, out = Progress(f"embedding {unit}", len(items), unit), []
+    for i in range(0, len(items), self.batch_size):
+      out.append(self.apply(method, np.stack([prepare(x) for x in items[i : i + self.batch_size]])))
+      progress.update(min(i + self.batch_size, len(items)))
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
 
   def _prepare_image(self, image: str | np.ndarray) -> np.ndarray:

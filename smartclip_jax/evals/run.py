@@ -10,6 +10,7 @@ from etils import epath
 from smartclip_jax.data import pipeline
 from smartclip_jax.evals import retrieval, tasks as tasks_lib
 from smartclip_jax.evals.encoder import Encoder
+from smartclip_jax.progress import Progress
 
 
 def evaluate_heldout(config: ml_collections.ConfigDict, encoder: Encoder) -> dict[str, float]:
@@ -19,9 +20,12 @@ def evaluate_heldout(config: ml_collections.ConfigDict, encoder: Encoder) -> dic
   """
   batches, num_records = pipeline.eval_batches(config)
   images, texts = [], []
+  progress = Progress(f"held-out {config.data.name}", num_records, "records")
   for batch in batches:
     images.append(encoder.apply("encode_image", batch["image"]))
     texts.append(encoder.apply("encode_text", batch["tokens"]))
+    progress.update(sum(len(x) for x in images))
+  progress.update(num_records)  # every record read, the unusable ones skipped
   img, txt = retrieval.normalize(np.concatenate(images)), retrieval.normalize(np.concatenate(texts))
   rank = retrieval.retrieval_ranks(img, txt, np.arange(len(txt)), encoder.mesh)
   return {**retrieval.recalls(rank), "num_images": len(img), "skipped": num_records - len(img)}

@@ -1,0 +1,37 @@
+"""Progress lines for long loops (evaluation sets, encoding): what is done, the time, an ETA."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("smartclip_jax")
+
+
+def duration(seconds: float) -> str:
+  """1h02m, 3m05s, 42s."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+class Progress:
+  """`what: done/total unit, elapsed (ETA ...)` at most every `every` seconds, and a last line
+  when the loop ends if it logged any: a loop shorter than `every` stays silent."""
+
+  def __init__(self, what: str, total: int, unit: str, every: float = 30.0):
+    self.what, self.total, self.unit, self.every = what, total, unit, every
+    self.start = self.last = time.perf_counter()
+    self.logged = False
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if now - self.last < self.every and not (done >= self.total and self.logged):
+      return
+    self.last, self.logged = now, True
+    elapsed = now - self.start
+    eta = f", ETA {duration(elapsed * (self.total - done) / done)}" if 0 < done < self.total else ""
+    log.info("%s: %d/%d %s, %s%s", self.what, done, self.total, self.unit, duration(elapsed), eta)
