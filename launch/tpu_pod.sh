@@ -16,7 +16,10 @@
 #   --data-bucket B[:M]  mount bucket B read-only with gcsfuse at M (default /mnt/gcs/B) on every
 #                        worker before training (installs gcsfuse where missing); point
 #                        --config.data.path at files under M
-#   --python BIN         the workers' Python for the venv (default python3; the pins need 3.11)
+#   --python BIN         the workers' Python 3.11 for the venv (default python3.11, installed
+#                        with apt where missing; another that is not 3.11 stops the launch)
+#   --follow             after starting, print worker 0's log as it grows (Ctrl-C stops
+#                        following, not the run)
 #   --dry-run            print every command, one per line after `+ `, and run none
 #   -- TRAIN_ARGS...     passed to the train command as they are: --config.a.b=value overrides,
 #                        which may also come before `--`
@@ -24,15 +27,17 @@
 # Steps: (1) create or reuse the slice; (2) pack the committed HEAD with `git archive`
 # (uncommitted changes stay behind) and scp it to every worker; (3) unpack it into ~/smartclip_jax
 # and install requirements.txt and requirements-tpu.txt into ~/smartclip_venv, and mount the data
-# bucket if one is given; (4) run the train
-# command on all workers at once (ssh --worker=all); the processes find each other by themselves
-# (jax.distributed on a TPU slice). The ssh session lasts as long as the run: start this inside
-# tmux or screen. Rerun the same command to resume from the latest checkpoint in --workdir.
+# bucket if one is given; (4) start the train command on all workers at once (ssh --worker=all),
+# detached from the ssh session (setsid nohup: the run outlives the launcher and a dropped
+# connection), each worker logging to ~/smartclip_train.log; the processes find each other by
+# themselves (jax.distributed on a TPU slice). A worker where a run is still going refuses a
+# second one. SIGTERM or SIGHUP to the run saves a checkpoint and stops it. Rerun the same
+# command to resume from the latest checkpoint in --workdir.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 name='' zone='' accelerator='' version=v2-alpha-tpuv5 spot=() config='' workdir=''
-python=python3 dry_run=0 train_args=() data_bucket=''
+python=python3.11 dry_run=0 follow=0 train_args=() data_bucket=''
 while (($#)); do
   case $1 in
     --name|--zone|--accelerator|--version|--config|--workdir|--python)
@@ -40,6 +45,7 @@ while (($#)); do
       declare "${1#--}=$2"; shift 2 ;;  # --name VALUE sets $name, and so on
     --data-bucket) (($# >= 2)) || die "$1 needs a value"; data_bucket=$2; shift 2 ;;
     --spot) spot=(--spot); shift ;;
+    --follow) follow=1; shift ;;
     --) shift; train_args+=("$@"); break ;;
     *) common_option "$1"; shift ;;
   esac
@@ -81,10 +87,19 @@ tarball=${TMPDIR:-/tmp}/smartclip_jax-$name.tar.gz
 run git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD
 run "${tpu[@]}" scp "$tarball" "$name:smartclip_jax.tar.gz" --zone "$zone" --worker=all
 
-# (3) Unpack and install on every worker; ssh commands start in the home directory.
-setup="rm -rf smartclip_jax && mkdir smartclip_jax"
+# (3) Python 3.11 (the pins need it), then unpack and install on every worker; ssh commands start
+# in the home directory.
+py=$(quote "$python")
+need="the workers need Python 3.11 for the pinned requirements: install it (sudo apt-get install"
+need+=" -y python3.11 python3.11-venv) or name one with --python"
+setup="(command -v $py >/dev/null"
+[[ $python != python3.11 ]] ||
+  setup+=" || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv)"
+setup+=") && $py -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'"
+setup+=" || { echo \"\$(hostname): $need\" >&2; exit 1; }"
+setup+=" && rm -rf smartclip_jax && mkdir smartclip_jax"
 setup+=" && tar -xzf smartclip_jax.tar.gz -C smartclip_jax"
-setup+=" && $(quote "$python") -m venv smartclip_venv"
+setup+=" && $py -m venv smartclip_venv"
 setup+=" && smartclip_venv/bin/pip install -q"
 setup+=" -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt"
 run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$setup"
@@ -104,8 +119,17 @@ if [[ -n $data_bucket ]]; then
   run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$fuse"
 fi
 
-# (4) Train on every worker at once.
+# (4) Train on every worker at once, detached, unless a run is still going there.
 train=(../smartclip_venv/bin/python -m smartclip_jax.train --config "$config"
        --workdir "$workdir" "${train_args[@]}")
-run "${tpu[@]}" ssh "${where[@]}" --worker=all \
-  --command "cd smartclip_jax && $(quote "${train[@]}")"
+busy="a run is still going on this worker (pid \$(cat ../smartclip_train.pid)): follow it with"
+busy+=" tail -F ~/smartclip_train.log, or stop it (and save) with kill \$(cat ../smartclip_train.pid)"
+start="cd smartclip_jax"
+start+=" && if [ -s ../smartclip_train.pid ] && kill -0 \$(cat ../smartclip_train.pid) 2>/dev/null;"
+start+=" then echo \"\$(hostname): $busy\" >&2; exit 1; fi"
+start+=" && { setsid nohup $(quote "${train[@]}") > ../smartclip_train.log 2>&1 < /dev/null &"
+start+=" echo \$! > ../smartclip_train.pid; }"
+run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$start"
+follow_cmd=("${tpu[@]}" ssh "${where[@]}" --worker=0 --command "tail -n 100 -F smartclip_train.log")
+echo "# started on every worker; worker 0's log: $(quote "${follow_cmd[@]}")"
+[[ $follow == 0 ]] || run "${follow_cmd[@]}"

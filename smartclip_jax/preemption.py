@@ -1,11 +1,11 @@
 """Stopping cleanly: save at the next step boundary and exit 0 when asked to stop.
 
-Asked means SIGTERM (what schedulers and Cloud TPU preemption send), SIGINT (Ctrl-C) or, on a
-Google Cloud VM, a maintenance notice in the metadata server. With one process a handler
-raises a flag. With several, all must save the same step: SIGTERM then goes to JAX's
-preemption service (started by `jax.distributed.initialize`), which tells every process the
-step to stop at, and the other notices are turned into a SIGTERM to this process. A second
-Ctrl-C interrupts at once.
+Asked means SIGTERM (what schedulers and Cloud TPU preemption send), SIGINT (Ctrl-C), SIGHUP
+(the terminal or SSH session of a run started in the foreground went away) or, on a Google
+Cloud VM, a maintenance notice in the metadata server. With one process a handler raises a
+flag. With several, all must save the same step: SIGTERM then goes to JAX's preemption service
+(started by `jax.distributed.initialize`), which tells every process the step to stop at, and
+the other notices are turned into a SIGTERM to this process. A second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class StopRequest:
   def __init__(self) -> None:
     self.reason: str | None = None
     self._multi = jax.process_count() > 1
-    self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+    self._previous = {
+      sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGHUP)
+    }
     if not self._multi:  # with several processes JAX's preemption service owns SIGTERM
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
 

@@ -138,13 +138,18 @@ def test_init_from_in_a_run_starts_at_step_zero(demo_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+  "sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)]
+)
+def test_a_stop_signal_saves_at_the_next_step_and_a_rerun_finishes(
+  demo_config, tmp_path, monkeypatch, sig
+):
   real = pipeline.train_iterator
 
   def signal_at_fifth_batch(config, **kwargs):
     for n, batch in enumerate(real(config, **kwargs), 1):
       if n == 5:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
       yield batch
 
   monkeypatch.setattr(pipeline, "train_iterator", signal_at_fifth_batch)
@@ -152,7 +157,7 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_finishes(demo_config, tmp_pa
   assert train.train_and_evaluate(demo_config, tmp_path) is None
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [5]
   assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5]
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+  assert signal.getsignal(sig) is signal.SIG_DFL  # handlers put back
   monkeypatch.setattr(pipeline, "train_iterator", real)
   assert train.train_and_evaluate(demo_config, tmp_path) is not None
   assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5, 8, 12]

@@ -115,11 +115,9 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
     in remote_setup
   )
   # The remote command is split again on the worker: the arguments must survive both shells.
-  remote_train = shlex.split(train[train.index("--command") + 1])
+  remote = shlex.split(train[train.index("--command") + 1])
+  remote_train = remote[remote.index("nohup") + 1 : remote.index(">")]
   assert remote_train == [
-    "cd",
-    "smartclip_jax",
-    "&&",
     "../smartclip_venv/bin/python",
     "-m",
     "smartclip_jax.train",
@@ -150,6 +148,61 @@ def test_tpu_pod_trains_into_a_bucket_and_mounts_the_data_bucket_first(fake_bin)
   )
   remote_train = shlex.split(train[train.index("--command") + 1])
   assert remote_train[remote_train.index("--workdir") + 1] == "gs://my-runs/l14"
+
+
+def worker_commands(fake_bin, *extra):
+  """The setup and start commands the launcher sends to every worker."""
+  _, commands = dry_run(
+    TPU, fake_bin, *("--name", "p", "--zone", "z", "--accelerator", "v5p-8"),
+    *("--config", "configs/demo.py", "--workdir", "/shared/run", *extra),
+  )  # fmt: skip
+  remote = [c[c.index("--command") + 1] for c in commands if "--command" in c]
+  return remote[0], remote[-1]
+
+
+def test_tpu_pod_workers_run_detached_and_refuse_a_second_run(fake_bin, tmp_path):
+  _, start = worker_commands(fake_bin, "--", "--config.seed=3")
+  home = tmp_path / "home"
+  (home / "smartclip_jax").mkdir(parents=True)
+  (home / "smartclip_venv" / "bin").mkdir(parents=True)
+  python = home / "smartclip_venv" / "bin" / "python"  # a run that records its words and waits
+  python.write_text('#!/bin/sh\necho "args: $*"\necho "sid: $(ps -o sid= -p $$)"\nsleep 30\n')
+  python.chmod(0o755)
+  first = subprocess.run([BASH, "-c", start], cwd=home, capture_output=True, text=True, timeout=10)
+  assert first.returncode == 0, first.stderr  # returns at once: the run is detached
+  pid = int((home / "smartclip_train.pid").read_text())
+  try:
+    for _ in range(50):  # the log fills as the detached process starts
+      log = (home / "smartclip_train.log").read_text()
+      if "sid:" in log:
+        break
+      subprocess.run(["sleep", "0.1"])
+    assert "args: -m smartclip_jax.train --config configs/demo.py --workdir /shared/run" in log
+    assert "--config.seed=3" in log
+    assert int(log.split("sid:")[1].split()[0]) == pid  # its own session: no SIGHUP from ssh
+    second = subprocess.run([BASH, "-c", start], cwd=home, capture_output=True, text=True)
+    assert second.returncode == 1 and f"a run is still going on this worker (pid {pid})" in (
+      second.stderr
+    )
+  finally:
+    os.kill(pid, 9)
+
+
+def test_tpu_pod_checks_the_workers_python(fake_bin, tmp_path):
+  setup, _ = worker_commands(fake_bin, "--python", sys.executable)
+  # Only the Python check: the commands after it would unpack and install.
+  check = setup.split(" && rm -rf smartclip_jax")[0]
+  ok = subprocess.run([BASH, "-c", check], capture_output=True, text=True)
+  assert (ok.returncode == 0) == (sys.version_info[:2] == (3, 11)), ok.stderr
+  old = tmp_path / "python3.8"
+  old.write_text("#!/bin/sh\nexit 1\n")  # answers the version check as a 3.8 would
+  old.chmod(0o755)
+  setup, _ = worker_commands(fake_bin, "--python", str(old))
+  bad = subprocess.run(
+    [BASH, "-c", setup.split(" && rm -rf smartclip_jax")[0]], capture_output=True, text=True
+  )
+  assert bad.returncode == 1 and "the workers need Python 3.11" in bad.stderr
+  assert "apt-get update" not in setup  # another interpreter is checked, never installed over
 
 
 def test_tpu_pod_without_spot_creates_an_on_demand_slice(fake_bin):
