@@ -7,7 +7,7 @@ A run names its starting weights and its data, or stops before compiling, saying
   --config.init_from=hf-hub:openai/clip-vit-large-patch14   (after `hf download` of it; or
       OpenAI's ViT-L-14.pt, an open_clip or transformers file or directory)
   --config.data.name=array_record --config.data.path=... --config.data.eval_path=...
-      (shards from `smartclip_jax.data.prepare`; or sharegpt4v, folder, tfds: README, Data)
+      (shards from `smartclip_jax.data.prepare`; or sharegpt4v, folder, tfds: docs/data.md)
 --config.init_from=scratch trains the towers from random initialisation instead (raise
 optim.towers.lr then); --config.data.name=demo trains on generated shapes.
 """

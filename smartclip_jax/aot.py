@@ -12,6 +12,7 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -119,7 +120,7 @@ def format_report(r: dict, name: str, batch_size: int, seconds: float) -> str:
 
 def skip_hint(config: ml_collections.ConfigDict) -> str | None:
   """What else to try when a step does not fit: the other form of the non-finite skip. Neither
-  form is smaller everywhere (the README's AOT table has both), and only a compile tells."""
+  form is smaller everywhere (docs/scaling.md's AOT table has both), and only a compile tells."""
   if config.skip_nonfinite == "cond":
     return None
   return (
@@ -128,7 +129,8 @@ def skip_hint(config: ml_collections.ConfigDict) -> str | None:
   )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def arg_parser() -> argparse.ArgumentParser:
+  """`--config` and `--topology` (`config.parse_args` adds the `--config.a.b=value` overrides)."""
   parser = config_lib.arg_parser("python -m smartclip_jax.aot", __doc__)
   parser.add_argument(
     "--topology",
@@ -136,7 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     help=f"chip:shape, e.g. v5p:4x4x4, v5e:16x16 (chips: {sorted(CHIPS)})",
   )
   parser.add_argument("--step_time", type=float, help="seconds per step, for the utilisation")
-  config, args = config_lib.parse_args(parser, sys.argv[1:] if argv is None else argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  config, args = config_lib.parse_args(arg_parser(), sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
   try:
     compiled, mesh = compile_step(config, args.topology)

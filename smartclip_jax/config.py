@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
   # How a non-finite step is left out (step.keep_if_finite): "where" (leaf by leaf) or "cond";
-  # "auto" is where on TPU/GPU, cond on CPU. Same result; they differ in memory (README, AOT).
+  # "auto" is where on TPU/GPU, cond on CPU. Same result; they differ in memory (docs/scaling.md).
   c.skip_nonfinite = "auto"
 
   # modular=False: the ablation without modular alignment (see losses.smartclip_loss).

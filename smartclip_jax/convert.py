@@ -216,7 +216,8 @@ def to_orbax(loaded: Loaded, out: epath.Path) -> None:
   manager.close()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def arg_parser() -> argparse.ArgumentParser:
+  """The command line, apart so that tools (and the README's test) can check arguments."""
   parser = argparse.ArgumentParser(
     prog="python -m smartclip_jax.convert",
     description=__doc__,
@@ -233,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="the towers' activation, for a state_dict with no model config json beside it "
     "(default there: QuickGELU, OpenAI's; docs/interop.md)",
   )
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if bool(args.checkpoint) != bool(args.to):
     parser.error("--checkpoint goes with --to; --from writes Orbax and takes no --to")

@@ -59,7 +59,8 @@ def evaluate_model(
   )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def arg_parser() -> argparse.ArgumentParser:
+  """The command line, apart so that tools (and the README's test) can check arguments."""
   parser = argparse.ArgumentParser(
     prog="python -m smartclip_jax.evaluate",
     description=(
@@ -98,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     choices=("quick_gelu", "gelu"),
     help="for state_dicts that do not say (default QuickGELU)",
   )
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True

@@ -74,8 +74,8 @@ def hint() -> str | None:
   if loaded() != "system":
     return None
   path = next(filter(None, map(find, LIBRARIES)), None)
-  how = f"LD_PRELOAD={path}" if path else f"install {PACKAGES['tcmalloc']} and preload it"
+  how = f"rerun with LD_PRELOAD={path}" if path else f"install {PACKAGES['tcmalloc']}, preload it"
   return (
     "CPU steps on glibc's malloc fault their temporaries in afresh every step; "
-    f"{how} makes large steps faster (smartclip_jax/malloc.py)"
+    f"{how} for faster large steps (smartclip_jax/malloc.py)"
   )

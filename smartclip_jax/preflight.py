@@ -40,7 +40,7 @@ def data_problems(config: ml_collections.ConfigDict) -> list[str]:
       f"data.name is not set: {which} trains on data you name, e.g. "
       "--config.data.name=array_record --config.data.path=/data/train_shards "
       "--config.data.eval_path=/data/eval_shards (shards from `python -m "
-      "smartclip_jax.data.prepare`), or data.name=folder|sharegpt4v|tfds (README, Data); "
+      "smartclip_jax.data.prepare`), or data.name=folder|sharegpt4v|tfds (docs/data.md); "
       "data.name=demo trains on generated shapes"
     )
   sources = [(d.name, d.path, "data.path")] if d.name not in ("", "demo", "tfds") else []

@@ -2,7 +2,7 @@
 
 Token-exact with OpenAI CLIP / open_clip's `SimpleTokenizer` (lower-case cleaning) so that
 checkpoints trained here and there read the same ids. The merges file ships with this package
-(`assets/bpe_simple_vocab_16e6.txt.gz`, OpenAI CLIP, MIT licence; see the README).
+(`assets/bpe_simple_vocab_16e6.txt.gz`, OpenAI CLIP, MIT licence; see assets/README.md).
 """
 
 from __future__ import annotations

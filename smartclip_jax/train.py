@@ -378,9 +378,9 @@ def train_and_evaluate(
     run.writer.close()
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-  """`--config FILE --workdir DIR`, the multi-process flags, and any number of
-  `--config.a.b=value` overrides."""
+def arg_parser() -> argparse.ArgumentParser:
+  """`--config FILE --workdir DIR` and the multi-process flags (`parse_args` adds the
+  `--config.a.b=value` overrides)."""
   parser = config_lib.arg_parser("python -m smartclip_jax.train", __doc__)
   parser.add_argument(
     "--workdir",
@@ -393,7 +393,12 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
   group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
   group.add_argument("--num_processes", type=int)
   group.add_argument("--process_id", type=int)
-  return config_lib.parse_args(parser, argv, check=preflight.check)
+  return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+  """The command line and the config it names, checked as a run needs (`preflight.check`)."""
+  return config_lib.parse_args(arg_parser(), argv, check=preflight.check)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
   python tests/test_imports.py [--rev REV]   # prints `module -> modules it imports`
 
-The tests pin the shape the README's Design section describes: data flows data -> model ->
+The tests pin the shape docs/design.md describes: data flows data -> model ->
 loss -> update -> checkpoint, and the train loop does not reach back up into the command-line
 tools.
 """

@@ -350,7 +350,8 @@ def _run(
   return summary
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def arg_parser() -> argparse.ArgumentParser:
+  """The command line, apart so that tools (and the README's test) can check arguments."""
   parser = argparse.ArgumentParser(
     prog="python -m smartclip_jax.data.prepare",
     description=__doc__,
@@ -389,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "field to caption with (default: the .txt)",
   )
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   encode = dict(
     max_side=args.max_side, min_side=args.min_side, max_pixels=args.max_pixels, quality=args.quality
