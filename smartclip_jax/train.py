@@ -374,6 +374,7 @@ def train_and_evaluate(
   finally:
     stop.close()
     profile.close()
+    data_iter.close()  # its worker processes, which ignore stop signals, end here
     run.checkpointer.close()  # pending saves commit whatever ended the run
     run.writer.close()
 

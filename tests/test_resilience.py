@@ -20,7 +20,7 @@ from tests.test_train import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def launch(workdir, overrides, devices=8, flags=(), log=None):
+def launch(workdir, overrides, devices=8, flags=(), log=None, session=False):
   """`python -m smartclip_jax.train` on the TINY demo, its output to `log` (a temporary file if
   none; a pipe that nobody reads while the run goes on fills up and stalls it)."""
   log = log or tempfile.NamedTemporaryFile("w", suffix=".log")  # noqa: SIM115  lives with proc
@@ -41,7 +41,15 @@ def launch(workdir, overrides, devices=8, flags=(), log=None):
     *flags,
     *(f"--config.{o}" for o in TINY + overrides),
   ]
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    cmd,
+    env=env,
+    cwd=REPO,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=session,  # its own process group, for a signal to the whole group
+  )
   proc.log = log
   return proc
 
@@ -227,3 +235,17 @@ def test_two_processes_write_one_run_into_a_bucket_and_a_rerun_resumes(tmp_path,
   out = finish(launch(workdir, run))
   assert "resumed at step 4 of 8" in out, out
   assert [s for s, _ in losses(workdir)] == list(range(1, 9))
+
+
+def test_a_group_sigterm_with_data_workers_saves_and_resumes(tmp_path):
+  """Preemption, slurmstepd and Ctrl-C signal the whole process group, Grain's workers too."""
+  overrides = RUN + ["data.num_workers=2"]
+  proc = launch(tmp_path, overrides, session=True)
+  wait_for_step(proc, tmp_path, 5)
+  os.killpg(proc.pid, signal.SIGTERM)
+  out = finish(proc)
+  stopped = int(out.split("stopped by SIGTERM after step ")[1].split()[0])
+  assert stopped >= 5 and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+  out = finish(launch(tmp_path, overrides))
+  assert f"resumed at step {stopped} of 30" in out
+  assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 31))

@@ -7,6 +7,7 @@ for each caption, and `tokenizer(long, context_length=248)` for the truncation c
 
 import numpy as np
 
+from smartclip_jax import tokenizer
 from smartclip_jax.tokenizer import get_tokenizer, tokenize
 
 OPEN_CLIP_IDS = {
@@ -128,3 +129,41 @@ def test_truncation_to_248_keeps_end_of_text_last():
   assert out.shape == (248,)
   np.testing.assert_array_equal(out[-5:], [269, 320, 1901, 14615, 49407])  # open_clip's tail
   assert out[0] == 49406 and np.argmax(out) == 247
+
+
+def clip_bpe(ranks: dict, word: str) -> tuple[str, ...]:
+  """CLIP's own BPE loop (quadratic), the reference for ours."""
+  parts = [*word[:-1], word[-1] + "</w>"]
+  while len(parts) > 1:
+    pairs = set(zip(parts, parts[1:]))
+    best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+    if best not in ranks:
+      break
+    merged, i = [], 0
+    while i < len(parts):
+      if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+        merged.append(parts[i] + parts[i + 1])
+        i += 2
+      else:
+        merged.append(parts[i])
+        i += 1
+    parts = merged
+  return tuple(parts)
+
+
+def test_bpe_is_clips_on_real_and_adversarial_words():
+  tok = tokenizer.get_tokenizer()
+  rng = np.random.default_rng(0)
+  letters = list("abcdefghijklmnopqrstuvwxyz") + [tok.byte_chars[b] for b in "éü!0".encode()]
+  words = ["photograph", "aaaaaaaaaaa", "abababababab", "mississippi", "zzzzzzzz", "lllllll"]
+  words += ["".join(rng.choice(letters, rng.integers(1, 40))) for _ in range(300)]
+  words += ["".join(rng.choice(list("ab"), 60)) for _ in range(20)]  # many equal-rank pairs
+  for word in words:
+    assert tok._bpe_uncached(word) == clip_bpe(tok.ranks, word), word
+
+
+def test_a_huge_caption_is_read_up_to_its_cap():
+  long = "a" * 200_000  # one 200,000-letter word: CLIP's loop would take about half an hour
+  cap = tokenizer.max_chars(248)
+  np.testing.assert_array_equal(tokenizer.tokenize(long, 248), tokenizer.tokenize(long[:cap], 248))
+  assert tokenizer.tokenize(long, 248)[0, 0] == tokenizer.get_tokenizer().sot_id

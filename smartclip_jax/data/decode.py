@@ -24,7 +24,12 @@ REASONS = (
   "no_image",  # a WebDataset sample without an image member
   "no_caption",  # ... without its .txt (or the JSON field asked for)
   "truncated_archive",  # the sample a tar file was cut off in (what follows is unreadable)
+  "unreadable_record",  # reading or decoding it raised anything else (a corrupt shard chunk, ...)
 )
+# The image formats a record may hold. Pillow would otherwise also open EPS/PS (by running
+# Ghostscript on the record's bytes) and dozens of other formats: only raster formats are read.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG reads MPO too
+PIL.Image.init()  # registers every plugin, so that each of RASTER_FORMATS is known by name
 
 # OpenAI CLIP's image normalisation (RGB in [0, 1]).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -33,6 +38,11 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 class BadRecord(ValueError):
   """A record that cannot be used; `reason` is one of REASONS."""
+
+  @classmethod
+  def unreadable(cls, error: Exception) -> BadRecord:
+    """Any other exception met reading or decoding a record, as a bad record naming it."""
+    return cls("unreadable_record", f"{type(error).__name__}: {error}")
 
   def __init__(self, reason: str, detail: str = ""):
     assert reason in REASONS, reason
@@ -58,7 +68,7 @@ def read_caption(caption: str | bytes) -> str:
 
 
 def decode_image(data: bytes | np.ndarray, min_side: int, max_pixels: int) -> PIL.Image.Image:
-  """An RGB PIL image from encoded bytes (JPEG/PNG/WebP/...) or a uint8 array.
+  """An RGB PIL image from encoded bytes (`RASTER_FORMATS`) or a uint8 array.
 
   Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
   The size is checked from the header before pixels are decoded, so a huge image costs nothing.
@@ -71,7 +81,7 @@ def decode_image(data: bytes | np.ndarray, min_side: int, max_pixels: int) -> PI
     try:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-        image = PIL.Image.open(io.BytesIO(data))
+        image = PIL.Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except PIL.Image.DecompressionBombError as e:  # PIL's own limit, from the header
       raise BadRecord("too_large", str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:

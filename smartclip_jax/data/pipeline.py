@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -30,8 +31,8 @@ from absl import flags
 
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
-from smartclip_jax.data.sources import make_source, train_sources
-from smartclip_jax.tokenizer import tokenize
+from smartclip_jax.data.sources import Guarded, make_source, train_sources
+from smartclip_jax.tokenizer import max_chars, tokenize
 
 log = logging.getLogger("smartclip_jax")
 
@@ -53,23 +54,27 @@ def featurize(
   max_pixels: int,
 ) -> dict:
   """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
-  if record.get("error"):
-    return record
   try:
+    if record.get("error"):
+      return record
     caption = record["caption"]
     if isinstance(caption, (list, tuple, np.ndarray)):  # several captions: draw one (eval: first)
       if not len(caption):
         raise decode.BadRecord("empty_caption", "no captions")
       caption = caption[int(rng.integers(len(caption))) if train else 0]
-    caption = sample_caption(decode.read_caption(caption), caption_mode, rng)
+    # Capped before sentences are split: what lies past the cap could never be tokenised.
+    caption = decode.read_caption(caption)[: max_chars(context_length)]
+    caption = sample_caption(caption, caption_mode, rng)
     image = decode.decode_image(record["image"], min_side, max_pixels)
     if train and transform == "random_resized_crop":
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
     else:
       pixels = decode.centre_crop(image, image_size)
-  except decode.BadRecord as e:
-    return {"error": e.reason, "id": record.get("id", "?"), "detail": str(e)}
-  return {"image": decode.normalize_image(pixels), "tokens": tokenize(caption, context_length)[0]}
+    tokens = tokenize(caption, context_length)[0]
+  except Exception as e:  # noqa: BLE001  any record may be broken in a way nobody foresaw
+    bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
+    return {"error": bad.reason, "id": record.get("id", "?"), "detail": str(bad)}
+  return {"image": decode.normalize_image(pixels), "tokens": tokens}
 
 
 class _SkipBadIterator(grain.DatasetIterator):
@@ -203,6 +208,14 @@ def coverage(
   )
 
 
+def leave_stopping_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """A Grain worker ignores stop signals: preemption, slurmstepd and Ctrl-C signal the whole
+  process group, and a worker that died of it would fail the trainer's next batch before the
+  trainer could save. The trainer stops its workers itself (closing the iterator)."""
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+
+
 def train_iterator(
   config: ml_collections.ConfigDict,
   process_index: int | None = None,
@@ -225,7 +238,7 @@ def train_iterator(
       raise DataError(f"the train split{f' of {label}' if label else ''} has no records")
   log.info("training data: %s", coverage(config, sources, weights, labels))
   share = _Slice(
-    [grain.MapDataset.source(src) for src in sources],
+    [grain.MapDataset.source(Guarded(src)) for src in sources],
     weights,
     _featurizer(config, train=True),
     config.seed,
@@ -240,7 +253,10 @@ def train_iterator(
     # batching after that keeps the batches independent of the worker count.
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; we do not use absl.app
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    iter_ds = iter_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=config.data.num_workers),
+      worker_init_fn=leave_stopping_to_the_trainer,
+    )
   return iter(iter_ds.batch(local, drop_remainder=True))
 
 
@@ -248,7 +264,7 @@ def eval_batches(config: ml_collections.ConfigDict) -> tuple[Iterator[dict], int
   """The held-out split in order, full captions, eval transform (the last batch may be short),
   and the number of records in the split, usable or not."""
   source = make_source(config, "eval")
-  ds = grain.MapDataset.source(source).random_map(
+  ds = grain.MapDataset.source(Guarded(source)).random_map(
     _featurizer(config, train=False), seed=config.seed
   )
   return iter(SkipBad(ds.to_iter_dataset()).batch(config.data.eval_batch_size)), len(source)

@@ -77,12 +77,15 @@ def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
   for record in records:
     seen += 1
     try:
-      writer.write(encode_record(record, *encode_args))
-      written += 1
-    except decode.BadRecord as e:
-      skipped[e.reason] += 1
+      packed = encode_record(record, *encode_args)
+    except Exception as e:  # noqa: BLE001  a record may be broken in any way: counted, not fatal
+      bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
+      skipped[bad.reason] += 1
       if len(examples) < 5:
-        examples.append(f"{record['id']}: {e}")
+        examples.append(f"{record.get('id', '?')}: {bad}")
+      continue
+    writer.write(packed)
+    written += 1
   writer.close()
   os.replace(tmp, path)
   summary = {"records": seen, "written": written, "skipped": skipped, "examples": examples}

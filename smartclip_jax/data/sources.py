@@ -16,6 +16,7 @@ import ml_collections
 import msgpack
 
 from smartclip_jax import config as config_lib
+from smartclip_jax.data import decode
 from smartclip_jax.data.demo import DemoSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -46,6 +47,31 @@ class FileListSource:
 
   def __repr__(self) -> str:
     return f"{self.name}({len(self)} records under {self.image_root})"
+
+
+class Guarded:
+  """A source whose records cannot stop a run: one that cannot be read (a corrupt ArrayRecord
+  chunk, a TFDS read error, ...) or is not a dict comes back as an `unreadable_record` error
+  record, which the pipeline counts and replaces like any bad record."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      record = self.source[index]
+      if not isinstance(record, dict):
+        raise TypeError(f"a record is a {type(record).__name__}, not a dict")
+    except Exception as e:  # noqa: BLE001  whatever the storage or format raised
+      bad = decode.BadRecord.unreadable(e)
+      return {"error": bad.reason, "id": f"record {index}", "detail": str(bad)}
+    return record
+
+  def __repr__(self) -> str:
+    return repr(self.source)
 
 
 def sharegpt4v_entries(

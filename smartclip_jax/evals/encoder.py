@@ -119,7 +119,7 @@ class Encoder:
     if isinstance(image, np.ndarray):
       return self.preprocess(PIL.Image.fromarray(image))
     try:
-      with PIL.Image.open(image) as f:
+      with PIL.Image.open(image, formats=decode.RASTER_FORMATS) as f:
         return self.preprocess(f)
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot read image {image}: {e}") from None
