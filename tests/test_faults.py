@@ -21,6 +21,22 @@ from tests.conftest import DEMO, TINY
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\n"
 
 
+def featurize(record: dict, **changes) -> dict:
+  """A training record through the pipeline's featurizer, at small sizes (or `changes`)."""
+  options = dict(
+    train=True,
+    caption_mode="full",
+    image_size=32,
+    context_length=16,
+    transform="centre_crop",
+    crop_scale=(0.9, 1.0),
+    crop_ratio=(0.75, 1.33),
+    min_side=1,
+    max_pixels=10**8,
+  )
+  return pipeline.featurize(record, np.random.default_rng(0), **{**options, **changes})
+
+
 def write_shard(folder, count: int, rng) -> pathlib.Path:
   """`count` records of 40x40 JPEGs, one Riegeli chunk each, as `prepare` writes them."""
   folder.mkdir(parents=True)
@@ -69,19 +85,7 @@ def test_an_eps_record_never_runs_ghostscript(tmp_path, monkeypatch):
   with pytest.raises(decode.BadRecord) as e:
     decode.decode_image(EPS, min_side=1, max_pixels=10**8)
   assert e.value.reason == "undecodable_image"
-  out = pipeline.featurize(
-    {"id": "eps", "caption": "a line.", "image": EPS},
-    np.random.default_rng(0),
-    train=True,
-    caption_mode="full",
-    image_size=32,
-    context_length=16,
-    transform="centre_crop",
-    crop_scale=(0.9, 1.0),
-    crop_ratio=(0.75, 1.33),
-    min_side=1,
-    max_pixels=10**8,
-  )
+  out = featurize({"id": "eps", "caption": "a line.", "image": EPS})
   assert out["error"] == "undecodable_image"
   assert not ran.exists()  # Pillow never handed the bytes to Ghostscript
 
@@ -102,18 +106,7 @@ def test_records_of_an_unexpected_kind_are_counted_as_unreadable():
     first["error"] == "unreadable_record" and "RuntimeError: Corrupted Riegeli" in (first["detail"])
   )
   assert guarded[1]["error"] == "unreadable_record" and "a list, not a dict" in guarded[1]["detail"]
-  kwargs = dict(
-    train=True,
-    caption_mode="full",
-    image_size=32,
-    context_length=16,
-    transform="centre_crop",
-    crop_scale=(0.9, 1.0),
-    crop_ratio=(0.75, 1.33),
-    min_side=1,
-    max_pixels=10**8,
-  )
-  out = pipeline.featurize(guarded[2], np.random.default_rng(0), **kwargs)
+  out = featurize(guarded[2])
   assert out["error"] == "unreadable_record" and "KeyError" in out["detail"]
 
 

@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from smartclip_jax.data import decode, pipeline, prepare, sources
+from tests.test_faults import featurize
 
 
 def image_bytes(mode: str = "RGB", size=(40, 30), fmt: str = "JPEG", seed: int = 0) -> bytes:
@@ -88,18 +89,13 @@ def test_each_bad_record_gets_its_reason(name):
     if data is None
     else {"id": name, "image": data, "caption": caption}
   )
-  out = pipeline.featurize(
+  out = featurize(
     record,
-    np.random.default_rng(0),
-    train=True,
     caption_mode="prefix",
     image_size=16,
     context_length=32,
     transform="random_resized_crop",
-    crop_scale=(0.9, 1.0),
-    crop_ratio=(0.75, 1.33),
     min_side=8,
-    max_pixels=10**8,
   )
   assert out["error"] == reason, out
 
@@ -114,19 +110,8 @@ def test_training_and_eval_images_get_the_reference_transform(size):
   pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), np.uint8)
   want = clip_transform(PIL.Image.fromarray(pixels), 24).permute(1, 2, 0).numpy()
   for train in (True, False):
-    out = pipeline.featurize(
-      {"id": "x", "image": pixels, "caption": "A cat. A dog."},
-      np.random.default_rng(0),
-      train=train,
-      caption_mode="prefix",
-      image_size=24,
-      context_length=16,
-      transform="centre_crop",
-      crop_scale=(0.5, 1.0),
-      crop_ratio=(0.75, 1.33),
-      min_side=8,
-      max_pixels=10**8,
-    )
+    record = {"id": "x", "image": pixels, "caption": "A cat. A dog."}
+    out = featurize(record, train=train, caption_mode="prefix", image_size=24, min_side=8)
     np.testing.assert_allclose(out["image"], want, atol=1e-5)
 
 
