@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import urllib.request
 
 import jax
@@ -60,20 +61,26 @@ class StopRequest:
       self.reason = "SIGTERM"
     return stop
 
-  def watch_maintenance(self, url: str = MAINTENANCE_URL, timeout: float = 3600.0) -> None:
+  def watch_maintenance(
+    self, url: str = MAINTENANCE_URL, timeout: float = 3600.0, retry_s: float = 1.0
+  ) -> None:
     """Polls the metadata server's maintenance event in a daemon thread; anything but NONE
-    (e.g. TERMINATE_ON_HOST_MAINTENANCE) is a stop notice."""
+    (e.g. TERMINATE_ON_HOST_MAINTENANCE) is a stop notice. A failed read (a 503, a timeout) is
+    retried after `retry_s`, doubling up to a minute: the watch never stops for good."""
 
     def watch() -> None:
-      query = ""  # the first read returns the current event, later ones wait for a change
+      query, wait = "", retry_s  # the first read returns the current event, later ones a change
       while self.reason is None:
         request = urllib.request.Request(url + query, headers={"Metadata-Flavor": "Google"})
         try:
           with urllib.request.urlopen(request, timeout=timeout) as response:
             event = response.read().decode().strip()
         except OSError as e:
-          log.warning("maintenance watch stopped: %s", e)
-          return
+          log.warning("maintenance watch: %s; asking again in %.0f s", e, wait)
+          time.sleep(wait)
+          wait = min(2 * wait, 60.0)
+          continue
+        wait = retry_s
         if event and event != "NONE":
           log.warning("maintenance notice %s: saving and stopping at the next step", event)
           self.notice(f"maintenance event {event}")

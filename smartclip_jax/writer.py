@@ -9,6 +9,7 @@ each flush (through epath, like everything else the run writes).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
@@ -18,6 +19,8 @@ from etils import epath
 from tensorboardX import SummaryWriter
 
 from smartclip_jax import storage
+
+log = logging.getLogger("smartclip_jax")
 
 
 class MetricWriter:
@@ -58,11 +61,28 @@ class MetricWriter:
         target.write_bytes(file.read_bytes())
 
   def truncate_after(self, step: int) -> None:
-    """Drops metrics.jsonl lines logged after `step` (a resumed run logs them again)."""
+    """Drops metrics.jsonl lines logged after `step` (a resumed run logs them again), and the
+    torn line a run killed mid-write leaves (with a warning). The file is replaced whole: a
+    kill during the rewrite leaves the old one."""
     if not self.enabled or not self.path.exists():
       return
-    self._lines = [line for line in self._read() if json.loads(line)["step"] <= step]
-    self.path.write_text("".join(self._lines))
+    self._lines, torn = [], 0
+    for line in self._read():
+      try:
+        logged = json.loads(line)["step"]
+      except (ValueError, KeyError, TypeError):
+        torn += 1
+        continue
+      if logged <= step:
+        self._lines.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+      log.warning("%s: dropped %d torn line(s), left by a run that was killed", self.path, torn)
+    if self.remote:  # an object is replaced whole by its write
+      self.path.write_text("".join(self._lines))
+    else:
+      partial = self.path.with_name(self.path.name + ".partial")
+      partial.write_text("".join(self._lines))
+      os.replace(partial, self.path)
 
   def _read(self) -> list[str]:
     return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []

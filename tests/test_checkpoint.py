@@ -163,17 +163,18 @@ def test_a_stop_signal_saves_at_the_next_step_and_a_rerun_finishes(
   assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5, 8, 12]
 
 
-def test_a_maintenance_notice_is_a_stop_request():
-  events = iter([b"NONE", b"TERMINATE_ON_HOST_MAINTENANCE"])
+def test_a_maintenance_notice_is_a_stop_request_and_the_watch_outlives_a_503():
+  events = iter([503, b"NONE", b"TERMINATE_ON_HOST_MAINTENANCE"])
   queries = []
 
   class Metadata(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
       queries.append((self.path, self.headers["Metadata-Flavor"]))
       body = next(events)
-      self.send_response(200)
+      self.send_response(503 if body == 503 else 200)
       self.end_headers()
-      self.wfile.write(body)
+      if body != 503:
+        self.wfile.write(body)
 
     def log_message(self, *args):
       pass
@@ -183,12 +184,13 @@ def test_a_maintenance_notice_is_a_stop_request():
   stop = preemption.StopRequest()
   try:
     assert not stop.reached(1)
-    stop.watch_maintenance(f"http://127.0.0.1:{server.server_port}/maintenance-event")
+    stop.watch_maintenance(f"http://127.0.0.1:{server.server_port}/maintenance-event", retry_s=0.01)
     deadline = time.time() + 10
     while not stop.reached(2) and time.time() < deadline:
       time.sleep(0.05)
     assert stop.reason == "maintenance event TERMINATE_ON_HOST_MAINTENANCE"
     assert queries == [
+      ("/maintenance-event", "Google"),  # 503: asked again
       ("/maintenance-event", "Google"),
       ("/maintenance-event?wait_for_change=true", "Google"),
     ]

@@ -1,8 +1,10 @@
-"""Faults a pod run meets in its data: a corrupt shard, a record of an unexpected kind, an image
-format that would run a program. Each is counted and replaced, never a crash."""
+"""Faults a pod run meets: a corrupt shard, a record of an unexpected kind, an image format that
+would run a program (each counted and replaced, never a crash), data workers in a signalled
+process group, a torn metrics line, an unsafe torch."""
 
 import io
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
@@ -138,3 +140,28 @@ def test_data_workers_ignore_stop_signals_and_end_when_the_trainer_closes_them(d
   assert next(batches)["tokens"].shape == (demo_config.batch_size, 32)
   batches.close()
   assert not any(w.is_alive() for w in workers)
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(demo_config, tmp_path, caplog):
+  demo_config.update(total_steps=2, log_every=1, checkpoint_every=2)
+  train.train_and_evaluate(demo_config, tmp_path)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "loss": 4.2, "l')  # a run killed while writing step 3's line
+  demo_config.total_steps = 3
+  with caplog.at_level(logging.WARNING, logger="smartclip_jax"):
+    train.train_and_evaluate(demo_config, tmp_path)
+  assert "dropped 1 torn line(s)" in caplog.text
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_pickled_checkpoints_need_a_torch_whose_weights_only_load_runs_no_code(
+  tmp_path, monkeypatch
+):
+  torch = pytest.importorskip("torch", reason="needs requirements-torch.txt")
+  from smartclip_jax.interop import torch_files
+
+  torch.save({"w": torch.zeros(2)}, tmp_path / "m.pt")
+  monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+  with pytest.raises(ValueError, match=r"needs torch >= 2.6 .* this is torch 2.5.1\+cpu"):
+    torch_files.read_torch_file(tmp_path / "m.pt")

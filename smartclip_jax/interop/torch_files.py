@@ -21,6 +21,7 @@ from smartclip_jax import config as config_lib, storage
 from smartclip_jax.interop import layout, torchscript
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+SAFE_TORCH = (2, 6)  # the first torch whose weights_only unpickler runs no code
 HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside them: {"model_cfg": ..., "preprocess_cfg": ...}
@@ -121,6 +122,13 @@ def read_torch_file(path: pathlib.Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: {e}; refused (nothing in it was run)") from None
   import torch
 
+  if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < SAFE_TORCH:
+    raise ValueError(
+      f"{path}: reading a pickled checkpoint without running its code needs torch >= "
+      f"{'.'.join(map(str, SAFE_TORCH))} (older weights_only loads could still run code, "
+      f"CVE-2025-32434); this is torch {torch.__version__}. Upgrade torch, or convert the file "
+      "to .safetensors"
+    )
   try:
     with path.open("rb") as f:
       obj = torch.load(f, map_location="cpu", weights_only=True)
