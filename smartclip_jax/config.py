@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe = ""
   c.profile_steps = 0  # trace this many steps after the first into WORKDIR/tensorboard
   c.max_nonfinite_steps = 10  # stop after this many steps in a row with non-finite loss/grads
+  # End a run (exit status 3) with every thread's stack printed when no step finishes for this
+  # many seconds, compiling and evaluating apart: a stuck process, restarted (watchdog.py). 0: off.
+  c.step_timeout_s = 1800.0
   # How a non-finite step is left out (step.keep_if_finite): "where" (leaf by leaf) or "cond";
   # "auto" is where on TPU/GPU, cond on CPU. Same result; they differ in memory (docs/scaling.md).
   c.skip_nonfinite = "auto"
@@ -415,6 +418,7 @@ RANGES = {
   "keep_checkpoints": "[1, inf)",
   "max_nonfinite_steps": "[1, inf)",
   "profile_steps": "[0, inf)",
+  "step_timeout_s": "[0, inf)",
   "eval.every": "[0, inf)",
   "smartclip.temperature": "(0, inf)",
   "smartclip.align_weight": "[0, inf)",

@@ -31,6 +31,8 @@ FIELDS = {
   "profile_steps": "trace this many steps after the first into the TensorBoard profile",
   "max_nonfinite_steps": "stop after this many non-finite steps in a row (they are not applied)",
   "skip_nonfinite": "auto, where or cond: how a non-finite step is left out",
+  "step_timeout_s": "end a stuck run (stacks printed, exit 3) when no step finishes in this "
+  "long; 0 off",
   "smartclip.temperature": "the fixed softmax temperature of SmartCLIP's logits",
   "smartclip.align_weight": "weight of the two cross-entropies (the reference's 10)",
   "smartclip.sparsity_weight": "weight of the mask sparsity term (the reference's 2)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -268,8 +269,16 @@ class CompiledStep:
   (`flops`), for the throughput the trainer logs (flops.py). A program that cannot fit the
   devices' memory stops before it runs (`memory.check_fits`)."""
 
-  def __init__(self, jitted: Any, mesh: Mesh, config: ml_collections.ConfigDict):
+  def __init__(
+    self,
+    jitted: Any,
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    compiling: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+  ):
+    """`compiling`: a context for the compiles (the trainer's watchdog pauses in it)."""
     self._jitted, self._mesh, self._config = jitted, mesh, config
+    self._compiling = compiling
     self._compiled: dict[Any, tuple[jax.stages.Compiled, float]] = {}
     self.flops = 0.0
 
@@ -278,7 +287,7 @@ class CompiledStep:
     if shape not in self._compiled:
       log.info("compiling the train step for batch %s", dict(shape))
       start = time.perf_counter()
-      with sharding.activate(self._mesh):
+      with self._compiling(), sharding.activate(self._mesh):
         compiled = self._jitted.lower(state, batch).compile()
       log.info(
         "compiled the train step in %.1f s: %.2f GB per device",
@@ -297,6 +306,7 @@ def make_train_step(
   config: ml_collections.ConfigDict,
   mesh: Mesh,
   shardings: TrainState,
+  compiling: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> CompiledStep:
   """The train step as a callable of (state, batch) -> (state, metrics)."""
-  return CompiledStep(jit_train_step(model, tx, config, mesh, shardings), mesh, config)
+  return CompiledStep(jit_train_step(model, tx, config, mesh, shardings), mesh, config, compiling)

@@ -46,6 +46,7 @@ from smartclip_jax import (
   sharding,
   step as step_lib,
   storage,
+  watchdog,
 )
 from smartclip_jax.data import pipeline, sources
 from smartclip_jax.evals import report, run as evals_run
@@ -117,6 +118,7 @@ class Run:
   start: int  # the step this process started (or resumed) from
   clock: tuple[float, int]  # (time, step) of the last throughput figure
   peak_flops: float  # one device's peak FLOP/s (flops.py), for MFU
+  watchdog: watchdog.Watchdog  # started by the loop
   flops: float = 0.0  # FLOPs per device run since the clock
 
 
@@ -273,7 +275,8 @@ def maybe_evaluate(run: Run, step: int, state: step_lib.TrainState) -> None:
   """`evaluate` every `eval.every` steps before the last (which always evaluates)."""
   every = run.config.eval.every
   if every and step % every == 0 and step != run.config.total_steps:
-    evaluate(run, step, state)
+    with run.watchdog.paused():
+      evaluate(run, step, state)
 
 
 def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
@@ -335,9 +338,12 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
     start,
     (time.perf_counter(), start),
     flops_lib.mesh_peak(mesh, config.model.dtype),
+    watchdog.Watchdog(config.step_timeout_s),
   )
   run.writer.truncate_after(start)  # a resumed run rewrites the steps after its checkpoint
-  train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
+  train_step = step_lib.make_train_step(
+    model, tx, config, mesh, shardings, compiling=run.watchdog.paused
+  )
   return run, state, train_step, data_iter, data_stats
 
 
@@ -354,6 +360,7 @@ def train_and_evaluate(
   stop = preemption.StopRequest()
   if distributed.detect() == "tpu":
     stop.watch_maintenance()
+  run.watchdog.start()
   try:
     for step in range(start + 1, config.total_steps + 1):
       profile.maybe_start(step)
@@ -369,9 +376,12 @@ def train_and_evaluate(
       maybe_save(run, step, state, data_stats, force=stopping)
       if stopping:
         return stopped(run, step, stop.reason)
+      run.watchdog.beat()
       maybe_evaluate(run, step, state)
-    return evaluate(run, config.total_steps, state)
+    with run.watchdog.paused():
+      return evaluate(run, config.total_steps, state)
   finally:
+    run.watchdog.close()
     stop.close()
     profile.close()
     data_iter.close()  # its worker processes, which ignore stop signals, end here
@@ -404,6 +414,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
 
 def main(argv: Sequence[str] | None = None) -> None:
   config, args = parse_args(sys.argv[1:] if argv is None else argv)
+  watchdog.print_stacks_on_sigusr1()
   how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   logging.basicConfig(
     level=logging.INFO if jax.process_index() == 0 else logging.WARNING,

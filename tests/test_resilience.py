@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smartclip_jax import config as config_lib, storage, train
+from smartclip_jax import config as config_lib, storage, train, watchdog
 from tests.conftest import DEMO, REPO, TINY
 from tests.test_train import read_metrics
 
@@ -249,3 +249,18 @@ def test_a_group_sigterm_with_data_workers_saves_and_resumes(tmp_path):
   out = finish(launch(tmp_path, overrides))
   assert f"resumed at step {stopped} of 30" in out
   assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 31))
+
+
+def test_a_stuck_run_is_ended_by_the_watchdog_with_every_stack_printed(tmp_path):
+  """A read that never returns (here a FIFO nobody writes, as a stalled mount would) stops a
+  run that is alive; the watchdog ends it for the launcher to restart."""
+  os.mkfifo(tmp_path / "stalled.jpg")
+  captions = tmp_path / "captions.jsonl"
+  captions.write_text('{"image": "stalled.jpg", "caption": "a stall."}\n' * 32)
+  data = ["data.name=folder", f"data.path={captions}", f"data.eval_path={captions}"]
+  proc = launch(tmp_path / "run", [*data, "step_timeout_s=5"])
+  proc.wait(timeout=300)
+  out = output(proc)
+  assert proc.returncode == watchdog.EXIT_STUCK, out
+  assert "no step finished for" in out and "step_timeout_s=5" in out
+  assert "most recent call first" in out and "in _read_file" in out  # where it was stuck

@@ -1,0 +1,77 @@
+"""Ending a run that is alive but stuck, so that the launcher can restart it.
+
+A stalled storage read, a deadlocked data worker or a stuck collective blocks every process of
+a slice forever, with nothing in the log. The watchdog gets a beat after every step; when
+`step_timeout_s` passes without one (compiling and evaluating are timed apart: they pause it),
+it prints every thread's stack to stderr and ends the process with `EXIT_STUCK`, so the
+scheduler or launcher restarts it and the run resumes from its last checkpoint.
+`kill -USR1 <pid>` prints the stacks of a running trainer without stopping it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("smartclip_jax")
+
+EXIT_STUCK = 3
+
+
+def print_stacks_on_sigusr1() -> None:
+  """`kill -USR1 <pid>` prints every thread's stack to stderr."""
+  faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+
+
+class Watchdog:
+  """From `start` to `close`, a daemon thread that ends the process when no `beat` comes for
+  `timeout_s` (0: never)."""
+
+  def __init__(self, timeout_s: float):
+    self.timeout_s = timeout_s
+    self._last = time.monotonic()
+    self._paused = 0
+    self._stopped = threading.Event()
+
+  def start(self) -> None:
+    self.beat()
+    if self.timeout_s > 0:
+      threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+  def beat(self) -> None:
+    self._last = time.monotonic()
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Work that may take long without being stuck: compiling, evaluating."""
+    self._paused += 1
+    try:
+      yield
+    finally:
+      self._paused -= 1
+      self.beat()
+
+  def close(self) -> None:
+    self._stopped.set()
+
+  def _watch(self) -> None:
+    while not self._stopped.wait(min(self.timeout_s / 10, 10.0)):
+      idle = time.monotonic() - self._last
+      if self._paused or idle < self.timeout_s:
+        continue
+      log.error(
+        "no step finished for %.0f s (step_timeout_s=%g): printing every thread's stack and "
+        "exiting with status %d so that the run is restarted from its last checkpoint",
+        idle,
+        self.timeout_s,
+        EXIT_STUCK,
+      )
+      faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)  # fd 2, even if replaced
+      os._exit(EXIT_STUCK)
