@@ -123,26 +123,15 @@ def test_a_step_that_cannot_fit_stops_before_it_runs(tmp_path, monkeypatch):
   assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
 
 
-def test_a_step_that_fits_passes_and_its_bytes_are_xlas(demo_config):
+def test_a_program_that_fits_passes_and_its_bytes_are_xlas(demo_config):
   import jax
+  import jax.numpy as jnp
 
-  from smartclip_jax import optim, sharding, step as step_lib
-  from smartclip_jax.models.clip import build_model
-
-  mesh = sharding.make_mesh(demo_config)
-  model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
-  state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
-  batch = jax.device_put(
-    step_lib.dummy_batch(demo_config, demo_config.batch_size), sharding.batch_sharding(mesh)
-  )
-  with sharding.activate(mesh):
-    compiled = (
-      step_lib.jit_train_step(model, tx, demo_config, mesh, shardings).lower(state, batch).compile()
-    )
+  x = jnp.ones((256, 512), jnp.float32)
+  compiled = jax.jit(lambda a: jnp.tanh(a @ a.T) @ a, donate_argnums=0).lower(x).compile()
   got = memory.step_bytes(compiled)
   m = compiled.memory_analysis()
-  assert got["arguments"] == m.argument_size_in_bytes > 0
+  assert got["arguments"] == m.argument_size_in_bytes == 256 * 512 * 4
   assert got["total"] == (
     m.argument_size_in_bytes
     + m.output_size_in_bytes
@@ -150,7 +139,7 @@ def test_a_step_that_fits_passes_and_its_bytes_are_xlas(demo_config):
     + m.temp_size_in_bytes
     + m.generated_code_size_in_bytes
   )
-  memory.check_fits(compiled, mesh.devices.flat[0], demo_config)  # a tiny step fits
+  memory.check_fits(compiled, jax.devices()[0], demo_config)  # a small program fits
 
 
 def test_resume_with_another_batch_size_stops_and_a_longer_run_goes_ahead(tmp_path, caplog, capsys):
