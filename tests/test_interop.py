@@ -599,3 +599,93 @@ def test_export_hf_has_a_processor_that_tokenises_and_preprocesses_as_we_do(demo
     <= 1e-4
   )
   assert max_diff(model.encode_image(ours), getattr(img, "pooler_output", img)) <= 1e-4
+
+
+class StorageRef:
+  """A storage of a crafted archive: data file `key` holding `numel` float32s."""
+
+  def __init__(self, key: str, numel: int):
+    self.key, self.numel = key, numel
+
+
+class CraftedTensor:
+  """Pickles as torch's tensor rebuild call, with any shape, strides and offset."""
+
+  def __init__(self, storage, offset, size, stride):
+    self.args = (storage, offset, size, stride)
+
+  def __reduce__(self):
+    import collections
+
+    return torch._utils._rebuild_tensor_v2, (*self.args, False, collections.OrderedDict())
+
+
+def crafted_archive(path, root, data: dict[str, bytes]):
+  """A TorchScript-shaped zip whose pickle is `root` (tensors as CraftedTensor)."""
+
+  class Crafted(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, StorageRef):
+        return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+      return None
+
+  buffer = io.BytesIO()
+  Crafted(buffer, protocol=2).dump(root)
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("archive/data.pkl", buffer.getvalue())
+    z.writestr("archive/code/__torch__.py", "")
+    for key, raw in data.items():
+      z.writestr(f"archive/data/{key}", raw)
+  return path
+
+
+def test_a_crafted_archive_reads_each_storage_once(tmp_path, monkeypatch):
+  from smartclip_jax.interop import torchscript
+
+  four = StorageRef("0", 4)
+  root = {"a": CraftedTensor(four, 0, (2,), (1,)), "b": CraftedTensor(four, 2, (2,), (1,))}
+  path = crafted_archive(tmp_path / "ok.pt", root, {"0": np.arange(4, dtype=np.float32).tobytes()})
+  reads = []
+  real = zipfile.ZipFile.read
+  monkeypatch.setattr(zipfile.ZipFile, "read", lambda z, n, *a: reads.append(n) or real(z, n, *a))
+  got = torchscript.read_archive(path)
+  np.testing.assert_array_equal(got["b"], [2.0, 3.0])
+  assert reads.count("archive/data/0") == 1
+
+
+@pytest.mark.parametrize(
+  "size,stride,offset,refusal",
+  [
+    ((100,), (1,), 0, r"tensor w: shape \(100,\) .* reaches element 99 of a storage of 4"),
+    ((2,), (1,), 3, r"tensor w: shape \(2,\) .* at offset 3 reaches element 4 of a storage of 4"),
+    ((10**12,), (0,), 0, r"tensor w: shape \(1000000000000,\) is 4,000,000,000,000 bytes"),
+    ((2, -3), (1, 1), 0, r"tensor w: shape \(2, -3\)"),
+  ],
+)
+def test_archives_asking_for_more_than_they_hold_are_refused(
+  tmp_path, size, stride, offset, refusal
+):
+  from smartclip_jax.interop import torchscript
+
+  root = {"w": CraftedTensor(StorageRef("0", 4), offset, size, stride)}
+  path = crafted_archive(tmp_path / "bad.pt", root, {"0": np.zeros(4, np.float32).tobytes()})
+  with pytest.raises(torchscript.RefusedArchive, match=refusal):
+    torchscript.read_archive(path)
+
+
+def test_a_zip_bomb_and_a_looping_module_tree_are_refused(tmp_path, monkeypatch):
+  from smartclip_jax.interop import torchscript
+
+  monkeypatch.setattr(torchscript, "MAX_BYTES", 1 << 20)
+  bomb = {"w": CraftedTensor(StorageRef("0", 4), 0, (4,), (1,))}
+  path = crafted_archive(tmp_path / "bomb.pt", bomb, {"0": bytes(8 << 20)})  # 8 MiB of zeros
+  assert path.stat().st_size < 100_000
+  with pytest.raises(
+    torchscript.RefusedArchive, match=r"unpack to 8,388,608 bytes, over 1,048,576"
+  ):
+    torchscript.read_archive(path)
+  loop: dict = {}
+  loop["self"] = loop
+  path = crafted_archive(tmp_path / "loop.pt", loop, {})
+  with pytest.raises(torchscript.RefusedArchive, match="loops back to itself at self"):
+    torchscript.read_archive(path)

@@ -33,8 +33,15 @@ _STORAGE_DTYPES = {
 }
 
 
+# A hostile archive may ask for more than it holds: tensors are checked against their storage,
+# all of them together against the archive's data and this limit, the module tree's depth too.
+MAX_BYTES = 64 << 30
+MAX_DEPTH = 64
+
+
 class RefusedArchive(ValueError):
-  """The archive's pickle names something other than modules, tensors and plain values."""
+  """The archive's pickle names something other than modules, tensors and plain values, or
+  describes tensors its data cannot hold."""
 
 
 def is_archive(path: Any) -> bool:
@@ -61,17 +68,47 @@ class _Storage:
     self.dtype = dtype
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2 as numpy: a strided view of the storage, copied."""
-  if not isinstance(storage, np.ndarray):
-    raise RefusedArchive("a tensor whose storage is not one of the archive's data files")
-  item = storage.itemsize
-  return np.lib.stride_tricks.as_strided(
-    storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
-  ).copy()
+class _Tensor:
+  """A tensor as the pickle describes it; read (`take`) once its name is known, to name it in
+  a refusal."""
+
+  def __init__(self, storage, offset, size, stride) -> None:
+    if not isinstance(storage, np.ndarray):
+      raise RefusedArchive("a tensor whose storage is not one of the archive's data files")
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+  def take(self, name: str, budget: list[int]) -> np.ndarray:
+    """The tensor's values, copied; `budget` (bytes left, one-element list) shrinks by them."""
+    size, stride, offset = self.size, self.stride, self.offset
+    ints = all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))
+    if not ints or len(size) != len(stride):
+      raise RefusedArchive(f"tensor {name}: shape {size}, strides {stride}, offset {offset}")
+    count = int(np.prod(size, dtype=object))
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if count else offset - 1
+    if last >= len(self.storage):
+      raise RefusedArchive(
+        f"tensor {name}: shape {tuple(size)} with strides {tuple(stride)} at offset {offset} "
+        f"reaches element {last} of a storage of {len(self.storage)}"
+      )
+    nbytes = count * self.storage.itemsize
+    if nbytes > budget[0]:
+      raise RefusedArchive(
+        f"tensor {name}: shape {tuple(size)} is {nbytes:,} bytes, more than the archive's data "
+        f"or the {MAX_BYTES:,}-byte limit leaves"
+      )
+    budget[0] -= nbytes
+    item = self.storage.itemsize
+    return np.lib.stride_tricks.as_strided(
+      self.storage[offset:], shape=tuple(size), strides=tuple(n * item for n in stride)
+    ).copy()
 
 
-def _rebuild_parameter(data, *_ignored) -> np.ndarray:
+def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> _Tensor:
+  """torch._utils._rebuild_tensor_v2, as a `_Tensor` to be checked and read."""
+  return _Tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data, *_ignored) -> _Tensor:
   return data
 
 
@@ -86,6 +123,7 @@ class _Unpickler(pickle.Unpickler):
   def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
     super().__init__(io.BytesIO(data))
     self.archive, self.prefix = archive, prefix
+    self.storages: dict[str, np.ndarray] = {}  # each data file read once
 
   def find_class(self, module: str, name: str) -> Any:
     if module.startswith("__torch__.") or module == "__torch__":
@@ -102,10 +140,15 @@ class _Unpickler(pickle.Unpickler):
     kind, key = pid[1], pid[2]
     if not isinstance(kind, _Storage):
       raise RefusedArchive(f"a storage of unknown type {kind!r}")
-    raw = self.archive.read(f"{self.prefix}data/{key}")
-    if kind.dtype == "bfloat16":  # the upper half of a float32
-      return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(raw, kind.dtype)
+    if key not in self.storages:
+      raw = self.archive.read(f"{self.prefix}data/{key}")
+      if kind.dtype == "bfloat16":  # the upper half of a float32
+        self.storages[key] = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(
+          np.float32
+        )
+      else:
+        self.storages[key] = np.frombuffer(raw, kind.dtype)
+    return self.storages[key]
 
 
 def read_archive(path: Any) -> dict[str, np.ndarray]:
@@ -116,18 +159,30 @@ def read_archive(path: Any) -> dict[str, np.ndarray]:
     if len(pickles) != 1:
       raise RefusedArchive(f"expected one <name>/data.pkl in the archive, found {pickles}")
     prefix = pickles[0][: -len("data.pkl")]
+    # Tensors may not hold more than the archive's data files, uncompressed, nor the limit.
+    data = sum(i.file_size for i in z.infolist() if i.filename.startswith(f"{prefix}data/"))
+    if data > MAX_BYTES:
+      raise RefusedArchive(f"its data files unpack to {data:,} bytes, over {MAX_BYTES:,}")
     root = _Unpickler(z.read(pickles[0]), z, prefix).load()
   out: dict[str, np.ndarray] = {}
-  _collect(root, "", out)
+  # Tied tensors share a storage, so twice the data is allowed; a hostile shape is far more.
+  _collect(root, "", out, [min(2 * data, MAX_BYTES)], set())
   return out
 
 
-def _collect(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-  if isinstance(obj, np.ndarray):
-    out[prefix.rstrip(".")] = obj
-  elif isinstance(obj, _Module):
-    for name, value in obj.__dict__.items():
-      _collect(value, f"{prefix}{name}.", out)
-  elif isinstance(obj, dict):  # a module's parameter or buffer dict
-    for name, value in obj.items():
-      _collect(value, f"{prefix}{name}.", out)
+def _collect(obj: Any, prefix: str, out: dict, budget: list[int], seen: set[int]) -> None:
+  """Tensors of the module tree by dotted name; a loop or a tree deeper than MAX_DEPTH is
+  refused."""
+  if prefix.count(".") > MAX_DEPTH:
+    raise RefusedArchive(f"the module tree is deeper than {MAX_DEPTH} at {prefix.rstrip('.')}")
+  if isinstance(obj, _Tensor):
+    out[prefix.rstrip(".")] = obj.take(prefix.rstrip("."), budget)
+    return
+  if not isinstance(obj, (_Module, dict)):
+    return
+  if id(obj) in seen:
+    raise RefusedArchive(f"the module tree loops back to itself at {prefix.rstrip('.')}")
+  seen.add(id(obj))
+  items = obj.__dict__ if isinstance(obj, _Module) else obj  # a module, or its parameter dict
+  for name, value in items.items():
+    _collect(value, f"{prefix}{name}.", out, budget, seen)
