@@ -1,6 +1,7 @@
 """PyTorch interop, proven by parity: random torch models in each layout, loaded by
 `smartclip_jax.load`, give the same embeddings (and masks) on the same inputs."""
 
+import io
 import json
 import logging
 import math
