@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -117,13 +118,17 @@ def _reason(error: Exception) -> str:
   """What a storage error means for a user, with the library's own message."""
   text = f"{type(error).__name__}: {error}"
   low = text.lower()
-  if "credentials" in low or "defaultcredentialserror" in low or "401" in low:
+  # An HTTP status, not the same digits inside a port or a URL (127.0.0.1:40323).
+  status = {int(code) for code in re.findall(r"(?<![\w:./?%-])([45]\d\d)(?![\w.:/])", low)}
+  if "credentials" in low or "defaultcredentialserror" in low or 401 in status:
     hint = "no usable credentials (run `gcloud auth application-default login`, or on a TPU VM "
     hint += "give its service account access to the bucket)"
-  elif "403" in low or "forbidden" in low or "permission" in low or "read-only" in low:
+  elif 403 in status or "forbidden" in low or "permission" in low or "read-only" in low:
     hint = "permission denied (the account needs roles/storage.objectAdmin on the bucket)"
-  elif isinstance(error, FileNotFoundError) or any(
-    word in low for word in ("nosuchbucket", "bucket does not exist", "404")
+  elif (
+    isinstance(error, FileNotFoundError)
+    or 404 in status
+    or any(word in low for word in ("nosuchbucket", "bucket does not exist"))
   ):  # gcsfs's plain file system says 404 as FileNotFoundError, naming only the URL
     hint = "the bucket does not exist (create it with `gcloud storage buckets create`)"
   elif "connect" in low or "timeout" in low or "resolve" in low:

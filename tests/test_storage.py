@@ -207,3 +207,11 @@ def test_a_run_in_a_bucket_writes_everything_there_and_evaluate_and_convert_too(
   assert json.loads((out / "results.json").read_text())["urban1k"]["num_images"] == 12
   assert (out / "ranks" / "urban1k.npz").exists() and (out / "recall_at_k.png").exists()
   assert list((out / "cache").glob("urban1k-*.npz"))
+
+
+@pytest.mark.parametrize("port", [40123, 40323, 40423, 4403])
+def test_a_status_code_is_not_read_out_of_a_port_number(port):
+  """A local endpoint's port (an emulator's, a proxy's) may hold 401, 403 or 404."""
+  url = f"http://127.0.0.1:{port}/upload/storage/v1/b/no-such-bucket/o?name=run%2F.write_check.0"
+  assert storage._reason(FileNotFoundError(url)).startswith("the bucket does not exist")
+  assert storage._reason(OSError(f"{url}: 403 Forbidden")).startswith("permission denied")
