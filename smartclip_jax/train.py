@@ -414,7 +414,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
 
 def main(argv: Sequence[str] | None = None) -> None:
   config, args = parse_args(sys.argv[1:] if argv is None else argv)
-  watchdog.print_stacks_on_sigusr1()
+  watchdog.enable_stack_dumps()
   how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   logging.basicConfig(
     level=logging.INFO if jax.process_index() == 0 else logging.WARNING,

@@ -5,7 +5,8 @@ a slice forever, with nothing in the log. The watchdog gets a beat after every s
 `step_timeout_s` passes without one (compiling and evaluating are timed apart: they pause it),
 it prints every thread's stack to stderr and ends the process with `EXIT_STUCK`, so the
 scheduler or launcher restarts it and the run resumes from its last checkpoint.
-`kill -USR1 <pid>` prints the stacks of a running trainer without stopping it.
+`kill -USR1 <pid>` prints the stacks of a running trainer without stopping it, and a crash in
+native code prints them before the process ends.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ log = logging.getLogger("smartclip_jax")
 EXIT_STUCK = 3
 
 
-def print_stacks_on_sigusr1() -> None:
-  """`kill -USR1 <pid>` prints every thread's stack to stderr."""
+def enable_stack_dumps() -> None:
+  """Every thread's stack to stderr on `kill -USR1 <pid>` (the run goes on) and when the process
+  crashes (a segfault or abort in native code would otherwise end it without a word)."""
+  faulthandler.enable(file=sys.__stderr__, all_threads=True)
   faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
