@@ -10,23 +10,30 @@ on any number of processes. Parameters from another run into a new one: `init_fr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from smartclip_jax import config as config_lib, storage
+from smartclip_jax import config as config_lib, distributed, storage
 from smartclip_jax.data.pipeline import DataStats
 from smartclip_jax.step import TrainState
 
 log = logging.getLogger("smartclip_jax")
 
 ITEMS = ("state", "data_stats", "config")
+RETRY_AFTER_S = (1.0, 5.0, 25.0)  # pauses before reading a failed step again
+OK, BROKEN, UNREACHABLE = 0, 1, 2  # how a step's restore ended on one process
 
 
 class CheckpointError(RuntimeError):
@@ -80,31 +87,20 @@ class Checkpointer:
   def restore(
     self, shardings: TrainState, abstract: TrainState, labels: tuple[str, ...] = ("",)
   ) -> tuple[TrainState | None, DataStats]:
-    """The newest restorable checkpoint's state, in `shardings`, and the data counts so far
-    (per train source `labels`); (None, empty counts) when there is no checkpoint."""
+    """The newest checkpoint every process can restore, in `shardings`, and the data counts so
+    far (per train source `labels`); (None, empty counts) when there is no checkpoint.
+
+    One decision for all processes: each reads a step on its own (no barrier inside, so one
+    process's failure cannot strand the others), retrying with backoff; then they compare
+    outcomes. A storage error that outlasts the retries stops the run (a rerun tries again) and
+    moves nothing; a step that fails to read on any process after its retries is passed over by
+    all together, and set aside once an older one restores everywhere.
+    """
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    failed: list[tuple[int, Exception]] = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data_stats=ocp.args.JsonRestore(),
-          ),
-        )
-      except Exception as e:  # noqa: BLE001  Orbax and TensorStore raise many kinds
-        log.warning(
-          "checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one",
-          step,
-          self.directory,
-          type(e).__name__,
-          e,
-        )
-        failed.append((step, e))
-        continue
+    step, restored, failed = self._agree(lambda step: self._read(step, target), "restored")
+    if restored is not None:
       self._set_aside([s for s, _ in failed])
       log.info("restored checkpoint at step %d from %s", step, self.directory)
       return restored["state"], DataStats.from_state_dict(restored["data_stats"], labels)
@@ -112,20 +108,71 @@ class Checkpointer:
       step, error = failed[0]
       raise CheckpointError(
         f"none of the checkpoints {[s for s, _ in failed]} in {self.directory} can be "
-        f"restored; the newest (step {step}) failed with {type(error).__name__}: {error}. "
+        f"restored; the newest (step {step}) failed with {error}. "
         "Was the run started with a different model config?"
-      ) from error
+      )
     return None, DataStats(labels)
 
+  def _agree(
+    self, read: Callable[[int], Any], what: str
+  ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """The newest step that `read` succeeds on in every process, what it read there, and the
+    newer steps that failed somewhere (with the error); (None, None, failed) if none succeeds.
+
+    Process 0's list of steps is everyone's; each process reads alone, retrying with backoff
+    (`_retrying`), then all compare outcomes and move on together. A storage error that outlasts
+    the retries on any process stops every process with `storage.StorageError`.
+    """
+    failed: list[tuple[int, str]] = []
+    for step in distributed.from_process_0(sorted(self.manager.all_steps(), reverse=True)):
+      value, error = _retrying(
+        functools.partial(read, step), f"reading the checkpoint of step {step}"
+      )
+      outcomes = distributed.gather(OK if error is None else _failure(error))
+      if (outcomes == OK).all():
+        return step, value, failed
+      who = [int(i) for i in np.flatnonzero(outcomes != OK)]
+      said = f"{type(error).__name__}: {error}" if error else "see their logs"
+      if (outcomes == UNREACHABLE).any():
+        raise storage.StorageError(
+          f"cannot read the checkpoint of step {step} in {self.directory} on processes {who}: "
+          f"storage errors outlasted {len(RETRY_AFTER_S)} retries ({said}). Nothing was moved; "
+          "rerun when the storage answers"
+        )
+      log.warning(
+        "checkpoint at step %d in %s cannot be %s by processes %s (%s); all processes try the "
+        "previous one",
+        step,
+        self.directory,
+        what,
+        who,
+        said,
+      )
+      failed.append((step, said))
+    return None, None, failed
+
+  def _read(self, step: int, target: TrainState) -> dict:
+    """This process's part of `step`, with no collective inside, so that a failure here cannot
+    strand the other processes at a barrier."""
+    reader = ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(
+        state=ocp.StandardCheckpointHandler(multiprocessing_options=_alone()),
+        data_stats=ocp.JsonCheckpointHandler(multiprocessing_options=_alone()),
+      ),
+      multiprocessing_options=_alone(),
+      temporary_path_class=self.options["temporary_path_class"],
+    )
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data_stats=ocp.args.JsonRestore()
+    )
+    return reader.restore(self.directory / str(step), args=args)
+
   def latest_config(self) -> tuple[int, dict] | None:
-    """The newest checkpoint's step and the config it was saved with (None: no checkpoint); a
-    checkpoint whose config cannot be read gives way to the one before, as in `restore`."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        return step, saved_config(self.directory / str(step))
-      except Exception as e:  # noqa: BLE001  a torn item: `restore` reports and sets it aside
-        log.warning("checkpoint at step %d: its config cannot be read (%s)", step, e)
-    return None
+    """The newest checkpoint's step and the config it was saved with (None: no checkpoint),
+    agreed by all processes as in `restore`; a config that cannot be read gives way to the one
+    before (`restore` reports and sets aside a torn checkpoint)."""
+    step, saved, _ = self._agree(lambda step: saved_config(self.directory / str(step)), "read")
+    return None if step is None else (step, saved)
 
   def _set_aside(self, steps: list[int]) -> None:
     if not steps:
@@ -169,6 +216,37 @@ class Checkpointer:
     self.manager = self.best = None
 
 
+def _alone() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for this process reading on its own: no barrier with the others."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _retrying(read: Callable[[], Any], what: str) -> tuple[Any, Exception | None]:
+  """(read(), None), or (None, the last error) once the `RETRY_AFTER_S` pauses are spent."""
+  pauses = iter(RETRY_AFTER_S)
+  while True:
+    try:
+      return read(), None
+    except Exception as e:  # noqa: BLE001  Orbax, TensorStore and file systems raise many kinds
+      if (pause := next(pauses, None)) is None:
+        return None, e
+      log.warning(
+        "process %d: %s failed (%s: %s); retrying in %.0f s",
+        jax.process_index(),
+        what,
+        type(e).__name__,
+        e,
+        pause,
+      )
+      time.sleep(pause)
+
+
+def _failure(error: Exception) -> int:
+  """UNREACHABLE for a storage error that may pass (a timeout, a 503), else BROKEN."""
+  return UNREACHABLE if storage.transient(error) else BROKEN
+
+
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
   """A workdir, a checkpoints directory (its latest step) or one step's directory (absolute:
   Orbax's metadata readers do not resolve relative paths)."""
@@ -188,7 +266,8 @@ def saved_config(step_dir: str | pathlib.Path) -> dict:
   step_dir = epath.Path(step_dir)
   item = step_dir / "config"
   if item.is_dir():
-    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item, args=ocp.args.JsonRestore())
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=_alone())
+    saved = reader.restore(item, args=ocp.args.JsonRestore())
     if saved:
       return saved
   run_config = step_dir.parent.parent / "config.json"

@@ -16,6 +16,8 @@ import logging
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("smartclip_jax")
 
@@ -49,3 +51,21 @@ def initialize(
   if how != "single":
     jax.distributed.initialize()  # jax's own cluster detection fills in every argument
   return how
+
+
+def gather(value: np.ndarray | int) -> np.ndarray:
+  """`value` from every process, stacked on a new first axis in process order (a collective:
+  every process calls it together)."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value[None]
+  return np.asarray(multihost_utils.process_allgather(value))
+
+
+def from_process_0(values: list[int]) -> list[int]:
+  """Process 0's list of (int32) integers, on every process (a collective), so that all
+  processes walk the same list whatever each of them sees."""
+  size = int(gather(len(values))[0])
+  padded = np.zeros(max(size, 1), np.int32)
+  padded[: min(size, len(values))] = values[:size]
+  return [int(v) for v in gather(padded)[0][:size]]

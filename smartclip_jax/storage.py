@@ -114,12 +114,31 @@ def check_writable(directory: epath.Path, name: str) -> None:
     raise StorageError(f"cannot write to {directory}: {_reason(e)}") from e
 
 
+def _statuses(text: str) -> set[int]:
+  """The HTTP statuses named in an error's text, not the same digits inside a port or a URL
+  (127.0.0.1:40323)."""
+  return {int(code) for code in re.findall(r"(?<![\w:./?%-])([45]\d\d)(?![\w.:/])", text)}
+
+
+TRANSIENT_WORDS = ("unavailable", "timed out", "timeout", "deadline", "connection", "temporar")
+
+
+def transient(error: Exception) -> bool:
+  """Whether a storage error may pass if tried again (a timeout, a dropped connection, HTTP 408,
+  429 or 5xx) rather than say something about the data (missing, truncated, malformed)."""
+  text = f"{type(error).__name__}: {error}".lower()
+  if isinstance(error, TimeoutError | ConnectionError):
+    return True
+  return bool(_statuses(text) & {408, 429, 500, 502, 503, 504}) or any(
+    word in text for word in TRANSIENT_WORDS
+  )
+
+
 def _reason(error: Exception) -> str:
   """What a storage error means for a user, with the library's own message."""
   text = f"{type(error).__name__}: {error}"
   low = text.lower()
-  # An HTTP status, not the same digits inside a port or a URL (127.0.0.1:40323).
-  status = {int(code) for code in re.findall(r"(?<![\w:./?%-])([45]\d\d)(?![\w.:/])", low)}
+  status = _statuses(low)
   if "credentials" in low or "defaultcredentialserror" in low or 401 in status:
     hint = "no usable credentials (run `gcloud auth application-default login`, or on a TPU VM "
     hint += "give its service account access to the bucket)"

@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from smartclip_jax import (
@@ -81,8 +80,7 @@ def text_length(tokens: np.ndarray, config: ml_collections.ConfigDict) -> int:
   if not multiple:
     return context
   longest = int(np.argmax(tokens, axis=1).max()) + 1  # the end token has the highest id
-  if jax.process_count() > 1:
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+  longest = int(distributed.gather(np.int32(longest)).max())
   return min(context, -(-longest // multiple) * multiple)
 
 

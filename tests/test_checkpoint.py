@@ -20,6 +20,7 @@ from smartclip_jax import (
   preemption,
   sharding,
   step as step_lib,
+  storage,
   train,
 )
 from smartclip_jax.data import pipeline
@@ -51,6 +52,56 @@ def restore(config, directory, devices=None):
   return checkpoint.Checkpointer(directory, keep=5, config=config).restore(
     shardings, step_lib.abstract_state(model, tx, config)
   )
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+  monkeypatch.setattr(checkpoint, "RETRY_AFTER_S", (0.0, 0.0))
+
+
+def fail_reads(monkeypatch, errors):
+  """Checkpoint reads raise `errors` in turn, then read as usual; returns the steps asked."""
+  asked, real = [], checkpoint.ocp.Checkpointer.restore
+
+  def flaky(self, directory, *args, **kwargs):
+    asked.append(int(os.path.basename(directory)))
+    if errors:
+      raise errors.pop(0)
+    return real(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.Checkpointer, "restore", flaky)
+  return asked
+
+
+@pytest.mark.slow
+def test_a_transient_read_error_is_retried_at_the_same_step_and_moves_nothing(
+  demo_config, tmp_path, monkeypatch
+):
+  save_steps(demo_config, tmp_path / "ckpt", [10, 20])
+  asked = fail_reads(monkeypatch, [OSError("503 Service Unavailable"), TimeoutError("read")])
+  state, _ = restore(demo_config, tmp_path / "ckpt")
+  assert int(state.step) == 20 and asked == [20, 20, 20]
+  assert not (tmp_path / "ckpt.unusable").exists()
+
+
+@pytest.mark.slow
+def test_storage_errors_that_outlast_the_retries_stop_and_move_nothing(
+  demo_config, tmp_path, monkeypatch
+):
+  save_steps(demo_config, tmp_path / "ckpt", [10, 20])
+  fail_reads(monkeypatch, [ConnectionError("connection reset by peer")] * 3)
+  with pytest.raises(storage.StorageError, match="outlasted 2 retries.*Nothing was moved"):
+    restore(demo_config, tmp_path / "ckpt")
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["10", "20"]
+
+
+@pytest.mark.slow
+def test_a_step_that_fails_again_is_passed_over_and_set_aside(demo_config, tmp_path, monkeypatch):
+  save_steps(demo_config, tmp_path / "ckpt", [10, 20])
+  asked = fail_reads(monkeypatch, [ValueError("bad chunk")] * 3)
+  state, _ = restore(demo_config, tmp_path / "ckpt")
+  assert int(state.step) == 10 and asked == [20, 20, 20, 10]
+  assert (tmp_path / "ckpt.unusable" / "20").is_dir()
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ from tests.test_train import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def launch(workdir, overrides, devices=8, flags=(), log=None, session=False):
+def launch(
+  workdir, overrides, devices=8, flags=(), log=None, session=False, module="smartclip_jax.train"
+):
   """`python -m smartclip_jax.train` on the TINY demo, its output to `log` (a temporary file if
   none; a pipe that nobody reads while the run goes on fills up and stalls it)."""
   log = log or tempfile.NamedTemporaryFile("w", suffix=".log")  # noqa: SIM115  lives with proc
@@ -33,7 +35,7 @@ def launch(workdir, overrides, devices=8, flags=(), log=None, session=False):
   cmd = [
     sys.executable,
     "-m",
-    "smartclip_jax.train",
+    module,
     "--config",
     DEMO,
     "--workdir",
@@ -146,7 +148,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch_two(workdir, overrides, logs=None):
+def launch_two(workdir, overrides, logs=None, **kwargs):
   """Two processes of 4 devices; process i logs to `<logs or the workdir's parent>/<name>.i`."""
   address = f"127.0.0.1:{free_port()}"
   logs = logs or workdir.parent
@@ -158,6 +160,7 @@ def launch_two(workdir, overrides, logs=None):
       devices=4,
       log=open(logs / f"{name}.{i}", "w"),
       flags=["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+      **kwargs,
     )
     for i in range(2)
   ]
@@ -235,6 +238,23 @@ def test_two_processes_write_one_run_into_a_bucket_and_a_rerun_resumes(tmp_path,
   out = finish(launch(workdir, run))
   assert "resumed at step 4 of 8" in out, out
   assert [s for s, _ in losses(workdir)] == list(range(1, 9))
+
+
+def test_a_transient_restore_error_on_one_process_is_retried_and_both_resume_together(
+  tmp_path, monkeypatch
+):
+  run = ["total_steps=8", "log_every=1", "checkpoint_every=4"]
+  for i, p in enumerate(launch_two(tmp_path / "run", ["total_steps=4", *run[1:]])):
+    assert p.wait(timeout=600) == 0, (tmp_path / f"run.{i}").read_text()
+  monkeypatch.setenv("FLAKY_PROCESS", "1")
+  for i, p in enumerate(launch_two(tmp_path / "run", run, module="tests.flaky_restore")):
+    assert p.wait(timeout=600) == 0, (tmp_path / f"run.{i}").read_text()
+  logs = [(tmp_path / f"run.{i}").read_text() for i in range(2)]
+  assert "process 1: reading the checkpoint of step 4 failed (OSError: 503" in logs[1], logs[1]
+  assert "retrying in 1 s" in logs[1] and "resumed at step 4 of 8" in logs[0], logs
+  assert "cannot be" not in logs[0] + logs[1], logs
+  assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 9))
+  assert not (tmp_path / "run" / "checkpoints.unusable").exists()
 
 
 def test_a_group_sigterm_with_data_workers_saves_and_resumes(tmp_path):

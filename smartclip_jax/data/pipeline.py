@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from smartclip_jax import distributed
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
 from smartclip_jax.data.sources import Guarded, make_source, train_sources
@@ -303,12 +304,7 @@ class DataStats:
   def per_source(self) -> np.ndarray:
     """[sources, used + skipped per reason] over all processes (a collective: every process
     calls it together)."""
-    local = self.counts
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      local = multihost_utils.process_allgather(local).sum(axis=0)
-    return local + self.restored
+    return distributed.gather(self.counts).sum(axis=0) + self.restored
 
   def totals(self) -> tuple[int, np.ndarray]:
     """(used, skipped per reason) over all processes and sources (a collective)."""
