@@ -24,15 +24,15 @@
 #   -- TRAIN_ARGS...     passed to the train command as they are: --config.a.b=value overrides,
 #                        which may also come before `--`
 #
-# Steps: (1) create or reuse the slice; (2) pack the committed HEAD with `git archive`
-# (uncommitted changes stay behind) and scp it to every worker; (3) unpack it into ~/smartclip_jax
-# and install requirements.txt and requirements-tpu.txt into ~/smartclip_venv, and mount the data
-# bucket if one is given; (4) start the train command on all workers at once (ssh --worker=all),
-# detached from the ssh session (setsid nohup: the run outlives the launcher and a dropped
-# connection), each worker logging to ~/smartclip_train.log; the processes find each other by
-# themselves (jax.distributed on a TPU slice). A worker where a run is still going refuses a
-# second one. SIGTERM or SIGHUP to the run saves a checkpoint and stops it. Rerun the same
-# command to resume from the latest checkpoint in --workdir.
+# Steps: (1) create or reuse the slice, and stop (changing nothing) if a run is still going on
+# any worker; (2) pack the committed HEAD with `git archive` (uncommitted changes stay behind) and
+# scp it to every worker; (3) unpack it into ~/smartclip_jax and install requirements.txt and
+# requirements-tpu.txt into ~/smartclip_venv, and mount the data bucket if one is given; (4) start
+# the train command on all workers at once (ssh --worker=all), detached from the ssh session
+# (setsid nohup: the run outlives the launcher and a dropped connection), each worker appending
+# to ~/smartclip_train.log; the processes find each other by themselves (jax.distributed on a TPU
+# slice). SIGTERM or SIGHUP to the run saves a checkpoint and stops it. Rerun the same command to
+# resume from the latest checkpoint in --workdir.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -81,14 +81,25 @@ else
   esac
 fi
 
+# (1b) Refuse while a run is still going on any worker, before anything on them changes: the
+# setup below replaces the code a run is using. The pid file alone is not proof, since a pid of a
+# run long gone may now be another process's: that process must be a train command too. ssh
+# commands start in the home directory.
+busy="a run is still going on this worker (pid \$pid): follow it with"
+busy+=" tail -F ~/smartclip_train.log, or stop it (and save) with kill \$pid"
+check="pid=\$(cat smartclip_train.pid 2>/dev/null) && [ -n \"\$pid\" ]"
+check+=" && ps -o args= -p \"\$pid\" 2>/dev/null | grep -q 'smartclip_jax[.]train'"
+check+=" && { echo \"\$(hostname): $busy\" >&2; exit 1; }; exit 0"
+run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$check" ||
+  fail "not launching: a worker is still running (said above) or did not answer; nothing changed"
+
 # (2) The code, as committed.
 repo=$(cd "$(dirname "$0")/.." && pwd)
 tarball=${TMPDIR:-/tmp}/smartclip_jax-$name.tar.gz
 run git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD
 run "${tpu[@]}" scp "$tarball" "$name:smartclip_jax.tar.gz" --zone "$zone" --worker=all
 
-# (3) Python 3.11 (the pins need it), then unpack and install on every worker; ssh commands start
-# in the home directory.
+# (3) Python 3.11 (the pins need it), then unpack and install on every worker.
 py=$(quote "$python")
 need="the workers need Python 3.11 for the pinned requirements: install it (sudo apt-get install"
 need+=" -y python3.11 python3.11-venv) or name one with --python"
@@ -119,15 +130,13 @@ if [[ -n $data_bucket ]]; then
   run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$fuse"
 fi
 
-# (4) Train on every worker at once, detached, unless a run is still going there.
+# (4) Train on every worker at once, detached. The log is appended to, a line marking each
+# start: the previous run's log (why it stopped) outlives a resume.
 train=(../smartclip_venv/bin/python -m smartclip_jax.train --config "$config"
        --workdir "$workdir" "${train_args[@]}")
-busy="a run is still going on this worker (pid \$(cat ../smartclip_train.pid)): follow it with"
-busy+=" tail -F ~/smartclip_train.log, or stop it (and save) with kill \$(cat ../smartclip_train.pid)"
 start="cd smartclip_jax"
-start+=" && if [ -s ../smartclip_train.pid ] && kill -0 \$(cat ../smartclip_train.pid) 2>/dev/null;"
-start+=" then echo \"\$(hostname): $busy\" >&2; exit 1; fi"
-start+=" && { setsid nohup $(quote "${train[@]}") > ../smartclip_train.log 2>&1 < /dev/null &"
+start+=" && echo \"# \$(date -u +%Y-%m-%dT%H:%M:%SZ) launching a run\" >> ../smartclip_train.log"
+start+=" && { setsid nohup $(quote "${train[@]}") >> ../smartclip_train.log 2>&1 < /dev/null &"
 start+=" echo \$! > ../smartclip_train.pid; }"
 run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$start"
 follow_cmd=("${tpu[@]}" ssh "${where[@]}" --worker=0 --command "tail -n 100 -F smartclip_train.log")

@@ -99,15 +99,16 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
     "--config.data.path=/data/it's here",
   )
   tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
-  describe, create, archive, scp, setup, train = commands
+  describe, create, check, archive, scp, setup, train = commands
   assert describe[:6] == tpu + ["describe", "clip-pod"]
   assert create[:6] == tpu + ["create", "clip-pod"]
   assert " --accelerator-type v5p-64 --version v2-alpha-tpuv5 --spot" in " ".join(create)
+  assert check[:5] == tpu + ["ssh"] and "smartclip_train.pid" in check[-1]  # before any copy
   assert archive[0] == "git" and "archive" in archive and archive[-1] == "HEAD"
   assert scp[:5] == tpu + ["scp"] and scp[5] == archive[archive.index("-o") + 1]
-  for command in (describe, create, scp, setup, train):
+  for command in (describe, create, check, scp, setup, train):
     assert " --zone us-east5-a" in " ".join(command)
-  for command in (scp, setup, train):
+  for command in (check, scp, setup, train):
     assert "--worker=all" in command
   remote_setup = setup[setup.index("--command") + 1]
   assert (
@@ -116,7 +117,8 @@ def test_tpu_pod_dry_run_prints_every_step_and_runs_nothing(fake_bin):
   )
   # The remote command is split again on the worker: the arguments must survive both shells.
   remote = shlex.split(train[train.index("--command") + 1])
-  remote_train = remote[remote.index("nohup") + 1 : remote.index(">")]
+  nohup = remote.index("nohup")
+  remote_train = remote[nohup + 1 : remote.index(">>", nohup)]
   assert remote_train == [
     "../smartclip_venv/bin/python",
     "-m",
@@ -151,24 +153,36 @@ def test_tpu_pod_trains_into_a_bucket_and_mounts_the_data_bucket_first(fake_bin)
 
 
 def worker_commands(fake_bin, *extra):
-  """The setup and start commands the launcher sends to every worker."""
+  """The busy check, setup and start commands the launcher sends to every worker."""
   _, commands = dry_run(
     TPU, fake_bin, *("--name", "p", "--zone", "z", "--accelerator", "v5p-8"),
     *("--config", "configs/demo.py", "--workdir", "/shared/run", *extra),
   )  # fmt: skip
   remote = [c[c.index("--command") + 1] for c in commands if "--command" in c]
-  return remote[0], remote[-1]
+  return remote[0], remote[1], remote[-1]
 
 
-def test_tpu_pod_workers_run_detached_and_refuse_a_second_run(fake_bin, tmp_path):
-  _, start = worker_commands(fake_bin, "--", "--config.seed=3")
+def fake_worker(tmp_path):
+  """A worker's home with a venv whose python records its words and its session, then waits."""
   home = tmp_path / "home"
   (home / "smartclip_jax").mkdir(parents=True)
   (home / "smartclip_venv" / "bin").mkdir(parents=True)
-  python = home / "smartclip_venv" / "bin" / "python"  # a run that records its words and waits
+  python = home / "smartclip_venv" / "bin" / "python"
   python.write_text('#!/bin/sh\necho "args: $*"\necho "sid: $(ps -o sid= -p $$)"\nsleep 30\n')
   python.chmod(0o755)
-  first = subprocess.run([BASH, "-c", start], cwd=home, capture_output=True, text=True, timeout=10)
+  return home
+
+
+def on_worker(command, home):
+  return subprocess.run([BASH, "-c", command], cwd=home, capture_output=True, text=True, timeout=10)
+
+
+def test_tpu_pod_workers_run_detached_and_refuse_a_second_run(fake_bin, tmp_path):
+  check, _, start = worker_commands(fake_bin, "--", "--config.seed=3")
+  home = fake_worker(tmp_path)
+  (home / "smartclip_train.log").write_text("the previous run's last words\n")
+  assert on_worker(check, home).returncode == 0  # no pid file: nothing runs
+  first = on_worker(start, home)
   assert first.returncode == 0, first.stderr  # returns at once: the run is detached
   pid = int((home / "smartclip_train.pid").read_text())
   try:
@@ -177,10 +191,11 @@ def test_tpu_pod_workers_run_detached_and_refuse_a_second_run(fake_bin, tmp_path
       if "sid:" in log:
         break
       subprocess.run(["sleep", "0.1"])
+    assert log.startswith("the previous run's last words\n# ")  # appended, not truncated
     assert "args: -m smartclip_jax.train --config configs/demo.py --workdir /shared/run" in log
     assert "--config.seed=3" in log
     assert int(log.split("sid:")[1].split()[0]) == pid  # its own session: no SIGHUP from ssh
-    second = subprocess.run([BASH, "-c", start], cwd=home, capture_output=True, text=True)
+    second = on_worker(check, home)
     assert second.returncode == 1 and f"a run is still going on this worker (pid {pid})" in (
       second.stderr
     )
@@ -188,8 +203,56 @@ def test_tpu_pod_workers_run_detached_and_refuse_a_second_run(fake_bin, tmp_path
     os.kill(pid, 9)
 
 
+def test_tpu_pod_busy_check_passes_over_a_stale_pid(fake_bin, tmp_path):
+  """A pid file outlives its run; the pid may since be another program's, or no one's."""
+  check, _, _ = worker_commands(fake_bin)
+  home = fake_worker(tmp_path)
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  other = subprocess.Popen(["sleep", "30"])  # a process that took over the run's pid
+  try:
+    for pid in (gone.pid, other.pid, "not a pid", ""):
+      (home / "smartclip_train.pid").write_text(f"{pid}\n")
+      out = on_worker(check, home)
+      assert out.returncode == 0 and out.stderr == "", (pid, out.stderr)
+  finally:
+    other.kill()
+    other.wait()
+
+
+def test_tpu_pod_refuses_before_touching_any_worker(tmp_path):
+  """A run going on a worker stops the launch before the code is packed, copied or unpacked."""
+  home = fake_worker(tmp_path)
+  python = home / "smartclip_venv" / "bin" / "python"
+  trainer = subprocess.Popen([python, "-m", "smartclip_jax.train"], stdout=subprocess.DEVNULL)
+  (home / "smartclip_train.pid").write_text(f"{trainer.pid}\n")
+  folder = tmp_path / "bin"
+  folder.mkdir()
+  calls = tmp_path / "calls"
+  # A slice that exists, and an ssh that runs the command in the worker's home.
+  (folder / "gcloud").write_text(
+    f'#!/bin/sh\necho "$4" >> {calls}\n'
+    "case $4 in describe) echo READY ;;\n"
+    f'  ssh) while [ "$1" != --command ]; do shift; done; cd {home} && exec bash -c "$2" ;;\n'
+    "esac\n"
+  )
+  (folder / "git").write_text(f"#!/bin/sh\necho git >> {calls}\n")
+  for program in folder.iterdir():
+    program.chmod(0o755)
+  try:
+    path = f"{folder}{os.pathsep}{os.environ['PATH']}"
+    out = launch(TPU, *TPU_ARGS, "--workdir", "/shared/run", path=path)
+  finally:
+    trainer.kill()
+    trainer.wait()
+  assert out.returncode == 1
+  assert f"a run is still going on this worker (pid {trainer.pid})" in out.stderr
+  assert "not launching" in out.stderr
+  assert calls.read_text().split() == ["describe", "ssh"]  # no archive, copy or setup
+
+
 def test_tpu_pod_checks_the_workers_python(fake_bin, tmp_path):
-  setup, _ = worker_commands(fake_bin, "--python", sys.executable)
+  _, setup, _ = worker_commands(fake_bin, "--python", sys.executable)
   # Only the Python check: the commands after it would unpack and install.
   check = setup.split(" && rm -rf smartclip_jax")[0]
   ok = subprocess.run([BASH, "-c", check], capture_output=True, text=True)
@@ -197,7 +260,7 @@ def test_tpu_pod_checks_the_workers_python(fake_bin, tmp_path):
   old = tmp_path / "python3.8"
   old.write_text("#!/bin/sh\nexit 1\n")  # answers the version check as a 3.8 would
   old.chmod(0o755)
-  setup, _ = worker_commands(fake_bin, "--python", str(old))
+  _, setup, _ = worker_commands(fake_bin, "--python", str(old))
   bad = subprocess.run(
     [BASH, "-c", setup.split(" && rm -rf smartclip_jax")[0]], capture_output=True, text=True
   )
