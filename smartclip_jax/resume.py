@@ -18,9 +18,9 @@ from smartclip_jax import config as config_lib
 
 log = logging.getLogger("smartclip_jax")
 
-# Field prefixes that fix the data stream, the model or the loss...
-FIXED = ("seed", "batch_size", "loss", "smartclip.", "clip.", "model.", "data.")
-# ...and fields under them that do not (how the model computes, how data are read or judged).
+# Fields, and groups of fields, that fix the data stream, the model or the loss...
+FIXED = ("seed", "batch_size", "loss", "smartclip", "clip", "model", "data")
+# ...and those in them that do not (how the model computes, how data are read or judged).
 MAY_CHANGE = (
   "model.dtype",
   "model.remat",
@@ -53,8 +53,14 @@ def changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
 
 
+def _within(field: str, names: tuple[str, ...]) -> bool:
+  """Whether `field` is one of `names` or in a group named there: whole names, so that `loss`
+  does not take in `loss_impl` (same values and gradients, a free choice on resume)."""
+  return any(field == name or field.startswith(name + ".") for name in names)
+
+
 def is_fixed(field: str) -> bool:
-  return field.startswith(FIXED) and not field.startswith(MAY_CHANGE)
+  return _within(field, FIXED) and not _within(field, MAY_CHANGE)
 
 
 def check(saved: dict, config: ml_collections.ConfigDict, step: int, where: str) -> None:

@@ -173,3 +173,7 @@ def test_which_fields_a_resume_may_change():
   for field in ("total_steps", "eval.tasks", "log_every", "data.num_workers", "mesh.fsdp"):
     assert not resume.is_fixed(field), field
   assert not resume.is_fixed("model.remat") and not resume.is_fixed("optim.towers.lr")
+  # Whole names: a field that merely begins like a fixed one is not fixed, nor the other way.
+  assert not resume.is_fixed("loss_impl") and not resume.is_fixed("seed_offset")
+  assert not resume.is_fixed("clip_grad") and not resume.is_fixed("model.remat.policy")
+  assert resume.is_fixed("model.remat_scan") and resume.is_fixed("data.num_workers_x")
