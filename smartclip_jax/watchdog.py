@@ -58,16 +58,23 @@ class Watchdog:
     try:
       yield
     finally:
-      self._paused -= 1
+      # The beat first: unpaused with the beat from before the pause, the watch would see all
+      # of the pause as time without a step and could end the run.
       self.beat()
+      self._paused -= 1
 
   def close(self) -> None:
     self._stopped.set()
 
+  def _overdue(self) -> float | None:
+    """Seconds since the last beat when they pass `timeout_s` outside a pause, else None."""
+    idle = time.monotonic() - self._last
+    return None if self._paused or idle < self.timeout_s else idle
+
   def _watch(self) -> None:
     while not self._stopped.wait(min(self.timeout_s / 10, 10.0)):
-      idle = time.monotonic() - self._last
-      if self._paused or idle < self.timeout_s:
+      idle = self._overdue()
+      if idle is None:
         continue
       log.error(
         "no step finished for %.0f s (step_timeout_s=%g): printing every thread's stack and "
