@@ -603,10 +603,11 @@ def test_export_hf_has_a_processor_that_tokenises_and_preprocesses_as_we_do(demo
 
 
 class StorageRef:
-  """A storage of a crafted archive: data file `key` holding `numel` float32s."""
+  """A storage of a crafted archive: data file `key` holding `numel` values of torch's storage
+  type `kind`."""
 
-  def __init__(self, key: str, numel: int):
-    self.key, self.numel = key, numel
+  def __init__(self, key: str, numel: int, kind: str = "FloatStorage"):
+    self.key, self.numel, self.kind = key, numel, kind
 
 
 class CraftedTensor:
@@ -627,7 +628,7 @@ def crafted_archive(path, root, data: dict[str, bytes]):
   class Crafted(pickle.Pickler):
     def persistent_id(self, obj):
       if isinstance(obj, StorageRef):
-        return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return ("storage", getattr(torch, obj.kind), obj.key, "cpu", obj.numel)
       return None
 
   buffer = io.BytesIO()
@@ -689,4 +690,38 @@ def test_a_zip_bomb_and_a_looping_module_tree_are_refused(tmp_path, monkeypatch)
   loop["self"] = loop
   path = crafted_archive(tmp_path / "loop.pt", loop, {})
   with pytest.raises(torchscript.RefusedArchive, match="loops back to itself at self"):
+    torchscript.read_archive(path)
+
+
+def test_bfloat16_data_is_budgeted_as_read_in_float32(tmp_path, monkeypatch):
+  from smartclip_jax.interop import torchscript
+
+  values = np.array([1.0, -2.5, 0.15625, 2.0**100], np.float32)  # all exact in bfloat16
+  raw = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # 8 bytes on disk
+  bf16 = StorageRef("0", 4, "BFloat16Storage")
+  # Tied: two tensors of one storage take twice its 16 bytes as read (float32), 4x the file.
+  root = {"a": CraftedTensor(bf16, 0, (4,), (1,)), "b": CraftedTensor(bf16, 0, (2, 2), (2, 1))}
+  got = torchscript.read_archive(crafted_archive(tmp_path / "bf16.pt", root, {"0": raw}))
+  np.testing.assert_array_equal(got["a"], values)
+  np.testing.assert_array_equal(got["b"], values.reshape(2, 2))
+  monkeypatch.setattr(torchscript, "MAX_BYTES", 12)  # over the file's 8 bytes, under its 16
+  with pytest.raises(torchscript.RefusedArchive, match=r"read as 16 bytes, over 12"):
+    torchscript.read_archive(tmp_path / "bf16.pt")
+
+
+def test_a_shared_submodule_is_read_under_each_path_and_paths_are_bounded(tmp_path, monkeypatch):
+  from smartclip_jax.interop import torchscript
+
+  shared = {"w": CraftedTensor(StorageRef("0", 4), 0, (4,), (1,))}
+  root = {"a": shared, "b": {"c": shared}}  # one module object reached twice: not a loop
+  path = crafted_archive(tmp_path / "dag.pt", root, {"0": np.arange(4, dtype=np.float32).tobytes()})
+  got = torchscript.read_archive(path)
+  assert sorted(got) == ["a.w", "b.c.w"]
+  np.testing.assert_array_equal(got["b.c.w"], np.arange(4))
+  diamonds = shared
+  for _ in range(40):  # 2**40 paths through 40 small modules
+    diamonds = {"x": diamonds, "y": diamonds}
+  path = crafted_archive(tmp_path / "fan.pt", diamonds, {"0": bytes(16)})
+  monkeypatch.setattr(torchscript, "MAX_PATHS", 10_000)
+  with pytest.raises(torchscript.RefusedArchive, match=r"more than 10,000 paths"):
     torchscript.read_archive(path)

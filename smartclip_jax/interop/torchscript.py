@@ -34,9 +34,11 @@ _STORAGE_DTYPES = {
 
 
 # A hostile archive may ask for more than it holds: tensors are checked against their storage,
-# all of them together against the archive's data and this limit, the module tree's depth too.
+# all of them together against the archive's data (as read: bfloat16 becomes float32) and this
+# limit, the module tree's depth too, and the paths through it (shared modules multiply them).
 MAX_BYTES = 64 << 30
 MAX_DEPTH = 64
+MAX_PATHS = 1 << 20
 
 
 class RefusedArchive(ValueError):
@@ -124,6 +126,7 @@ class _Unpickler(pickle.Unpickler):
     super().__init__(io.BytesIO(data))
     self.archive, self.prefix = archive, prefix
     self.storages: dict[str, np.ndarray] = {}  # each data file read once
+    self.nbytes = 0  # of the storages as read, which is twice the file for bfloat16
 
   def find_class(self, module: str, name: str) -> Any:
     if module.startswith("__torch__.") or module == "__torch__":
@@ -148,6 +151,9 @@ class _Unpickler(pickle.Unpickler):
         )
       else:
         self.storages[key] = np.frombuffer(raw, kind.dtype)
+      self.nbytes += self.storages[key].nbytes
+      if self.nbytes > MAX_BYTES:
+        raise RefusedArchive(f"its data files read as {self.nbytes:,} bytes, over {MAX_BYTES:,}")
     return self.storages[key]
 
 
@@ -163,26 +169,44 @@ def read_archive(path: Any) -> dict[str, np.ndarray]:
     data = sum(i.file_size for i in z.infolist() if i.filename.startswith(f"{prefix}data/"))
     if data > MAX_BYTES:
       raise RefusedArchive(f"its data files unpack to {data:,} bytes, over {MAX_BYTES:,}")
-    root = _Unpickler(z.read(pickles[0]), z, prefix).load()
-  out: dict[str, np.ndarray] = {}
+    unpickler = _Unpickler(z.read(pickles[0]), z, prefix)
+    root = unpickler.load()
   # Tied tensors share a storage, so twice the data is allowed; a hostile shape is far more.
-  _collect(root, "", out, [min(2 * data, MAX_BYTES)], set())
-  return out
+  walk = _Walk(min(2 * unpickler.nbytes, MAX_BYTES))
+  walk.collect(root, "")
+  return walk.out
 
 
-def _collect(obj: Any, prefix: str, out: dict, budget: list[int], seen: set[int]) -> None:
-  """Tensors of the module tree by dotted name; a loop or a tree deeper than MAX_DEPTH is
-  refused."""
-  if prefix.count(".") > MAX_DEPTH:
-    raise RefusedArchive(f"the module tree is deeper than {MAX_DEPTH} at {prefix.rstrip('.')}")
-  if isinstance(obj, _Tensor):
-    out[prefix.rstrip(".")] = obj.take(prefix.rstrip("."), budget)
-    return
-  if not isinstance(obj, (_Module, dict)):
-    return
-  if id(obj) in seen:
-    raise RefusedArchive(f"the module tree loops back to itself at {prefix.rstrip('.')}")
-  seen.add(id(obj))
-  items = obj.__dict__ if isinstance(obj, _Module) else obj  # a module, or its parameter dict
-  for name, value in items.items():
-    _collect(value, f"{prefix}{name}.", out, budget, seen)
+class _Walk:
+  """The module tree's tensors by dotted name (`out`). A module may be reached by two paths
+  (a shared submodule) and is then named under both, its tensors read once; a module inside
+  itself (a loop), a tree deeper than MAX_DEPTH or with more than MAX_PATHS paths is refused."""
+
+  def __init__(self, budget: int) -> None:
+    self.out: dict[str, np.ndarray] = {}
+    self.budget = [budget]  # bytes left for tensors (`_Tensor.take`)
+    self.taken: dict[int, np.ndarray] = {}  # by id of the `_Tensor`
+    self.ancestors: set[int] = set()  # ids of the modules on the path walked now
+    self.paths = 0
+
+  def collect(self, obj: Any, prefix: str) -> None:
+    name = prefix.rstrip(".")
+    self.paths += 1
+    if self.paths > MAX_PATHS:
+      raise RefusedArchive(f"the module tree has more than {MAX_PATHS:,} paths, at {name}")
+    if prefix.count(".") > MAX_DEPTH:
+      raise RefusedArchive(f"the module tree is deeper than {MAX_DEPTH} at {name}")
+    if isinstance(obj, _Tensor):
+      if id(obj) not in self.taken:
+        self.taken[id(obj)] = obj.take(name, self.budget)
+      self.out[name] = self.taken[id(obj)]
+      return
+    if not isinstance(obj, (_Module, dict)):
+      return
+    if id(obj) in self.ancestors:
+      raise RefusedArchive(f"the module tree loops back to itself at {name}")
+    self.ancestors.add(id(obj))
+    items = obj.__dict__ if isinstance(obj, _Module) else obj  # a module, or its parameter dict
+    for key, value in items.items():
+      self.collect(value, f"{prefix}{key}.")
+    self.ancestors.remove(id(obj))
