@@ -106,10 +106,12 @@ class Tokenizer:
       consider(i)
     return tuple(p for p in parts if p)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text` without start/end tokens."""
+  def encode(self, text: str, max_chars: int | None = None) -> list[int]:
+    """Token ids of `text` without start/end tokens; with `max_chars`, of the first that many
+    characters of the cleaned text (cleaning can lengthen a text: ftfy writes a ligature as
+    its letters, so a cap on the raw text alone does not bound the BPE's work)."""
     ids = []
-    for piece in _PATTERN.findall(_clean(text)):
+    for piece in _PATTERN.findall(_clean(text)[:max_chars]):
       if piece in (SOT, EOT):
         ids.append(self.encoder[piece])
         continue
@@ -123,7 +125,8 @@ class Tokenizer:
       texts = [texts]
     out = np.zeros((len(texts), context_length), np.int32)
     for row, text in enumerate(texts):
-      ids = [self.sot_id, *self.encode(text[: max_chars(context_length)]), self.eot_id]
+      cap = max_chars(context_length)  # before cleaning too, which is linear in the text
+      ids = [self.sot_id, *self.encode(text[:cap], cap), self.eot_id]
       if len(ids) > context_length:
         ids = ids[:context_length]
         ids[-1] = self.eot_id

@@ -162,6 +162,19 @@ def test_bpe_is_clips_on_real_and_adversarial_words():
     assert tok._bpe_uncached(word) == clip_bpe(tok.ranks, word), word
 
 
+def test_the_cap_holds_for_the_cleaned_text_too(monkeypatch):
+  """ftfy writes the ligature U+FB03 as "ffi": a capped caption of them cleans to three times
+  the cap, one word the BPE would read whole."""
+  tok = get_tokenizer()
+  cap = tokenizer.max_chars(77)
+  words = []
+  bpe = tok._bpe
+  monkeypatch.setattr(tok, "_bpe", lambda word: words.append(word) or bpe(word))
+  out = tok("\ufb03" * cap, 77)
+  assert sum(map(len, words)) <= cap
+  np.testing.assert_array_equal(out, tok(("ffi" * cap)[:cap], 77))
+
+
 def test_a_huge_caption_is_read_up_to_its_cap():
   long = "a" * 200_000  # one 200,000-letter word: CLIP's loop would take about half an hour
   cap = tokenizer.max_chars(248)
