@@ -20,18 +20,21 @@ def duration(seconds: float) -> str:
 
 class Progress:
   """`what: done/total unit, elapsed (ETA ...)` at most every `every` seconds, and a last line
-  when the loop ends if it logged any: a loop shorter than `every` stays silent."""
+  when the loop ends if it logged any: a loop shorter than `every` stays silent. The last line
+  is logged once, however often the total is reported (a caller may report it again after its
+  loop, to count what the loop skipped)."""
 
   def __init__(self, what: str, total: int, unit: str, every: float = 30.0):
     self.what, self.total, self.unit, self.every = what, total, unit, every
     self.start = self.last = time.perf_counter()
-    self.logged = False
+    self.logged = self.ended = False
 
   def update(self, done: int) -> None:
     now = time.perf_counter()
-    if now - self.last < self.every and not (done >= self.total and self.logged):
+    end = done >= self.total
+    if self.ended or (now - self.last < self.every and not (end and self.logged)):
       return
-    self.last, self.logged = now, True
+    self.last, self.logged, self.ended = now, True, end
     elapsed = now - self.start
     eta = f", ETA {duration(elapsed * (self.total - done) / done)}" if 0 < done < self.total else ""
     log.info("%s: %d/%d %s, %s%s", self.what, done, self.total, self.unit, duration(elapsed), eta)

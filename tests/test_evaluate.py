@@ -1,12 +1,17 @@
 """Recall@K against a brute-force numpy oracle built on a stable sort: exact, with ties,
 several captions per image, chunked or not, sharded over 8 devices or on one."""
 
+import itertools
+import logging
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from smartclip_jax import sharding
-from smartclip_jax.evals import retrieval
+from smartclip_jax import progress, sharding
+from smartclip_jax.data import pipeline
+from smartclip_jax.evals import retrieval, run as evals_run
 
 
 def oracle(sim, text_to_image, ks=(1, 5, 10)):
@@ -95,3 +100,31 @@ def test_masked_ranks_match_the_full_masked_similarity_matrix():
   ]
   np.testing.assert_array_equal(got["t2i"], t2i)
   np.testing.assert_array_equal(got["i2t"], i2t)
+
+
+class Echo:
+  """An encoder whose embeddings are its inputs: each batch's images and tokens as given."""
+
+  mesh = sharding.data_mesh(jax.devices()[:1])
+
+  def apply(self, method, x):
+    return x
+
+
+@pytest.mark.parametrize("skipped", [0, 2])
+def test_the_heldout_progress_ends_with_one_last_line(skipped, caplog, monkeypatch):
+  """The loop's last update and the one after it (which counts skipped records) both report
+  every record: one line says so, whether or not records were skipped."""
+  emb = np.eye(8, dtype=np.float32)
+  batches = [{"image": emb[:4], "tokens": emb[:4]}, {"image": emb[4:], "tokens": emb[4:]}]
+  monkeypatch.setattr(pipeline, "eval_batches", lambda config: (batches, 8 + skipped))
+  clock = itertools.count(0.0, 40.0)  # every update is due
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+  config = ml_collections.ConfigDict({"data": {"name": "demo"}})
+  with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+    results = evals_run.evaluate_heldout(config, Echo())
+  lines = [r.getMessage() for r in caplog.records]
+  total = 8 + skipped
+  want = [f"held-out demo: {n}/{total} records" for n in sorted({4, 8, total})]
+  assert [line.split(",")[0] for line in lines] == want
+  assert results["skipped"] == skipped and results["i2t_r1"] == 100.0
