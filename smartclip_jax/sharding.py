@@ -75,6 +75,12 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   )
 
 
+def local_device(mesh: Mesh) -> jax.Device:
+  """This process's first device of `mesh`: what only a device of this host can answer (its
+  memory) must be asked of one; in a multi-process run the mesh's first may be another's."""
+  return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -294,7 +294,7 @@ class CompiledStep:
         time.perf_counter() - start,
         memory.step_bytes(compiled)["total"] / memory.GB,
       )
-      memory.check_fits(compiled, self._mesh.devices.flat[0], self._config)
+      memory.check_fits(compiled, sharding.local_device(self._mesh), self._config)
       self._compiled[shape] = compiled, flops_lib.compiled_flops(compiled)
     compiled, self.flops = self._compiled[shape]
     return compiled(state, batch)

@@ -1,5 +1,7 @@
 """The same batch and parameters give the same loss and gradients on any mesh."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -77,6 +79,17 @@ def test_fsdp_and_tensor_rules_shard_parameters(demo_config):
   ]
   assert len(c_fc) == 2 and all(spec == P("fsdp", "tensor") for spec in c_fc)
   assert P() in moments.values()
+
+
+def test_the_local_device_is_this_process_first_device_of_the_mesh(monkeypatch):
+  """On a slice the mesh's first device may be another process's, whose memory this process
+  cannot read (memory_stats fails, and the memory check passed unseen)."""
+  assert sharding.local_device(sharding.data_mesh()) == jax.local_devices()[0]
+  devices = [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+  mesh = types.SimpleNamespace(devices=np.array(devices, dtype=object).reshape(2, 4, 1))
+  for process in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    assert sharding.local_device(mesh).id == 4 * process
 
 
 def test_mesh_errors():
