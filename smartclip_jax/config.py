@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   # How a checkpoint is committed: "rename" (a finished temporary directory is renamed), or
   # "commit_file" (a commit_success.txt file; for object stores and gcsfuse mounts, which cannot
-  # rename directories); "auto" picks commit_file for gs:// workdirs and gcsfuse mounts.
+  # rename directories); "auto" picks commit_file for gs:// workdirs and FUSE mounts (gcsfuse,
+  # GKE's GCS FUSE CSI driver), and elsewhere whichever a rename tried at start-up allows.
   c.checkpoint_atomicity = "auto"
   # Start from another model's parameters (fresh optimizer, step 0): a workdir or Orbax
   # checkpoint, a PyTorch file or a transformers directory, an hf-hub:ORG/NAME name (anything

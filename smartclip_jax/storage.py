@@ -4,7 +4,12 @@ Everything a run writes goes through `etils.epath` (gcsfs under `gs://`; Orbax's
 through TensorStore, which talks to GCS itself). Object stores and gcsfuse mounts cannot rename
 a directory (gcsfuse on a flat bucket refuses to rename one with subdirectories, and a rename on
 GCS is a copy anyway), so there checkpoints are committed by a `commit_success.txt` file and a
-checkpoint set aside is copied, then deleted (`checkpoint_atomicity` in the config).
+checkpoint set aside is copied, then deleted (`checkpoint_atomicity` in the config). Which of the
+two a directory needs is not guessed from names alone: FUSE mounts (gcsfuse, GKE's GCS FUSE CSI
+driver, whose mounts say just `fuse`) commit by file, and elsewhere a rename is tried.
+
+A multi-process run needs one directory that every process sees; `check_shared` proves it at
+start-up, before a checkpoint can be split across hosts' local disks.
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import secrets
 import shutil
+import time
 from collections.abc import Iterator
 
+import jax
 from etils import epath
 
+from smartclip_jax import distributed
+
 ATOMICITIES = ("auto", "rename", "commit_file")
-GCSFUSE_TYPES = ("fuse.gcsfuse", "fuse.gcsfuse2")
 MOUNTS = pathlib.Path("/proc/mounts")
+SHARED_WAIT_S = 30.0  # how long a process looks for process 0's file (mounts cache listings)
 
 
 class StorageError(RuntimeError):
@@ -60,7 +70,63 @@ def commit_file(directory: str | os.PathLike, atomicity: str = "auto") -> bool:
     raise ValueError(f"checkpoint_atomicity={atomicity!r}: choose one of {ATOMICITIES}")
   if atomicity != "auto":
     return atomicity == "commit_file"
-  return is_remote(directory) or mount_type(directory) in GCSFUSE_TYPES
+  if is_remote(directory) or mount_type(directory).split(".")[0] == "fuse":
+    return True
+  return not renames_directories(directory)
+
+
+def renames_directories(directory: str | os.PathLike) -> bool:
+  """Whether a directory with a subdirectory can be renamed inside local `directory` (created
+  if missing): what a checkpoint's rename commit does. False where it cannot, or where nothing
+  can be written (a reader of checkpoints saves nothing)."""
+  probe = pathlib.Path(directory) / f".rename_check.{os.getpid()}"
+  try:
+    (probe / "sub").mkdir(parents=True, exist_ok=True)
+    os.rename(probe, f"{probe}.done")
+    shutil.rmtree(f"{probe}.done")
+    return True
+  except OSError:
+    shutil.rmtree(probe, ignore_errors=True)
+    return False
+
+
+def check_shared(directory: epath.Path) -> None:
+  """In a multi-process run, stops every process with `StorageError` unless all of them see a
+  file that process 0 writes in `directory`: a node-local path (or a relative one, resolved in
+  different folders) would split checkpoints across hosts, unrestorable later. A collective."""
+  if jax.process_count() == 1:
+    return
+  nonce, probe = 0, None
+  if jax.process_index() == 0:
+    try:
+      nonce = secrets.randbelow(2**31 - 1) + 1
+      probe = directory / f".shared_check.{nonce}"
+      probe.write_text(str(nonce))
+    except Exception:  # noqa: BLE001  every process must reach the collective below to stop
+      nonce = 0
+  nonce = distributed.from_process_0([nonce])[0]
+  if not nonce:
+    raise StorageError(f"process 0 cannot write its shared-directory check file in {directory}")
+  deadline, path = time.monotonic() + SHARED_WAIT_S, directory / f".shared_check.{nonce}"
+  while not (seen := _holds(path, nonce)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  blind = [i for i, ok in enumerate(distributed.gather(int(seen))) if not ok]
+  if probe is not None:
+    probe.unlink(missing_ok=True)
+  if blind:
+    raise StorageError(
+      f"the workdir {directory} is not shared by all processes: processes {blind} do not see "
+      f"the file process 0 wrote there within {SHARED_WAIT_S:.0f} s. A multi-process run needs "
+      "one directory that every process sees (a gs:// bucket, a gcsfuse or NFS mount); a "
+      "relative path is resolved in each process's own working folder"
+    )
+
+
+def _holds(path: epath.Path, nonce: int) -> bool:
+  try:
+    return path.read_text() == str(nonce)
+  except Exception:  # noqa: BLE001  not there yet, or unreadable: both mean not seen
+    return False
 
 
 def move_tree(src: epath.Path, dst: epath.Path, rename: bool) -> None:

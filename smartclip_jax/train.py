@@ -291,6 +291,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   from the latest checkpoint or freshly initialised. Checks that can fail do so here."""
   preflight.check(config)  # again for callers that did not come through parse_args
   storage.check_writable(workdir, f".write_check.{jax.process_index()}")
+  storage.check_shared(workdir)
   mesh = sharding.make_mesh(config)
   losses.make(config)  # a loss the model cannot train fails now, not at the first compile
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())

@@ -21,7 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 def launch(
-  workdir, overrides, devices=8, flags=(), log=None, session=False, module="smartclip_jax.train"
+  workdir,
+  overrides,
+  devices=8,
+  flags=(),
+  log=None,
+  session=False,
+  module="smartclip_jax.train",
+  cwd=REPO,
 ):
   """`python -m smartclip_jax.train` on the TINY demo, its output to `log` (a temporary file if
   none; a pipe that nobody reads while the run goes on fills up and stalls it)."""
@@ -46,7 +53,7 @@ def launch(
   proc = subprocess.Popen(
     cmd,
     env=env,
-    cwd=REPO,
+    cwd=cwd,
     stdout=log,
     stderr=subprocess.STDOUT,
     text=True,
@@ -148,10 +155,11 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch_two(workdir, overrides, logs=None, **kwargs):
-  """Two processes of 4 devices; process i logs to `<logs or the workdir's parent>/<name>.i`."""
+def launch_two(workdir, overrides, logs=None, cwds=(REPO, REPO), **kwargs):
+  """Two processes of 4 devices, in folders `cwds`; process i logs to `<logs or the workdir's
+  parent>/<name>.i`."""
   address = f"127.0.0.1:{free_port()}"
-  logs = logs or workdir.parent
+  logs = logs or Path(workdir).parent
   name = storage.path(workdir).name
   return [
     launch(
@@ -160,6 +168,7 @@ def launch_two(workdir, overrides, logs=None, **kwargs):
       devices=4,
       log=open(logs / f"{name}.{i}", "w"),
       flags=["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+      cwd=cwds[i],
       **kwargs,
     )
     for i in range(2)
@@ -238,6 +247,23 @@ def test_two_processes_write_one_run_into_a_bucket_and_a_rerun_resumes(tmp_path,
   out = finish(launch(workdir, run))
   assert "resumed at step 4 of 8" in out, out
   assert [s for s, _ in losses(workdir)] == list(range(1, 9))
+
+
+def test_two_processes_in_different_folders_with_a_relative_workdir_stop_before_step_1(tmp_path):
+  """Each resolves `run` in its own folder: as good as a node-local path, which would split
+  checkpoints across hosts."""
+  folders = [tmp_path / "host0", tmp_path / "host1"]
+  for folder in folders:
+    folder.mkdir()
+  procs = launch_two(Path("run"), ["total_steps=4"], logs=tmp_path, cwds=folders)
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=300) != 0, (tmp_path / f"run.{i}").read_text()
+  for i in range(2):
+    text = (tmp_path / f"run.{i}").read_text()
+    assert "the workdir" in text and "is not shared by all processes: processes [1]" in text, text
+  assert not (folders[0] / "run" / "metrics.jsonl").exists()
+  assert not (folders[0] / "run" / "checkpoints").exists()
+  assert [p.name for p in (folders[0] / "run").iterdir()] == []
 
 
 def test_a_transient_restore_error_on_one_process_is_retried_and_both_resume_together(

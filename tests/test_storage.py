@@ -45,6 +45,23 @@ def test_commit_file_for_buckets_and_when_asked(tmp_path):
     config_lib.load(DEMO, ["checkpoint_atomicity=atomic"])
 
 
+@pytest.mark.parametrize("kind", ["fuse.gcsfuse", "fuse", "fuse.gcsfuse2"])
+def test_fuse_mounts_commit_by_file_whatever_their_name(tmp_path, monkeypatch, kind):
+  """GKE's GCS FUSE CSI driver mounts a bucket with type `fuse`, gcsfuse with `fuse.gcsfuse`."""
+  mounts = tmp_path / "mounts"
+  mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nbucket {tmp_path} {kind} rw 0 0\n")
+  monkeypatch.setattr(storage, "MOUNTS", mounts)
+  assert storage.commit_file(tmp_path / "run")
+
+
+def test_a_directory_that_refuses_renames_commits_by_file(tmp_path, monkeypatch):
+  """Not every such file system has a telling name: a rename tried at start-up decides."""
+  assert storage.renames_directories(tmp_path) and not storage.commit_file(tmp_path)
+  refuse_directory_renames(monkeypatch)
+  assert not storage.renames_directories(tmp_path) and storage.commit_file(tmp_path)
+  assert os.listdir(tmp_path) == []  # the probe leaves nothing behind
+
+
 def refuse_directory_renames(monkeypatch):
   """What gcsfuse does on a flat bucket: a directory (with subdirectories) cannot be renamed."""
   real = os.rename
