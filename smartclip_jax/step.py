@@ -23,8 +23,8 @@ log = logging.getLogger("smartclip_jax")
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a step changes. Steps with a non-finite loss or gradient are counted, not
-  applied: `skipped` in all, `skip_streak` in a row now, `max_skip_streak` the longest run."""
+  """Everything a step changes. Steps with a non-finite loss, gradient or update are counted,
+  not applied: `skipped` in all, `skip_streak` in a row now, `max_skip_streak` the longest run."""
 
   step: jax.Array
   params: Any
@@ -184,9 +184,16 @@ def accumulated_loss_and_grads(
 
 
 def keep_if_finite(
-  finite: jax.Array, update: Callable[[Any], Any], state: Any, *, select: bool
-) -> Any:
-  """`update(state)` when `finite`, else `state` as it was: how a non-finite step is skipped.
+  finite: jax.Array,
+  update: Callable[[Any], tuple[Any, jax.Array]],
+  state: Any,
+  *,
+  select: bool,
+) -> tuple[Any, jax.Array]:
+  """(`update(state)`'s new state, True) when `finite` and the update reports itself finite,
+  else (`state` as it was, False): how a non-finite step is skipped. `update` returns the new
+  state and whether what it applied was finite (a finite gradient can still give a non-finite
+  update, e.g. an optimizer dividing by a second moment of zero).
 
   `select=True` picks leaf by leaf with `where`, which TPU and GPU XLA fuse into the optimizer's
   elementwise update, where a `cond` costs a parameter-sized buffer. XLA:CPU does not fuse the
@@ -196,8 +203,15 @@ def keep_if_finite(
   benchmarks/README.md.
   """
   if select:
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(state), state)
-  return jax.lax.cond(finite, update, lambda s: s, state)
+    new, ok = update(state)
+    take = finite & ok
+    return jax.tree.map(lambda a, b: jnp.where(take, a, b), new, state), take
+
+  def checked(old: Any) -> tuple[Any, jax.Array]:
+    new, ok = update(old)
+    return jax.lax.cond(ok, lambda: new, lambda: old), ok
+
+  return jax.lax.cond(finite, checked, lambda old: (old, jnp.bool_(False)), state)
 
 
 def jit_train_step(
@@ -231,9 +245,10 @@ def jit_train_step(
     def update(params_and_opt_state):
       params, opt_state = params_and_opt_state
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      applied = (optax.apply_updates(params, updates), opt_state)
+      return applied, jnp.isfinite(optax.global_norm(updates))
 
-    params, opt_state = keep_if_finite(
+    (params, opt_state), finite = keep_if_finite(
       finite, update, (state.params, state.opt_state), select=select
     )
     streak = jnp.where(finite, 0, state.skip_streak + 1)

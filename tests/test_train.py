@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from smartclip_jax import (
@@ -131,10 +132,37 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config, form):
 def test_keep_if_finite_both_forms(select):
   """The accelerator form (`where`) and the CPU form (`cond`) skip and apply alike."""
   state = {"w": jnp.arange(4.0), "m": (jnp.ones(3), jnp.int32(2))}
-  update = lambda s: jax.tree.map(lambda x: x * 2 + 1, s)
-  skip = jax.jit(lambda f, s: step_lib.keep_if_finite(f, update, s, select=select))
-  jax.tree.map(np.testing.assert_array_equal, skip(jnp.bool_(False), state), state)
-  jax.tree.map(np.testing.assert_array_equal, skip(jnp.bool_(True), state), update(state))
+  double = lambda s: jax.tree.map(lambda x: x * 2 + 1, s)
+  for finite, update_ok, applied in [
+    (False, True, False),
+    (True, False, False),
+    (True, True, True),
+  ]:
+    update = lambda s, ok=update_ok: (double(s), jnp.bool_(ok))
+    skip = jax.jit(lambda f, s, u=update: step_lib.keep_if_finite(f, u, s, select=select))
+    new, took = skip(jnp.bool_(finite), state)
+    assert bool(took) == applied
+    jax.tree.map(np.testing.assert_array_equal, new, double(state) if applied else state)
+
+
+@pytest.mark.parametrize("form", ["where", "cond"])
+def test_a_nonfinite_update_from_finite_gradients_is_skipped(demo_config, form):
+  """An optimizer can turn finite gradients into a non-finite update (a zero second moment
+  under eps=0, a scale of nan): the step is counted as skipped and nothing moves."""
+  demo_config.skip_nonfinite = form
+  mesh = sharding.make_mesh(demo_config)
+  model = build_model(demo_config)
+  tx = optax.chain(optim.make_optimizer(demo_config), optax.scale(float("nan")))
+  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
+  train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
+  before = jax.device_get(state.params)
+  state, metrics = train_step(
+    state, train.global_batch(next(pipeline.train_iterator(demo_config)), mesh)
+  )
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+  assert int(metrics["skipped_steps"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
 @pytest.mark.slow
