@@ -20,6 +20,8 @@ import urllib.request
 import jax
 from jax.experimental import multihost_utils
 
+from smartclip_jax import distributed
+
 log = logging.getLogger("smartclip_jax")
 
 MAINTENANCE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/maintenance-event"
@@ -60,6 +62,14 @@ class StopRequest:
     if stop and self.reason is None:
       self.reason = "SIGTERM"
     return stop
+
+  def pending(self) -> bool:
+    """Whether a process has a stop notice, asked between evaluation batches (where `reached`,
+    which counts steps, cannot be). With several processes a collective, so every process
+    answers alike; there a SIGTERM is JAX's preemption service's and waits for the next step,
+    while Ctrl-C, SIGHUP and maintenance notices are seen at once."""
+    mine = self.reason is not None
+    return bool(distributed.gather(int(mine)).any()) if self._multi else mine
 
   def watch_maintenance(
     self, url: str = MAINTENANCE_URL, timeout: float = 3600.0, retry_s: float = 1.0

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,7 @@ from smartclip_jax import (
 )
 from smartclip_jax.data import pipeline, sources
 from smartclip_jax.evals import report, run as evals_run
-from smartclip_jax.evals.encoder import Encoder
+from smartclip_jax.evals.encoder import Encoder, Interrupted
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
 
@@ -118,6 +118,7 @@ class Run:
   peak_flops: float  # one device's peak FLOP/s (flops.py), for MFU
   watchdog: watchdog.Watchdog  # started by the loop
   flops: float = 0.0  # FLOPs per device run since the clock
+  should_stop: Callable[[], bool] = lambda: False  # asked between evaluation batches
 
 
 class Profile:
@@ -235,6 +236,7 @@ def evaluate(run: Run, step: int, state: step_lib.TrainState) -> dict:
     config.data.eval_batch_size,
     param_shardings=run.shardings.params,
   )
+  encoder.should_stop = run.should_stop
   results = evals_run.run_eval(
     config, encoder, f"{run.workdir}@{step}", run.workdir / "eval" / f"step_{step}"
   )
@@ -269,12 +271,21 @@ def stopped(run: Run, step: int, reason: str) -> None:
   )
 
 
-def maybe_evaluate(run: Run, step: int, state: step_lib.TrainState) -> None:
-  """`evaluate` every `eval.every` steps before the last (which always evaluates)."""
+def maybe_evaluate(
+  run: Run, step: int, state: step_lib.TrainState, data_stats: pipeline.DataStats
+) -> bool:
+  """`evaluate` every `eval.every` steps before the last (which always evaluates); False when
+  a stop notice ended it, the state then saved at `step` (for the rerun to go on from)."""
   every = run.config.eval.every
   if every and step % every == 0 and step != run.config.total_steps:
-    with run.watchdog.paused():
-      evaluate(run, step, state)
+    try:
+      with run.watchdog.paused():
+        evaluate(run, step, state)
+    except Interrupted:
+      if step % run.config.checkpoint_every:  # else saved before the evaluation began
+        run.checkpointer.save(state, data_stats)
+      return False
+  return True
 
 
 def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
@@ -357,6 +368,7 @@ def train_and_evaluate(
     run.workdir, range(start + 2, min(start + 2 + config.profile_steps, config.total_steps + 1))
   )
   stop = preemption.StopRequest()
+  run.should_stop = stop.pending
   if distributed.detect() == "tpu":
     stop.watch_maintenance()
   run.watchdog.start()
@@ -376,9 +388,15 @@ def train_and_evaluate(
       if stopping:
         return stopped(run, step, stop.reason)
       run.watchdog.beat()
-      maybe_evaluate(run, step, state)
-    with run.watchdog.paused():
-      return evaluate(run, config.total_steps, state)
+      if not maybe_evaluate(run, step, state, data_stats):
+        return stopped(run, step, f"{stop.reason or 'a stop notice'} during evaluation")
+    try:
+      with run.watchdog.paused():
+        return evaluate(run, config.total_steps, state)
+    except Interrupted:  # the last step is saved: the rerun evaluates it
+      return stopped(
+        run, config.total_steps, f"{stop.reason or 'a stop notice'} in the final evaluation"
+      )
   finally:
     run.watchdog.close()
     stop.close()

@@ -24,6 +24,7 @@ from smartclip_jax import (
   train,
 )
 from smartclip_jax.data import pipeline
+from smartclip_jax.evals import run as evals_run
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.text import stretch_positions
 from tests.conftest import DEMO, TINY
@@ -212,6 +213,32 @@ def test_a_stop_signal_saves_at_the_next_step_and_a_rerun_finishes(
   monkeypatch.setattr(pipeline, "train_iterator", real)
   assert train.train_and_evaluate(demo_config, tmp_path) is not None
   assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5, 8, 12]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["periodic", "final"])
+def test_a_stop_signal_during_evaluation_ends_it_between_batches_and_a_rerun_goes_on(
+  demo_config, tmp_path, monkeypatch, when
+):
+  """A periodic evaluation (step 3, no checkpoint due there) or the final one: the notice is
+  seen before the next evaluation batch, the step is saved, and the rerun takes it from there."""
+  real, asked = evals_run.evaluate_heldout, []
+
+  def interrupted(config, encoder):
+    asked.append(1)
+    if len(asked) == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+    return real(config, encoder)
+
+  monkeypatch.setattr(evals_run, "evaluate_heldout", interrupted)
+  every = 3 if when == "periodic" else 0
+  demo_config.update(total_steps=6, log_every=1, checkpoint_every=4)
+  demo_config.eval.every = every
+  assert train.train_and_evaluate(demo_config, tmp_path) is None
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  assert saved == ([3] if when == "periodic" else [4, 6])
+  assert train.train_and_evaluate(demo_config, tmp_path) is not None
+  assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7))
 
 
 def test_a_maintenance_notice_is_a_stop_request_and_the_watch_outlives_a_503():

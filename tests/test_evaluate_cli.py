@@ -180,3 +180,46 @@ def test_training_evaluates_its_tasks_and_keeps_the_best_checkpoint(demo_config,
     assert saved["tasks"]["urban1k"]["num_images"] == 8 and "i2t_r1" in saved
   best = [p.name for p in (tmp_path / "run" / "checkpoints_best").iterdir() if p.name.isdigit()]
   assert len(best) == 1
+
+
+def tiny_encoder(config):
+  """A randomly initialised demo model behind the one `Encoder`."""
+  import flax.linen as nn
+  import jax
+
+  from smartclip_jax.evals.encoder import Encoder
+  from smartclip_jax.step import dummy_batch
+  from smartclip_jax.train import build_model
+
+  model, batch = build_model(config), dummy_batch(config)
+  params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
+  return Encoder(config, model, nn.meta.unbox(params), batch_size=4)
+
+
+def test_an_undecodable_image_is_counted_and_left_out_with_its_captions(demo_config, tmp_path):
+  """Scores as if the image (and its caption) were not in the set, and say so in `skipped`."""
+  encoder = tiny_encoder(demo_config)
+  urban, colours = urban1k_folder(tmp_path / "urban", n=6), class_folder(tmp_path / "colours")
+  spec = tasks_lib.parse_tasks(f"urban1k:{urban},folder:{colours}")
+  (urban / "image" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
+  (colours / "red" / "1.png").write_bytes(b"not an image at all")
+  broken = tasks_lib.run_tasks(encoder, "tiny", spec, tmp_path / "out")
+  (urban / "image" / "002.png").unlink()
+  (urban / "caption" / "002.txt").unlink()
+  (colours / "red" / "1.png").unlink()
+  without = tasks_lib.run_tasks(encoder, "tiny", spec, tmp_path / "out")
+  assert broken["urban1k"].pop("skipped") == {"undecodable_image": 1}
+  assert broken["folder"].pop("skipped") == {"undecodable_image": 1}
+  without["urban1k"].pop("skipped")
+  assert broken == without and without["urban1k"]["num_images"] == 5
+  assert without["folder"]["num_images"] == 8
+
+
+def test_a_stop_notice_ends_an_evaluation_between_batches(demo_config, tmp_path):
+  from smartclip_jax.evals.encoder import Interrupted
+
+  encoder, asked = tiny_encoder(demo_config), []
+  encoder.should_stop = lambda: asked.append(1) or len(asked) > 2
+  with pytest.raises(Interrupted, match="stop notice"):
+    encoder.images([np.zeros((40, 40, 3), np.uint8)] * 20)
+  assert len(asked) == 3  # two batches of four embedded, then the notice was seen

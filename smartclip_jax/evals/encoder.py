@@ -5,6 +5,7 @@ command and the experiments all embed through it)."""
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,11 @@ from smartclip_jax.progress import Progress
 from smartclip_jax.tokenizer import get_tokenizer, tokenize
 
 METHODS = ("encode_image", "encode_text", "text_masks")
+log = logging.getLogger("smartclip_jax")
+
+
+class Interrupted(Exception):
+  """An evaluation ended early by `Encoder.should_stop`."""
 
 
 class Encoder:
@@ -49,6 +55,9 @@ class Encoder:
       param_shardings = rep
       params = jax.device_put(params, rep)
     self.params, self._param_shardings = params, param_shardings
+    # Asked before every batch (a training run's stop notice): True ends the evaluation with
+    # `Interrupted`. Every process must answer alike (it is asked in lock-step).
+    self.should_stop: Callable[[], bool] = lambda: False
     self._fns: dict[str, Callable] = {}
     for method in METHODS[: 3 if config.model.mask_net else 2]:
       self._fns[method] = jax.jit(
@@ -79,6 +88,8 @@ class Encoder:
     rows = self.batch_size if batch_size is None else self.round_up(batch_size)
     out = []
     for start in range(0, len(inputs), rows):
+      if self.should_stop():
+        raise Interrupted(f"evaluation stopped by a stop notice before a batch of {method}")
       batch = inputs[start : start + rows]
       got = self._fns[method](self.params, sharding.put_padded(batch, rows, self.mesh))
       out.append(np.asarray(jax.device_get(got))[: len(batch)])
@@ -93,9 +104,26 @@ class Encoder:
     """int32 [N, context_length], CLIP's BPE, truncated with the end token kept."""
     return tokenize(texts, self.config.model.text.context_length)
 
-  def images(self, images: Sequence[str | np.ndarray]) -> np.ndarray:
-    """Embeddings of image files or uint8 HxWx3 arrays (CLIP's eval transform), batch by batch."""
-    return self._batched("encode_image", images, self._prepare_image)
+  def images(
+    self, images: Sequence[str | np.ndarray], unreadable: list[int] | None = None
+  ) -> np.ndarray:
+    """Embeddings of image files or uint8 HxWx3 arrays (CLIP's eval transform), batch by batch.
+
+    An image that cannot be decoded raises, or with `unreadable` given, has its index appended
+    there and a blank image's embedding in its row (for the caller to leave out)."""
+    if unreadable is None:
+      return self._batched("encode_image", images, self._prepare_image)
+    blank = np.zeros((*(self.config.model.vision.image_size,) * 2, 3), np.uint8)
+
+    def prepare(item: tuple[int, str | np.ndarray]) -> np.ndarray:
+      try:
+        return self._prepare_image(item[1])
+      except ValueError as e:
+        log.warning("%s; counted as undecodable and left out", e)
+        unreadable.append(item[0])
+        return self._prepare_image(blank)
+
+    return self._batched("encode_image", list(enumerate(images)), prepare)
 
   def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, int]:
     """Caption embeddings, and how many captions were truncated to the context."""

@@ -77,6 +77,7 @@ def run_tasks(
         },
         functools.partial(_embed_pairs, encoder, data, masks),
       )
+      data, emb = _without_unreadable(data, emb)
       rank = retrieval.retrieval_ranks(
         retrieval.normalize(emb["img"]),
         retrieval.normalize(emb["txt"]),
@@ -113,9 +114,13 @@ def run_tasks(
         },
         functools.partial(_embed_images, encoder, data.images),
       )
+      keep = np.ones(len(data.labels), bool)
+      keep[emb.get("unreadable", [])] = False
       cls = zeroshot.class_embeddings(encoder, data.classnames, data.templates)
-      metrics, ranked = zeroshot.accuracy(emb["img"], cls, data.labels, encoder.mesh)
-      metrics["num_images"] = len(data.labels)
+      metrics, ranked = zeroshot.accuracy(emb["img"][keep], cls, data.labels[keep], encoder.mesh)
+      metrics["num_images"] = int(keep.sum())
+      if not keep.all():
+        metrics["skipped"] = {"undecodable_image": int((~keep).sum())}
       rank = {"label": ranked}
     if jax.process_index() == 0:
       with (out / "ranks" / f"{task.label}.npz").open("wb") as f:
@@ -126,7 +131,35 @@ def run_tasks(
 
 
 def _embed_images(encoder: Encoder, images: Sequence) -> dict:
-  return {"img": encoder.images(images)}
+  unreadable: list[int] = []
+  img = encoder.images(images, unreadable)
+  return {"img": img, "unreadable": np.asarray(unreadable, np.int64)}
+
+
+def _without_unreadable(
+  data: datasets.RetrievalSet, emb: dict
+) -> tuple[datasets.RetrievalSet, dict]:
+  """The set and embeddings with undecodable images left out, with their captions, and
+  counted in `skipped` (the captions of an image that cannot be seen cannot find it)."""
+  if not len(unreadable := emb.get("unreadable", [])):  # none, or a cache from before counting
+    return data, emb
+  keep = np.ones(len(data.images), bool)
+  keep[unreadable] = False
+  kept_text = keep[data.text_to_image]
+  new_index = np.cumsum(keep) - 1
+  skipped = dict(data.skipped)
+  skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + int((~keep).sum())
+  data = dataclasses.replace(
+    data,
+    images=[p for p, k in zip(data.images, keep, strict=True) if k],
+    captions=[c for c, k in zip(data.captions, kept_text, strict=True) if k],
+    text_to_image=new_index[data.text_to_image[kept_text]],
+    skipped=skipped,
+  )
+  emb = {**emb, "img": emb["img"][keep], "txt": emb["txt"][kept_text]}
+  if "masks" in emb:
+    emb["masks"] = emb["masks"][kept_text]
+  return data, emb
 
 
 def _embed_pairs(encoder: Encoder, data: datasets.RetrievalSet, masks: bool) -> dict:
@@ -138,7 +171,7 @@ def _embed_pairs(encoder: Encoder, data: datasets.RetrievalSet, masks: bool) -> 
       len(data.captions),
       encoder.config.model.text.context_length,
     )
-  out = {"img": encoder.images(data.images), "txt": txt, "truncated": truncated}
+  out = {**_embed_images(encoder, data.images), "txt": txt, "truncated": truncated}
   if masks:
     out["masks"] = encoder.masks(data.captions)
   return out
