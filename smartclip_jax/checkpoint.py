@@ -248,17 +248,41 @@ def _failure(error: Exception) -> int:
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> epath.Path:
-  """A workdir, a checkpoints directory (its latest step) or one step's directory (absolute:
-  Orbax's metadata readers do not resolve relative paths)."""
+  """A workdir, a checkpoints directory (its newest committed step) or one committed step's
+  directory (absolute: Orbax's metadata readers do not resolve relative paths). A save that
+  never committed is never read: it may lack files, or hold some of another save's."""
   path = storage.path(path)
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "state").is_dir():
+    if not committed(path):
+      raise CheckpointError(
+        f"{path} is a checkpoint whose save never committed (cut short, or still being "
+        f"written); name a committed step, or {path.parent} for the newest one"
+      )
     return path
-  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
-  if not steps:
-    raise CheckpointError(f"{path} is not a workdir, a checkpoints directory or a step of one")
-  return path / str(max(steps))
+  steps = [p for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
+  done = [int(p.name) for p in steps if committed(p)]
+  if not done:
+    uncommitted = f" (uncommitted saves: {sorted(int(p.name) for p in steps)})" if steps else ""
+    raise CheckpointError(
+      f"{path} is not a workdir, a checkpoints directory or a committed step of one{uncommitted}"
+    )
+  return path / str(max(done))
+
+
+def committed(step_dir: epath.Path) -> bool:
+  """Whether Orbax calls the save in `step_dir` finished under both of its atomicities: named
+  as a final step (rename commits by renaming a temporary directory) and holding the commit
+  file (commit_file's mark, which Orbax >= 0.12.8 also writes before a rename), so a reader need
+  not know which atomicity the run used."""
+  return all(
+    ocp.path.step.is_path_finalized(step_dir, temporary_path_cls=cls)
+    for cls in (
+      ocp.path.atomicity.AtomicRenameTemporaryPath,
+      ocp.path.atomicity.CommitFileTemporaryPath,
+    )
+  )
 
 
 def saved_config(step_dir: str | pathlib.Path) -> dict:

@@ -3,6 +3,7 @@ and a stop notice saves at the next step."""
 
 import http.server
 import os
+import shutil
 import signal
 import threading
 import time
@@ -103,6 +104,29 @@ def test_a_step_that_fails_again_is_passed_over_and_set_aside(demo_config, tmp_p
   state, _ = restore(demo_config, tmp_path / "ckpt")
   assert int(state.step) == 10 and asked == [20, 20, 20, 10]
   assert (tmp_path / "ckpt.unusable" / "20").is_dir()
+
+
+@pytest.mark.parametrize("atomicity", ["rename", "commit_file"])
+def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
+  demo_config, tmp_path, atomicity
+):
+  demo_config.checkpoint_atomicity = atomicity
+  ckpts = tmp_path / "checkpoints"
+  save_steps(demo_config, ckpts, [10])
+  if atomicity == "rename":  # a save cut short before its rename (commit file already written)
+    uncommitted = ckpts / "20.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(ckpts / "10", uncommitted)
+  else:  # a save cut short before its commit file
+    uncommitted = ckpts / "20"
+    shutil.copytree(ckpts / "10", uncommitted)
+    (uncommitted / "commit_success.txt").unlink()
+  for path in (tmp_path, ckpts):
+    assert checkpoint.resolve_step_dir(path) == ckpts / "10"
+  with pytest.raises(checkpoint.CheckpointError, match="never committed"):
+    checkpoint.resolve_step_dir(uncommitted)
+  shutil.rmtree(ckpts / "10")
+  with pytest.raises(checkpoint.CheckpointError, match="not a workdir"):
+    checkpoint.resolve_step_dir(tmp_path)
 
 
 @pytest.mark.slow
