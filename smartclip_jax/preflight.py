@@ -2,22 +2,27 @@
 later (at the first evaluation, at the end, at a resume), named all at once.
 
 `config.validate` sees the config alone; this adds what a run needs of the world: the data and
-evaluation sources exist, the starting weights are there, a recipe config was given both, and
-`eval.best_metric` names a metric the evaluation produces. The memory check of the compiled
-step is `memory.check_fits`; what a resume may change, `resume.py`.
+evaluation sources exist, the starting weights are there (unless a checkpoint is, to resume
+from), a recipe config was given both, and `eval.best_metric` names a metric the evaluation
+produces. The memory check of the compiled step is `memory.check_fits`; what a resume may
+change, `resume.py`.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
+import os
 
 import ml_collections
 
-from smartclip_jax import config as config_lib, storage
+from smartclip_jax import checkpoint, config as config_lib, storage
 from smartclip_jax.evals import datasets, tasks as tasks_lib
 from smartclip_jax.interop import torch_files
 
 HELD_OUT_NEEDS_PATH = ("folder", "array_record")  # sources whose held-out split is eval_path
+
+log = logging.getLogger("smartclip_jax")
 
 
 def _missing(path: str, glob_ok: bool = False) -> bool:
@@ -98,12 +103,37 @@ def init_problems(config: ml_collections.ConfigDict) -> list[str]:
       return [f"init_from: nothing at {source}"]
   except FileNotFoundError as e:  # a hub name not in the local cache: says how to fetch it
     return [f"init_from: {e}"]
+  except ImportError as e:
+    return [
+      f"init_from={source}: reading it needs {e.name or 'a package not installed'} "
+      "(pip install -r requirements-torch.txt)"
+    ]
+  except Exception as e:  # noqa: BLE001  the hub and storage clients raise many kinds
+    return [f"init_from={source} cannot be looked up: {type(e).__name__}: {e}"]
   return []
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """`config.validate`'s problems and a run's, in one ConfigError."""
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` holds a committed checkpoint, which a run resumes from instead of
+  starting from `init_from`."""
+  try:
+    checkpoint.resolve_step_dir(storage.path(workdir) / "checkpoints")
+  except checkpoint.CheckpointError:
+    return False
+  return True
+
+
+def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> None:
+  """`config.validate`'s problems and a run's, in one ConfigError. Starting weights that cannot
+  be found only warn when `workdir` has a checkpoint: a resume does not read them (and their
+  cache may be gone by then)."""
   config_lib.check_fields(config)
   errors = config_lib.problems(config)
-  errors += data_problems(config) + eval_problems(config) + init_problems(config)
+  errors += data_problems(config) + eval_problems(config)
+  init = init_problems(config)
+  if init and workdir is not None and has_checkpoint(workdir):
+    for problem in init:
+      log.warning("%s (not needed: the run resumes from %s's checkpoints)", problem, workdir)
+  else:
+    errors += init
   config_lib.raise_problems(errors)

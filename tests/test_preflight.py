@@ -42,6 +42,41 @@ def test_a_recipe_with_a_hub_name_not_in_the_cache_says_how_to_fetch_it(
   assert "hf download openai/clip-vit-base-patch16" in err
 
 
+HUB = "hf-hub:openai/clip-vit-base-patch16"
+
+
+def test_unreachable_starting_weights_only_warn_when_the_workdir_has_a_checkpoint(
+  tmp_path, monkeypatch, caplog
+):
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+  config = config_lib.load(DEMO, [f"init_from={HUB}"])
+  (tmp_path / "run" / "checkpoints" / "20").mkdir(parents=True)  # a save that never committed
+  for workdir in (None, tmp_path / "run"):
+    with pytest.raises(config_lib.ConfigError, match="not in the Hugging Face cache"):
+      preflight.check(config, workdir)
+  (tmp_path / "run" / "checkpoints" / "10").mkdir()
+  (tmp_path / "run" / "checkpoints" / "10" / "commit_success.txt").write_text("")
+  with caplog.at_level(logging.WARNING, "smartclip_jax"):
+    preflight.check(config, tmp_path / "run")
+  assert "not in the Hugging Face cache" in caplog.text and "resumes from" in caplog.text
+
+
+@pytest.mark.parametrize(
+  "error,message",
+  [
+    (ModuleNotFoundError("no hub", name="huggingface_hub"), "needs huggingface_hub (pip install"),
+    (OSError("503 Service Unavailable"), "cannot be looked up: OSError: 503"),
+  ],
+)
+def test_starting_weights_that_cannot_be_looked_up_are_a_problem(monkeypatch, error, message):
+  def fail(path):
+    raise error
+
+  monkeypatch.setattr(preflight.torch_files, "resolve", fail)
+  config = config_lib.load(DEMO, [f"init_from={HUB}"])
+  assert message in preflight.init_problems(config)[0]
+
+
 def test_a_missing_eval_source_is_refused(capsys, tmp_path):
   train_dir = tmp_path / "train"
   train_dir.mkdir()
