@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,7 +20,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from smartclip_jax import config as config_lib, train
 from smartclip_jax.data import decode, pipeline, prepare, sources
-from tests.conftest import DEMO, TINY
+from tests.conftest import DEMO, REPO, TINY
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\n"
 
@@ -140,6 +142,38 @@ def test_data_workers_ignore_stop_signals_and_end_when_the_trainer_closes_them(d
   assert next(batches)["tokens"].shape == (demo_config.batch_size, 32)
   batches.close()
   assert not any(w.is_alive() for w in workers)
+
+
+def test_data_workers_die_with_a_trainer_that_never_closed_them(tmp_path):
+  """SIGKILL, the watchdog's exit or a crash skip the trainer's cleanup: its workers, which
+  ignore stop signals, must not outlive it into the restarted run."""
+  script = (
+    "import multiprocessing, os, signal, sys\n"
+    "from smartclip_jax import config as config_lib\n"
+    "from smartclip_jax.data import pipeline\n"
+    f"config = config_lib.load({DEMO!r}, {TINY!r} + ['data.num_workers=2'])\n"
+    "batches = pipeline.train_iterator(config)\n"
+    "next(batches)\n"
+    "print(*[w.pid for w in multiprocessing.active_children()], flush=True)\n"
+    "os.kill(os.getpid(), signal.SIGKILL)\n"
+  )
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  pids = [int(p) for p in done.stdout.split()]
+  assert done.returncode == -signal.SIGKILL and len(pids) >= 2, done.stderr
+  deadline = time.time() + 10
+  while any(alive(pid) for pid in pids) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(alive(pid) for pid in pids)
+
+
+def alive(pid: int) -> bool:
+  """Whether `pid` runs (a zombie, reaped by init, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(demo_config, tmp_path, caplog):

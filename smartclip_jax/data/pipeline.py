@@ -15,6 +15,7 @@ whose data is mostly broken.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
@@ -37,6 +38,7 @@ from smartclip_jax.tokenizer import max_chars, tokenize
 
 log = logging.getLogger("smartclip_jax")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 HOST_FIELDS = ("skipped", "bad_example", "source")  # batch fields that stay on the host
 
 
@@ -212,9 +214,14 @@ def coverage(
 def leave_stopping_to_the_trainer(worker_index: int, worker_count: int) -> None:
   """A Grain worker ignores stop signals: preemption, slurmstepd and Ctrl-C signal the whole
   process group, and a worker that died of it would fail the trainer's next batch before the
-  trainer could save. The trainer stops its workers itself (closing the iterator)."""
+  trainer could save. The trainer stops its workers itself (closing the iterator); should the
+  trainer die without closing them (SIGKILL, the watchdog's exit, a crash), Linux kills each
+  worker with it (PR_SET_PDEATHSIG) rather than leave it running, holding memory and a GCS
+  connection, into the restarted run."""
   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
+  if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def train_iterator(
