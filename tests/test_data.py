@@ -1,5 +1,7 @@
 """Demo data, caption samplers and the Grain pipeline."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from smartclip_jax.data import demo, pipeline
 from smartclip_jax.data.captions import sample_caption, split_sentences
 from smartclip_jax.data.sources import make_source
 from smartclip_jax.tokenizer import tokenize
+from tests.test_faults import featurize
 
 
 def test_demo_records_are_deterministic_and_splits_differ():
@@ -59,6 +62,32 @@ def test_prefix_sampler_covers_every_k_and_never_cuts_a_sentence():
   assert seen == {1, 2, 3, 4}
   assert sample_caption(text, "first", rng) == sentences[0]
   assert sample_caption(text, "full", rng) == text
+
+
+def test_splitting_is_linear_in_a_caption_of_initials():
+  start = time.perf_counter()  # each initial used to re-split the text so far: minutes here
+  assert split_sentences("A. " * 200_000 + "B c.") == [("A. " * 200_000 + "B c.").strip()]
+  assert time.perf_counter() - start < 10
+
+
+def test_a_caption_is_sampled_whole_and_capped_only_by_the_tokenizer(monkeypatch):
+  caption = " ".join(f"Sentence {i} of many." for i in range(500))  # 10x max_chars(16)
+  seen, real = [], pipeline.sample_caption
+  monkeypatch.setattr(
+    pipeline, "sample_caption", lambda text, *a: seen.append(text) or real(text, *a)
+  )
+  image = np.zeros((24, 24, 3), np.uint8)
+  out = featurize({"id": "long", "image": image, "caption": caption}, caption_mode="prefix")
+  assert seen == [caption]  # every sentence counts towards the prefix drawn
+  np.testing.assert_array_equal(
+    out["tokens"], tokenize(real(caption, "prefix", np.random.default_rng(0)), 16)[0]
+  )
+
+
+@pytest.mark.parametrize("record", [["a", "list"], "text", None, 7])
+def test_a_record_that_is_not_a_dict_is_an_unreadable_record(record):
+  out = featurize(record, caption_mode="prefix")
+  assert out["error"] == "unreadable_record" and out["id"] == "?"
 
 
 def test_train_iterator_batches_and_resumes_at_any_step(demo_config):

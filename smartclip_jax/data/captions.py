@@ -51,14 +51,21 @@ ABBREVIATIONS = frozenset(
   ]
 )
 _END = re.compile(r"""[.!?]+["')\]]*(?=\s+)""")
+_WORD = re.compile(r"\S+")
 
 
 def split_sentences(text: str) -> list[str]:
-  """Sentences of `text`, stripped, in order; empty text gives []."""
+  """Sentences of `text`, stripped, in order; empty text gives []. Linear in the text, however
+  many abbreviations and initials it has (a whole caption is split, however long)."""
   sentences, start = [], 0
+  words = _WORD.finditer(text)
+  word, after = None, next(words, None)
   for match in _END.finditer(text):
-    head = text[start : match.start()].split()
-    last_word = head[-1].lower().rstrip(".") if head else ""
+    while after is not None and after.start() < match.start():  # the last word before the end
+      word, after = after, next(words, None)
+    in_sentence = word is not None and word.start() >= start
+    last_word = text[word.start() : min(word.end(), match.start())] if in_sentence else ""
+    last_word = last_word.lower().rstrip(".")
     if match.group().startswith(".") and (
       last_word in ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha())
     ):

@@ -34,7 +34,7 @@ from smartclip_jax import distributed
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
 from smartclip_jax.data.sources import Guarded, make_source, train_sources
-from smartclip_jax.tokenizer import max_chars, tokenize
+from smartclip_jax.tokenizer import tokenize
 
 log = logging.getLogger("smartclip_jax")
 
@@ -65,9 +65,9 @@ def featurize(
       if not len(caption):
         raise decode.BadRecord("empty_caption", "no captions")
       caption = caption[int(rng.integers(len(caption))) if train else 0]
-    # Capped before sentences are split: what lies past the cap could never be tokenised.
-    caption = decode.read_caption(caption)[: max_chars(context_length)]
-    caption = sample_caption(caption, caption_mode, rng)
+    # Sampled from the whole caption (a prefix's k ~ U[1, n] counts every sentence); `tokenize`
+    # then reads only the characters that can fill `context_length` positions.
+    caption = sample_caption(decode.read_caption(caption), caption_mode, rng)
     image = decode.decode_image(record["image"], min_side, max_pixels)
     if train and transform == "random_resized_crop":
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
@@ -76,7 +76,8 @@ def featurize(
     tokens = tokenize(caption, context_length)[0]
   except Exception as e:  # noqa: BLE001  any record may be broken in a way nobody foresaw
     bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
-    return {"error": bad.reason, "id": record.get("id", "?"), "detail": str(bad)}
+    known = record.get("id", "?") if isinstance(record, dict) else "?"  # a non-dict: unreadable
+    return {"error": bad.reason, "id": known, "detail": str(bad)}
   return {"image": decode.normalize_image(pixels), "tokens": tokens}
 
 
