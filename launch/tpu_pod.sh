@@ -118,6 +118,7 @@ run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$setup"
 # (3b) The data bucket, read-only on every worker (gcsfuse from Google's apt repository if absent).
 if [[ -n $data_bucket ]]; then
   repo_line='deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+  # shellcheck disable=SC2016  # $(lsb_release -cs) is left for the worker's shell: its release
   repo_line+=' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main'
   install="curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
   install+=" | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"

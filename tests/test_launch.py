@@ -1,6 +1,7 @@
 """The launchers under launch/: what --dry-run prints, that it runs nothing, and bad options."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -150,6 +151,30 @@ def test_tpu_pod_trains_into_a_bucket_and_mounts_the_data_bucket_first(fake_bin)
   )
   remote_train = shlex.split(train[train.index("--command") + 1])
   assert remote_train[remote_train.index("--workdir") + 1] == "gs://my-runs/l14"
+
+
+def test_the_tpu_dry_run_in_docs_launch_md_is_what_the_launcher_prints(fake_bin, tmp_path):
+  with open(os.path.join(REPO, "docs", "launch.md")) as f:
+    docs = f.read()
+  checkout, shown = re.search(
+    r"for a checkout\nin `(/\S+)`\):\n\n```\n(.*?)```", docs, re.S
+  ).groups()
+  copy = tmp_path / checkout.lstrip("/")  # the launcher names the checkout it runs from
+  shutil.copytree(os.path.join(REPO, "launch"), copy / "launch")
+  out = launch(
+    str(copy / "launch" / "tpu_pod.sh"),
+    *("--name", "clip-pod", "--zone", "us-east5-a", "--accelerator", "v5p-64"),
+    *("--version", "v2-alpha-tpuv5", "--spot", "--config", "configs/smartclip_vitl14.py"),
+    *("--workdir", "/mnt/gcs/runs/l14", "--dry-run", "--"),
+    "--config.init_from=/mnt/gcs/ViT-L-14.pt",
+    "--config.data.name=array_record",
+    "--config.data.path=/mnt/gcs/sharegpt4v_ar/train",
+    "--config.data.eval_path=/mnt/gcs/sharegpt4v_ar/eval",
+    env={"TMPDIR": "/tmp"},
+    path=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.replace(str(copy), checkout) == shown
 
 
 def worker_commands(fake_bin, *extra):
