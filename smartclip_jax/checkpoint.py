@@ -34,6 +34,7 @@ log = logging.getLogger("smartclip_jax")
 ITEMS = ("state", "data_stats", "config")
 RETRY_AFTER_S = (1.0, 5.0, 25.0)  # pauses before reading a failed step again
 OK, BROKEN, UNREACHABLE = 0, 1, 2  # how a step's restore ended on one process
+SAVING, COMMITTED, LOST = 0, 1, 2  # where process 0 sees the last save
 
 
 class CheckpointError(RuntimeError):
@@ -48,6 +49,11 @@ class Checkpointer:
   item) is reported and moved to `<directory>.unusable/<step>`, so that later saves are not
   shadowed by it; Orbax itself never lists a save that did not finish. Where directories cannot
   be renamed (`storage.commit_file`), saves commit by file and the move is a copy.
+
+  Saves a killed run left unfinished are deleted when the next run opens the directory (they
+  hold space and nothing else). A save that fails in the background (a full disk, a lost
+  bucket) stops the run at the next `check` or save: CheckpointManager only logs it, and lists
+  the step until reloaded, so the run would go on with no new checkpoints.
   """
 
   def __init__(
@@ -57,13 +63,17 @@ class Checkpointer:
     config: ml_collections.ConfigDict | None = None,
   ):
     self.directory = storage.path(directory)
-    self.config = config
+    self.config, self.keep = config, keep
     atomicity = config.checkpoint_atomicity if config is not None else "auto"
     self.commit_file = storage.commit_file(self.directory, atomicity)
     self.options = dict(
       create=True,
       temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if self.commit_file else None,
+      cleanup_tmp_directories=True,
     )
+    if jax.process_index() == 0 and (left := unfinished(self.directory)):
+      log.warning("deleting saves a stopped run left unfinished in %s: %s", self.directory, left)
+    self.pending: int | None = None  # the step of the last save until it is seen committed
     self.best: ocp.CheckpointManager | None = None  # created by the first save_best
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -75,6 +85,8 @@ class Checkpointer:
     """Starts an async save at the state's step; returns once device arrays are copied."""
     step = int(jax.device_get(state.step))
     stats = (data_stats or DataStats()).state_dict()
+    self.check(wait=True)  # the previous save ends, committed or not, before the next starts
+    self.check_space(state, step)
     self.manager.save(
       step,
       args=ocp.args.Composite(
@@ -83,6 +95,59 @@ class Checkpointer:
         config=self._config_item(),
       ),
     )
+    self.pending = step
+
+  def check(self, wait: bool = False) -> None:
+    """Raises `storage.StorageError` on every process once the last save has ended without
+    committing, or (`wait`) after waiting for it to end: a collective, all processes call it at
+    the same steps. Process 0, which commits saves, decides; cheap while nothing is pending."""
+    if self.pending is None:
+      return
+    status, error = self._ended(wait)
+    status = distributed.from_process_0([status])[0]
+    if status == SAVING:
+      return
+    step, self.pending = self.pending, None
+    if status == LOST:
+      self.manager.reload()
+      why = error or "process 0 logged why"
+      raise storage.StorageError(
+        f"the checkpoint of step {step} in {self.directory} did not commit: {why}"
+        f"{_free_space(self.directory)}. Rerun once the storage is fixed to resume from the "
+        f"last committed checkpoint: {self._newest()}"
+      )
+
+  def _ended(self, wait: bool) -> tuple[int, str]:
+    """How the last save stands here (SAVING, COMMITTED or LOST) and, when lost, why."""
+    if not wait and self.manager.is_saving_in_progress():
+      return SAVING, ""
+    try:  # joins the save's thread, which raises what failed in the background
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  Orbax, TensorStore and file systems raise many kinds
+      return LOST, f"{type(e).__name__}: {e}"
+    if jax.process_index() != 0 or committed(self.directory / str(self.pending)):
+      return COMMITTED, ""
+    return LOST, "its save ended without a commit (see the log above)"
+
+  def check_space(self, state: TrainState, step: int) -> None:
+    """Raises `storage.StorageError` on every process when a local or mounted workdir has less
+    free space than the state takes: before each save, which would fail in the background, and
+    at start-up, so a restarted run stops before its first step instead of one interval on (a
+    collective). Object stores are not checked."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state))
+    free = storage.free_bytes(self.directory)
+    short = distributed.gather(int(free is not None and free < need))
+    if short.any():
+      seen = "" if free is None else f"; {free / 2**30:.2f} GiB are free there"
+      raise storage.StorageError(
+        f"cannot save a checkpoint at step {step}: it takes up to {need / 2**30:.2f} GiB, more "
+        f"than processes {np.flatnonzero(short).tolist()} have free in {self.directory}{seen}. "
+        f"Free space there or lower keep_checkpoints (now {self.keep}); {self._newest()}"
+      )
+
+  def _newest(self) -> str:
+    step = self.manager.latest_step()
+    return "no checkpoint has committed yet" if step is None else f"the newest is step {step}"
 
   def restore(
     self, shardings: TrainState, abstract: TrainState, labels: tuple[str, ...] = ("",)
@@ -208,18 +273,40 @@ class Checkpointer:
     return ocp.args.JsonSave(config_lib.to_dict(self.config) if self.config else {})
 
   def close(self) -> None:
-    """Waits for pending saves to be committed; later calls do nothing."""
+    """Waits for pending saves to end; later calls do nothing. Process 0 raises
+    `storage.StorageError` if the last save did not commit (no collective: `close` also runs
+    while an error unwinds one process alone)."""
+    status, error = self._ended(wait=True) if self.pending is not None else (COMMITTED, "")
     for manager in (self.manager, self.best):
       if manager is not None:
         manager.wait_until_finished()
         manager.close()
     self.manager = self.best = None
+    step, self.pending = self.pending, None
+    if status == LOST and jax.process_index() == 0:
+      raise storage.StorageError(
+        f"the checkpoint of step {step} in {self.directory} did not commit: "
+        f"{error}{_free_space(self.directory)}"
+      )
 
 
 def _alone() -> ocp.options.MultiprocessingOptions:
   """Orbax options for this process reading on its own: no barrier with the others."""
   me = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def unfinished(directory: epath.Path) -> list[str]:
+  """Names of the saves in a checkpoints `directory` that never committed (cut short by a
+  kill, or a failure): Orbax's temporary directories, and step directories without a commit."""
+  if not directory.is_dir():
+    return []
+  return sorted(p.name for p in directory.iterdir() if p.is_dir() and not committed(p))
+
+
+def _free_space(directory: epath.Path) -> str:
+  free = storage.free_bytes(directory)
+  return "" if free is None else f"; {free / 2**30:.2f} GiB are free there"
 
 
 def _retrying(read: Callable[[], Any], what: str) -> tuple[Any, Exception | None]:

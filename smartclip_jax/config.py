@@ -218,6 +218,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = 100_000_000  # larger ones as too_large, before decoding
   c.data.max_bad_fraction = 0.05  # stop when more records than this fraction are unusable
   c.data.num_workers = 0  # Grain worker processes; 0 decodes in the main process
+  # A resume stops when the training sources differ from the checkpoint's (records, shards):
+  # true goes on with the new data from the saved step, a different stream from then on.
+  c.data.accept_changed_sources = False
   c.data.eval_batch_size = 256
   return c
 
@@ -386,7 +389,6 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str
 
 
 DATA_NAMES = ("demo", "sharegpt4v", "folder", "array_record", "tfds")
-MIXABLE = DATA_NAMES
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
@@ -399,9 +401,9 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
       value = float(weight)
     except ValueError:
       value = -1.0
-    if name not in MIXABLE or not path or not value > 0:
+    if name not in DATA_NAMES or not path or not value > 0:
       raise ValueError(
-        f"data.mixture item {item!r}: write NAME:PATH=WEIGHT with NAME one of {MIXABLE} and "
+        f"data.mixture item {item!r}: write NAME:PATH=WEIGHT with NAME one of {DATA_NAMES} and "
         "a positive weight"
       )
     parts.append((name, path, value))

@@ -99,6 +99,8 @@ FIELDS = {
   "data.max_image_pixels": "larger images are skipped before decoding (too_large)",
   "data.max_bad_fraction": "stop when more records than this fraction are unusable",
   "data.num_workers": "Grain worker processes; 0 decodes in the main process",
+  "data.accept_changed_sources": "resume on training sources that differ from the checkpoint's "
+  "(shards added, removed or resized); the stream changes from there",
   "data.eval_batch_size": "evaluation batch, over all devices",
 }
 

@@ -9,12 +9,16 @@ the changes are logged. The saved side is the newest checkpoint's `config` item.
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 
 import ml_collections
+import numpy as np
 from flax import traverse_util
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, distributed
+from smartclip_jax.data import pipeline, sources
 
 log = logging.getLogger("smartclip_jax")
 
@@ -31,6 +35,7 @@ MAY_CHANGE = (
   "data.eval_batch_size",
   "data.image_root",
   "data.max_bad_fraction",
+  "data.accept_changed_sources",
   "data.demo.num_eval",
   "data.tfds.data_dir",
   "data.tfds.eval_split",
@@ -81,3 +86,32 @@ def check(saved: dict, config: ml_collections.ConfigDict, step: int, where: str)
       step,
       ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in found.items()),
     )
+
+
+def check_data(stats: pipeline.DataStats, step: int, config: ml_collections.ConfigDict) -> None:
+  """Stops when processes see different training data (a stale listing of a mounted bucket),
+  or when the data differ from what the checkpoint at `step` was saved with (shards added,
+  removed or rewritten): either would give batches the saved run never had. The second is a
+  `ResumeError` that `data.accept_changed_sources` turns into a warning. A collective."""
+  text = json.dumps(stats.sources, sort_keys=True)
+  seen = distributed.gather(zlib.crc32(text.encode()) & 0x7FFFFFFF)
+  if (seen != seen[0]).any():
+    raise pipeline.DataError(
+      f"processes see different training data: processes {np.flatnonzero(seen != seen[0])} "
+      f"differ from process 0, which sees {stats.sources}; a shared file system that lists "
+      "stale contents, or a data path that is not the same on every host"
+    )
+  if stats.saved_sources is None:  # a fresh start, or a checkpoint from before they were saved
+    return
+  lines = "\n  ".join(sources.changed_sources(stats.saved_sources, stats.sources))
+  if not lines:
+    return
+  if config.data.accept_changed_sources:
+    log.warning("resuming at step %d on changed training data:\n  %s", step, lines)
+    return
+  raise ResumeError(
+    f"the training data differ from those the checkpoint at step {step} was saved with:\n  "
+    f"{lines}\nthe batches of a step are a function of the data, so this run would not "
+    "continue the saved one. Restore the data, or set --config.data.accept_changed_sources="
+    "true to go on with the new data from this step"
+  )

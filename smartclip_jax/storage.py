@@ -153,6 +153,17 @@ def files(root: epath.Path) -> Iterator[epath.Path]:
       yield child
 
 
+def free_bytes(directory: epath.Path) -> int | None:
+  """Bytes free to an unprivileged writer on the file system holding local `directory` (its
+  nearest existing parent); None for an object store, which reports no such figure."""
+  if is_remote(directory):
+    return None
+  where = pathlib.Path(directory)
+  while not where.exists():
+    where = where.parent
+  return shutil.disk_usage(where).free
+
+
 def check_writable(directory: epath.Path, name: str) -> None:
   """Creates `directory`, writes, reads back and deletes a small object `name` in it, so that a
   missing bucket, missing credentials or a read-only bucket stop a run before its first step,

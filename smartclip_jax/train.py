@@ -219,9 +219,12 @@ def maybe_save(
   data_stats: pipeline.DataStats,
   force: bool,
 ) -> None:
-  """An async checkpoint every `checkpoint_every` steps, at the last step and when `force`."""
+  """An async checkpoint every `checkpoint_every` steps, at the last step and when `force`;
+  at log steps between, a save that failed in the background stops the run."""
   if step % run.config.checkpoint_every == 0 or step == run.config.total_steps or force:
     run.checkpointer.save(state, data_stats)
+  elif step % run.config.log_every == 0:
+    run.checkpointer.check()
 
 
 def evaluate(run: Run, step: int, state: step_lib.TrainState) -> dict:
@@ -328,7 +331,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   if state is None:
     state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))
-  data_iter = pipeline.train_iterator(config, start_step=start)
+  checkpointer.check_space(state, start)
+  data_iter = pipeline.train_iterator(config, start_step=start, stats=data_stats)
+  resume.check_data(data_stats, start, config)
   log.info(
     "%s model, %.2fM parameters, %s at step %d of %d",
     config.loss,

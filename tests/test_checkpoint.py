@@ -106,6 +106,18 @@ def test_a_step_that_fails_again_is_passed_over_and_set_aside(demo_config, tmp_p
   assert (tmp_path / "ckpt.unusable" / "20").is_dir()
 
 
+def leave_unfinished(ckpts, atomicity, step, like):
+  """What a save of `step` killed before its commit leaves, copied from the committed `like`."""
+  if atomicity == "rename":  # killed before the rename (its commit file already written)
+    left = ckpts / f"{step}.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(ckpts / str(like), left)
+  else:  # killed before the commit file
+    left = ckpts / str(step)
+    shutil.copytree(ckpts / str(like), left)
+    (left / "commit_success.txt").unlink()
+  return left
+
+
 @pytest.mark.parametrize("atomicity", ["rename", "commit_file"])
 def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
   demo_config, tmp_path, atomicity
@@ -113,13 +125,7 @@ def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
   demo_config.checkpoint_atomicity = atomicity
   ckpts = tmp_path / "checkpoints"
   save_steps(demo_config, ckpts, [10])
-  if atomicity == "rename":  # a save cut short before its rename (commit file already written)
-    uncommitted = ckpts / "20.orbax-checkpoint-tmp-1700000000"
-    shutil.copytree(ckpts / "10", uncommitted)
-  else:  # a save cut short before its commit file
-    uncommitted = ckpts / "20"
-    shutil.copytree(ckpts / "10", uncommitted)
-    (uncommitted / "commit_success.txt").unlink()
+  uncommitted = leave_unfinished(ckpts, atomicity, 20, like=10)
   for path in (tmp_path, ckpts):
     assert checkpoint.resolve_step_dir(path) == ckpts / "10"
   with pytest.raises(checkpoint.CheckpointError, match="never committed"):
@@ -127,6 +133,85 @@ def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
   shutil.rmtree(ckpts / "10")
   with pytest.raises(checkpoint.CheckpointError, match="not a workdir"):
     checkpoint.resolve_step_dir(tmp_path)
+
+
+BOTH_ATOMICITIES = ["rename", pytest.param("commit_file", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("atomicity", BOTH_ATOMICITIES)
+def test_saves_a_killed_run_left_unfinished_are_deleted_by_the_next_run(
+  demo_config, tmp_path, atomicity, caplog
+):
+  demo_config.checkpoint_atomicity = atomicity
+  ckpts = tmp_path / "checkpoints"
+  _, _, _, state = fresh_state(demo_config)
+  for step in (10, 12):  # a run, then its rerun
+    ckpt = checkpoint.Checkpointer(ckpts, keep=5, config=demo_config)
+    ckpt.save(state.replace(step=jnp.asarray(step, jnp.int32)))
+    ckpt.close()
+    if step == 10:
+      left = leave_unfinished(ckpts, atomicity, 20, like=10)
+      assert checkpoint.unfinished(ckpts) == [left.name]
+  assert sorted(os.listdir(ckpts)) == ["10", "12"]
+  assert f"left unfinished in {ckpts}: ['{left.name}']" in caplog.text
+
+
+@pytest.fixture
+def failing_commits(monkeypatch):
+  """Saves fail in the background at their commit, as on a full disk."""
+
+  async def full(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  for cls in (
+    checkpoint.ocp.path.atomicity.AtomicRenameTemporaryPath,
+    checkpoint.ocp.path.atomicity.CommitFileTemporaryPath,
+  ):
+    monkeypatch.setattr(cls, "finalize", full)
+
+
+@pytest.mark.parametrize("atomicity", BOTH_ATOMICITIES)
+def test_a_save_that_fails_in_the_background_stops_the_run_at_the_next_check(
+  demo_config, tmp_path, atomicity, request
+):
+  demo_config.checkpoint_atomicity = atomicity
+  _, _, _, state = fresh_state(demo_config)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, config=demo_config)
+  ckpt.save(state.replace(step=jnp.asarray(10, jnp.int32)))
+  ckpt.manager.wait_until_finished()
+  ckpt.check()  # committed: nothing to say
+  request.getfixturevalue("failing_commits")
+  ckpt.save(state.replace(step=jnp.asarray(20, jnp.int32)))
+  while ckpt.manager.is_saving_in_progress():  # Orbax logs the error and carries on
+    time.sleep(0.05)
+  lost = "step 20 .* did not commit: OSError.* No space.*newest is step 10"
+  with pytest.raises(storage.StorageError, match=lost):
+    ckpt.check()
+  ckpt.check()  # said once
+  ckpt.save(state.replace(step=jnp.asarray(30, jnp.int32)))
+  with pytest.raises(storage.StorageError, match="step 30 .* did not commit"):
+    ckpt.close()  # the last save, at the end of a run
+  assert checkpoint.resolve_step_dir(tmp_path) == tmp_path / "10"
+
+
+def test_too_little_free_space_stops_a_save_before_it_starts(demo_config, tmp_path, monkeypatch):
+  _, _, _, state = fresh_state(demo_config)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, config=demo_config)
+  monkeypatch.setattr(storage, "free_bytes", lambda directory: 1000)
+  short = "at step 7: it takes up to .* free in .* no checkpoint has committed yet"
+  with pytest.raises(storage.StorageError, match=short):
+    ckpt.save(state.replace(step=jnp.asarray(7, jnp.int32)))
+  ckpt.close()
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_run_whose_workdir_lacks_the_space_for_a_checkpoint_stops_before_step_1(
+  demo_config, tmp_path, monkeypatch
+):
+  monkeypatch.setattr(storage, "free_bytes", lambda directory: 1000)
+  with pytest.raises(storage.StorageError, match="at step 0: .* lower keep_checkpoints"):
+    train.train_and_evaluate(demo_config, tmp_path)
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

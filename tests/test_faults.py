@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from smartclip_jax import config as config_lib, train
+from smartclip_jax import config as config_lib, distributed, resume, train
 from smartclip_jax.data import decode, pipeline, prepare, sources
 from tests.conftest import DEMO, REPO, TINY
 
@@ -54,6 +54,16 @@ def write_shard(folder, count: int, rng) -> pathlib.Path:
   return path
 
 
+def shard_config(shards, *overrides):
+  """The tiny demo model trained on the ArrayRecord shards in `shards` (batches of 16)."""
+  return config_lib.load(
+    DEMO,
+    TINY
+    + ["data.name=array_record", f"data.path={shards}", f"data.eval_path={shards}"]
+    + list(overrides),
+  )
+
+
 def test_a_shard_with_corrupted_bytes_trains_to_the_end_counting_what_it_skipped(tmp_path):
   rng = np.random.default_rng(0)
   path = write_shard(tmp_path / "shards", 64, rng)
@@ -61,22 +71,59 @@ def test_a_shard_with_corrupted_bytes_trains_to_the_end_counting_what_it_skipped
   middle = len(data) // 2
   data[middle : middle + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
   path.write_bytes(bytes(data))
-  config = config_lib.load(
-    DEMO,
-    TINY
-    + [
-      "total_steps=4",  # one epoch of 64 records in batches of 16
-      "log_every=4",
-      "data.name=array_record",
-      f"data.path={tmp_path / 'shards'}",
-      f"data.eval_path={tmp_path / 'shards'}",
-      "data.max_bad_fraction=0.1",
-    ],
-  )
+  # one epoch of 64 records in batches of 16
+  config = shard_config(tmp_path / "shards", "total_steps=4", "log_every=4")
+  config.data.max_bad_fraction = 0.1
   results = train.train_and_evaluate(config, tmp_path / "run")
   (last,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   assert last["step"] == 4 and last["data/skipped_unreadable_record"] >= 1
   assert results["skipped"] >= 1 and results["num_images"] + results["skipped"] == 64
+
+
+def test_changed_sources_name_each_difference():
+  saved = [sources.identity(type("S", (), {"__len__": lambda self: 64})(), "mix0")]
+  saved[0]["shards"] = {"a": 10, "b": 20, "c": 30}
+  now = [dict(saved[0], records=70, shards={"a": 10, "b": 21, "d": 5})]
+  (line,) = sources.changed_sources(saved, now)
+  assert line == (
+    "mix0: records 64 then, 70 now; shards added: d; shards removed: c; shards resized: b"
+  )
+  assert sources.changed_sources(saved, saved) == []
+  assert sources.changed_sources(saved, saved + now) == [
+    "mix0: kind None then, 'S' now; records None then, 70 now; shards added: a, b, d"
+  ]
+
+
+def test_the_sources_identity_rides_with_the_data_counts_in_a_checkpoint():
+  stats = pipeline.DataStats(sources=[{"label": "", "kind": "DemoSource", "records": 64}])
+  back = pipeline.DataStats.from_state_dict(json.loads(json.dumps(stats.state_dict())))
+  assert back.saved_sources == stats.sources and back.sources == []
+  assert pipeline.DataStats.from_state_dict({"used": 3, "skipped": {}}).saved_sources is None
+
+
+def test_processes_that_see_different_training_data_stop(demo_config, monkeypatch):
+  stats = pipeline.DataStats(sources=[{"label": "", "kind": "DemoSource", "records": 64}])
+  resume.check_data(stats, 0, demo_config)  # one process agrees with itself
+  monkeypatch.setattr(distributed, "gather", lambda value: np.array([value, value + 1]))
+  with pytest.raises(pipeline.DataError, match=r"processes \[1\] differ from process 0"):
+    resume.check_data(stats, 0, demo_config)
+
+
+@pytest.mark.slow
+def test_a_resume_on_added_shards_stops_unless_accepted(tmp_path, caplog):
+  write_shard(tmp_path / "shards", 64, np.random.default_rng(0))
+  config = shard_config(tmp_path / "shards", "total_steps=2", "checkpoint_every=2", "eval.every=0")
+  train.train_and_evaluate(config, tmp_path / "run")
+  shard = tmp_path / "shards" / "shard-00000-of-00001.array_record"
+  (tmp_path / "shards" / "added.array_record").write_bytes(shard.read_bytes())
+  config.total_steps = 4
+  with pytest.raises(resume.ResumeError, match="records 64 then, 128 now; shards added: added"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  config.data.accept_changed_sources = True
+  train.train_and_evaluate(config, tmp_path / "run")
+  assert "resuming at step 2 on changed training data" in caplog.text
+  steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert steps[-1] == 4
 
 
 def test_an_eps_record_never_runs_ghostscript(tmp_path, monkeypatch):
@@ -112,6 +159,26 @@ def test_records_of_an_unexpected_kind_are_counted_as_unreadable():
   assert guarded[1]["error"] == "unreadable_record" and "a list, not a dict" in guarded[1]["detail"]
   out = featurize(guarded[2])
   assert out["error"] == "unreadable_record" and "KeyError" in out["detail"]
+
+
+def test_a_transient_storage_error_reading_a_record_is_retried_before_it_is_counted(
+  monkeypatch,
+):
+  monkeypatch.setattr(sources.Guarded, "RETRY_AFTER_S", (0.0, 0.0))
+  errors = [OSError("503 Service Unavailable"), TimeoutError("read timed out")]
+
+  class Flaky:
+    def __len__(self):
+      return 1
+
+    def __getitem__(self, i):
+      if errors:
+        raise errors.pop(0)
+      return {"id": "fine", "caption": "a caption."}
+
+  assert sources.Guarded(Flaky())[0]["id"] == "fine"
+  errors.extend([TimeoutError("read timed out")] * 3)  # outlasts the retries
+  assert "TimeoutError" in sources.Guarded(Flaky())[0]["detail"] and not errors
 
 
 def test_prepare_counts_a_record_it_cannot_read_and_writes_the_rest(tmp_path):

@@ -49,6 +49,10 @@ class BadRecord(ValueError):
     super().__init__(f"{reason}: {detail}" if detail else reason)
     self.reason = reason
 
+  def as_record(self, record_id: str) -> dict:
+    """The error record that takes a bad record's place in the pipeline."""
+    return {"error": self.reason, "id": record_id, "detail": str(self)}
+
 
 def read_caption(caption: str | bytes) -> str:
   """The caption as clean text; bytes must be UTF-8; blank captions are bad records."""

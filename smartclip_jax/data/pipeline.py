@@ -33,7 +33,7 @@ from absl import flags
 from smartclip_jax import distributed
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
-from smartclip_jax.data.sources import Guarded, make_source, train_sources
+from smartclip_jax.data.sources import Guarded, identity, make_source, train_sources
 from smartclip_jax.tokenizer import tokenize
 
 log = logging.getLogger("smartclip_jax")
@@ -76,8 +76,7 @@ def featurize(
     tokens = tokenize(caption, context_length)[0]
   except Exception as e:  # noqa: BLE001  any record may be broken in a way nobody foresaw
     bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
-    known = record.get("id", "?") if isinstance(record, dict) else "?"  # a non-dict: unreadable
-    return {"error": bad.reason, "id": known, "detail": str(bad)}
+    return bad.as_record(record.get("id", "?") if isinstance(record, dict) else "?")
   return {"image": decode.normalize_image(pixels), "tokens": tokens}
 
 
@@ -230,12 +229,14 @@ def train_iterator(
   process_index: int | None = None,
   process_count: int | None = None,
   start_step: int = 0,
+  stats: DataStats | None = None,
 ) -> grain.DatasetIterator:
   """This process's slices of the global batches of steps start_step + 1, start_step + 2, ...
 
   Step N's global batch is stream positions (N - 1) * B ... N * B - 1; process p of P gets the
   p-th of its P equal parts. Each epoch of the stream covers the data once. The process defaults
-  to JAX's; the arguments let tests play several processes.
+  to JAX's; the arguments let tests play several processes. `stats` gets the sources' identity
+  (`sources.identity`), for checkpoints and the resume check.
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -246,6 +247,8 @@ def train_iterator(
     if not len(source):
       raise DataError(f"the train split{f' of {label}' if label else ''} has no records")
   log.info("training data: %s", coverage(config, sources, weights, labels))
+  if stats is not None:
+    stats.sources = [identity(source, label) for source, label in zip(sources, labels)]
   share = _Slice(
     [grain.MapDataset.source(Guarded(src)) for src in sources],
     weights,
@@ -296,6 +299,8 @@ class DataStats:
   counts: np.ndarray = None  # [sources, 1 + reasons], int64
   examples: list[str] = dataclasses.field(default_factory=list)
   restored: np.ndarray = None
+  sources: list[dict] = dataclasses.field(default_factory=list)  # `sources.identity` of each
+  saved_sources: list[dict] | None = None  # those the checkpoint was saved with, if it says
 
   def __post_init__(self):
     shape = (len(self.labels), 1 + len(decode.REASONS))
@@ -326,11 +331,13 @@ class DataStats:
     state = as_dict(counts.sum(axis=0))
     if len(self.labels) > 1:
       state["sources"] = {label: as_dict(c) for label, c in zip(self.labels, counts)}
+    if self.sources:
+      state["identity"] = self.sources
     return state
 
   @classmethod
   def from_state_dict(cls, state: dict | None, labels: tuple[str, ...] = ("",)) -> DataStats:
-    stats = cls(tuple(labels))
+    stats = cls(tuple(labels), saved_sources=(state or {}).get("identity"))
     as_row = lambda d: [d["used"], *(d["skipped"].get(r, 0) for r in decode.REASONS)]
     if state and len(labels) == 1:
       stats.restored[0] = as_row(state)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
+import os
 import pathlib
+import time
 
 import ml_collections
 import msgpack
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, storage
 from smartclip_jax.data import decode
 from smartclip_jax.data.demo import DemoSource
 
@@ -52,7 +55,10 @@ class FileListSource:
 class Guarded:
   """A source whose records cannot stop a run: one that cannot be read (a corrupt ArrayRecord
   chunk, a TFDS read error, ...) or is not a dict comes back as an `unreadable_record` error
-  record, which the pipeline counts and replaces like any bad record."""
+  record, which the pipeline counts and replaces like any bad record. A storage error that may
+  pass (`storage.transient`: a timeout, a 503) is first retried after each of `RETRY_AFTER_S`."""
+
+  RETRY_AFTER_S = (0.5, 2.0, 8.0)
 
   def __init__(self, source):
     self.source = source
@@ -61,14 +67,18 @@ class Guarded:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict:
-    try:
-      record = self.source[index]
-      if not isinstance(record, dict):
-        raise TypeError(f"a record is a {type(record).__name__}, not a dict")
-    except Exception as e:  # noqa: BLE001  whatever the storage or format raised
-      bad = decode.BadRecord.unreadable(e)
-      return {"error": bad.reason, "id": f"record {index}", "detail": str(bad)}
-    return record
+    pauses = iter(self.RETRY_AFTER_S)
+    while True:
+      try:
+        record = self.source[index]
+        if not isinstance(record, dict):
+          raise TypeError(f"a record is a {type(record).__name__}, not a dict")
+        return record
+      except Exception as e:  # noqa: BLE001  whatever the storage or format raised
+        if storage.transient(e) and (pause := next(pauses, None)) is not None:
+          time.sleep(pause)
+          continue
+        return decode.BadRecord.unreadable(e).as_record(f"record {index}")
 
   def __repr__(self) -> str:
     return repr(self.source)
@@ -173,6 +183,9 @@ class ArrayRecordSource:
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
 
+  def identity(self) -> dict:
+    return {"shards": {pathlib.Path(p).name: os.path.getsize(p) for p in self.paths}}
+
 
 class TfdsSource:
   """Any TFDS data set prepared in ArrayRecord format, through `tfds.data_source`.
@@ -204,6 +217,9 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name}, {self.split}, {len(self)} records)"
+
+  def identity(self) -> dict:
+    return {"name": self.name, "split": self.split}
 
 
 def _lookup(example: dict, path: list[str]):
@@ -238,6 +254,37 @@ def train_labels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The train sources' labels in metrics and checkpoints: mix0, mix1, ... or ("",)."""
   count = len(config_lib.parse_mixture(config.data.mixture))
   return tuple(f"mix{i}" for i in range(count)) or ("",)
+
+
+def identity(source, label: str) -> dict:
+  """What a training source is, for a checkpoint to be compared with on resume: its kind and
+  record count, and what the source adds (ArrayRecord: each shard's name and size), since the
+  batches of a step are a function of the data."""
+  return {"label": label, "kind": type(source).__name__, "records": len(source)} | (
+    source.identity() if hasattr(source, "identity") else {}
+  )
+
+
+def changed_sources(saved: list[dict], now: list[dict]) -> list[str]:
+  """How the training sources `now` differ from those a checkpoint `saved`, one line each."""
+  lines = []
+  for old, new in itertools.zip_longest(saved, now, fillvalue={}):
+    if old == new:
+      continue
+    label = new.get("label", old.get("label")) or "the training data"
+    keys = (old.keys() | new.keys()) - {"label", "shards"}
+    keys = sorted(k for k in keys if old.get(k) != new.get(k))
+    said = [f"{k} {old.get(k)!r} then, {new.get(k)!r} now" for k in keys]
+    before, after = old.get("shards", {}), new.get("shards", {})
+    for what, names in (
+      ("added", sorted(after.keys() - before.keys())),
+      ("removed", sorted(before.keys() - after.keys())),
+      ("resized", sorted(n for n in before.keys() & after.keys() if before[n] != after[n])),
+    ):
+      if names:
+        said.append(f"shards {what}: {', '.join(names[:5])}{' ...' * (len(names) > 5)}")
+    lines.append(f"{label}: {'; '.join(said)}")
+  return lines
 
 
 def make_source(config: ml_collections.ConfigDict, split: str):
