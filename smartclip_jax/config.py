@@ -27,6 +27,7 @@ LOSS_IMPLS = ("global", "ring")
 SKIP_FORMS = ("auto", "where", "cond")  # step.keep_if_finite
 REMATS = ("none", "full", "dots")  # models.layers.REMAT_POLICIES, and none
 CAPTION_MODES = ("prefix", "full", "first")
+SENTENCE_SPLITS = ("ours", "reference")  # data/captions.py
 TRAIN_TRANSFORMS = ("centre_crop", "random_resized_crop")
 DECAYS = ("all", "matrices")
 OPTIONAL_FLOATS = ("model.logit_bias_init",)  # a number, or none
@@ -208,6 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.data.caption_mode = "prefix"  # prefix: first k sentences, k ~ U[1, n] per load
+  # ours: our sentence splitter; reference: the reference's cut at the literal ". "
+  c.data.sentence_split = "ours"
   # Training images: centre_crop is evaluation's transform (shorter side resized, centre crop),
   # as the reference trains; random_resized_crop takes a crop of crop_scale x the area with an
   # aspect ratio in crop_ratio.
@@ -524,6 +527,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(str(e))
   if config.data.caption_mode not in CAPTION_MODES:
     errors.append(f"data.caption_mode={config.data.caption_mode!r}: choose one of {CAPTION_MODES}")
+  if config.data.sentence_split not in SENTENCE_SPLITS:
+    errors.append(
+      f"data.sentence_split={config.data.sentence_split!r}: choose one of {SENTENCE_SPLITS}"
+    )
   if config.data.train_transform not in TRAIN_TRANSFORMS:
     errors.append(
       f"data.train_transform={config.data.train_transform!r}: choose one of {TRAIN_TRANSFORMS}"

@@ -92,6 +92,7 @@ FIELDS = {
   "data.tfds.image_key": "'/'-separated path to the image in a TFDS example",
   "data.tfds.caption_key": "'/'-separated path to the caption(s) in a TFDS example",
   "data.caption_mode": "prefix (random first k sentences, the paper's), full or first",
+  "data.sentence_split": "ours (sentences, abbreviations kept) or reference (cut at every '. ')",
   "data.train_transform": "centre_crop (the reference's) or random_resized_crop",
   "data.crop_scale": "random_resized_crop's area range",
   "data.crop_ratio": "random_resized_crop's aspect-ratio range",

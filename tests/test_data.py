@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from smartclip_jax import config as config_lib
 from smartclip_jax.data import demo, pipeline
 from smartclip_jax.data.captions import sample_caption, split_sentences
 from smartclip_jax.data.sources import make_source
@@ -62,6 +63,62 @@ def test_prefix_sampler_covers_every_k_and_never_cuts_a_sentence():
   assert seen == {1, 2, 3, 4}
   assert sample_caption(text, "first", rng) == sentences[0]
   assert sample_caption(text, "full", rng) == text
+
+
+def _reference_rule(caption: str, rng: np.random.Generator) -> tuple[str, int]:
+  """The reference's caption sampler, transcribed: cut at every ". ", keep the first k."""
+  pieces = caption.split(". ")
+  k = int(rng.integers(1, len(pieces) + 1))
+  return ". ".join(pieces[:k]), k
+
+
+REFERENCE_CASES = [
+  "A man, e.g. this one, stands by a car. He waves. The sky is blue.",
+  "Two dogs play.  One is brown. ",  # a double space, a trailing one
+  "a photo without any separator at all",
+  "Dr. Smith holds a 3.5 m pole. It is red! Is it? Yes.",  # ends in "."
+  "A cat. A dog.",
+]
+
+
+@pytest.mark.parametrize("caption", REFERENCE_CASES)
+def test_reference_sentence_split_is_the_reference_rule_for_every_k(caption):
+  ours, theirs = np.random.default_rng(7), np.random.default_rng(7)  # the same draws of k
+  seen = set()
+  for _ in range(100):
+    want, k = _reference_rule(caption, theirs)
+    assert sample_caption(caption, "prefix", ours, "reference") == want
+    seen.add(k)
+  assert seen == set(range(1, len(caption.split(". ")) + 1))
+  assert sample_caption(caption, "first", ours, "reference") == caption.split(". ")[0]
+
+
+def test_the_two_sentence_splits_differ_and_ours_is_the_default():
+  text = REFERENCE_CASES[0]
+  firsts = {split: sample_caption(text, "first", None, split) for split in ("ours", "reference")}
+  assert firsts == {"ours": "A man, e.g. this one, stands by a car.", "reference": "A man, e.g"}
+  assert sample_caption("A cat. A dog.", "first", None, "reference") == "A cat"
+  caption = REFERENCE_CASES[3]  # the default is ours, draw for draw
+  default, ours = np.random.default_rng(3), np.random.default_rng(3)
+  for _ in range(50):
+    want = sample_caption(caption, "prefix", ours, "ours")
+    assert sample_caption(caption, "prefix", default) == want
+  config = config_lib.base_config()
+  assert config.data.sentence_split == "ours"
+  assert pipeline._featurizer(config, train=True).keywords["sentence_split"] == "ours"
+  config.data.sentence_split = "reference"
+  config_lib.validate(config)
+  assert pipeline._featurizer(config, train=True).keywords["sentence_split"] == "reference"
+  image = np.zeros((24, 24, 3), np.uint8)
+  out = featurize(
+    {"id": "x", "image": image, "caption": text}, caption_mode="first", sentence_split="reference"
+  )
+  np.testing.assert_array_equal(out["tokens"], tokenize("A man, e.g", 16)[0])
+  config.data.sentence_split = "spacy"
+  with pytest.raises(config_lib.ConfigError, match="data.sentence_split='spacy'"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="unknown sentence split"):
+    sample_caption(text, "prefix", np.random.default_rng(0), "spacy")
 
 
 def test_splitting_is_linear_in_a_caption_of_initials():

@@ -1,8 +1,11 @@
 """Sentence splitting and the caption samplers of docs/method.md (the recipe).
 
-The splitter ends a sentence at `.`, `!` or `?` (and any closing quotes or brackets) followed by
-whitespace, except after a known abbreviation ("Mr.", "e.g.", "approx.") or a single capital
-initial ("J. Smith"). Decimals ("3.5 m") never split because no whitespace follows the point.
+Two splitters (`data.sentence_split`). `ours`, the default, ends a sentence at `.`, `!` or `?`
+(and any closing quotes or brackets) followed by whitespace, except after a known abbreviation
+("Mr.", "e.g.", "approx.") or a single capital initial ("J. Smith"). Decimals ("3.5 m") never
+split because no whitespace follows the point. `reference` is the reference implementation's
+rule: the caption is cut at every literal ". " and a prefix is its first k pieces joined again
+with ". ", so "e.g. a" splits and a prefix short of the whole caption has no final period.
 """
 
 from __future__ import annotations
@@ -78,15 +81,27 @@ def split_sentences(text: str) -> list[str]:
   return [s for s in sentences if s]
 
 
-def sample_caption(text: str, mode: str, rng: np.random.Generator) -> str:
-  """`prefix`: first k sentences, k ~ U[1, n]; `first`: the first sentence; `full`: all of it."""
+REFERENCE_SEPARATOR = ". "  # the reference cuts at, and rejoins with, exactly this
+
+
+def sample_caption(text: str, mode: str, rng: np.random.Generator, split: str = "ours") -> str:
+  """`prefix`: first k sentences, k ~ U[1, n]; `first`: the first sentence; `full`: all of it.
+
+  `split` picks the splitter (`data.sentence_split`): `ours` rejoins sentences with a space,
+  `reference` cuts at and rejoins with `REFERENCE_SEPARATOR`, leaving the text unstripped.
+  """
   if mode == "full":
     return text.strip()
-  sentences = split_sentences(text)
+  if split == "reference":
+    sentences, joiner = text.split(REFERENCE_SEPARATOR), REFERENCE_SEPARATOR
+  elif split == "ours":
+    sentences, joiner = split_sentences(text), " "
+  else:
+    raise ValueError(f"unknown sentence split {split!r}")
   if not sentences:
     return ""
   if mode == "first":
     return sentences[0]
   if mode == "prefix":
-    return " ".join(sentences[: int(rng.integers(1, len(sentences) + 1))])
+    return joiner.join(sentences[: int(rng.integers(1, len(sentences) + 1))])
   raise ValueError(f"unknown caption mode {mode!r}")

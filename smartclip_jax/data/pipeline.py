@@ -55,6 +55,7 @@ def featurize(
   crop_ratio: tuple[float, float],
   min_side: int,
   max_pixels: int,
+  sentence_split: str = "ours",
 ) -> dict:
   """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
   try:
@@ -67,7 +68,7 @@ def featurize(
       caption = caption[int(rng.integers(len(caption))) if train else 0]
     # Sampled from the whole caption (a prefix's k ~ U[1, n] counts every sentence); `tokenize`
     # then reads only the characters that can fill `context_length` positions.
-    caption = sample_caption(decode.read_caption(caption), caption_mode, rng)
+    caption = sample_caption(decode.read_caption(caption), caption_mode, rng, sentence_split)
     image = decode.decode_image(record["image"], min_side, max_pixels)
     if train and transform == "random_resized_crop":
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
@@ -110,6 +111,7 @@ def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.par
     featurize,
     train=train,
     caption_mode=d.caption_mode if train else "full",
+    sentence_split=d.sentence_split,
     image_size=config.model.vision.image_size,
     context_length=config.model.text.context_length,
     transform=d.train_transform,
