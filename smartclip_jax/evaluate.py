@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from smartclip_jax import checkpoint, storage
+from smartclip_jax import checkpoint, progress, storage
 from smartclip_jax.evals import datasets, report, tasks as tasks_lib
 from smartclip_jax.interop import loading, torch_files
 
@@ -105,10 +105,7 @@ def arg_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
   parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(
-    level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
-  )
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  progress.log_to_stderr()
   try:
     tasks = tasks_lib.parse_tasks(args.tasks)
   except ValueError as e:

@@ -10,11 +10,12 @@ All math is float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from smartclip_jax import config as config_lib, ring
 
@@ -101,6 +102,57 @@ def mask_sparsity(masks: jax.Array) -> jax.Array:
   return jnp.mean(m * jax.lax.stop_gradient(jnp.sign(m)))
 
 
+MASK_ON = 0.5  # a mask entry at or above this counts as on (hard masks are exactly 0 or 1)
+JACCARD_ROWS = 1024  # captions of a step's batch (every k-th) its mean Jaccard is taken over
+MASK_DIMS = ("mask_dim_min", "mask_dim_max")  # per-dimension [D] flags, reduced by `mask_window`
+
+
+def mask_jaccard(masks: jax.Array) -> jax.Array:
+  """[N, N] Jaccard overlaps |a & b| / |a | b| of the masks' sets of on dimensions (entries
+  >= MASK_ON), 1 where both masks are empty; two matmul-sized terms, never N x N x D."""
+  on = (jax.lax.stop_gradient(masks) >= MASK_ON).astype(jnp.float32)
+  both = jnp.matmul(on, on.T)  # 0/1 entries: exact at any matmul precision
+  size = jnp.sum(on, axis=-1)
+  union = size[:, None] + size[None, :] - both
+  return jnp.where(union > 0, both / jnp.maximum(union, 1.0), 1.0)
+
+
+def mean_pairwise(matrix: jax.Array) -> jax.Array:
+  """The mean of a square matrix's entries above the diagonal (pairs i < j); 1 with no pair."""
+  n = matrix.shape[0]
+  if n < 2:
+    return jnp.ones((), jnp.float32)
+  return jnp.sum(jnp.triu(matrix, 1)) / (n * (n - 1) / 2)
+
+
+def mask_diagnostics(masks: jax.Array) -> Metrics:
+  """Whether the masks collapsed (docs/training.md, mask diagnostics), from masks [B, D]:
+  `mask_jaccard`, the mean pairwise Jaccard of the batch's masks (over at most JACCARD_ROWS of
+  them, every k-th, so that memory stays bounded under `impl="ring"`); and per dimension,
+  whether it is on in every mask (`mask_dim_min`) and in any mask (`mask_dim_max`), as float
+  0/1 vectors [D] that the trainer reduces over each log window (`mask_window`)."""
+  on = (jax.lax.stop_gradient(masks) >= MASK_ON).astype(jnp.float32)
+  sample = masks[:: -(-masks.shape[0] // JACCARD_ROWS)]
+  return {
+    "mask_jaccard": mean_pairwise(mask_jaccard(sample)),
+    "mask_dim_min": jnp.min(on, axis=0),
+    "mask_dim_max": jnp.max(on, axis=0),
+  }
+
+
+def mask_window(steps: Sequence[Metrics]) -> dict[str, float]:
+  """`mask_always_on` / `mask_never_on`: how many dimensions were on in every mask / in no mask
+  of `steps` (the MASK_DIMS of each step's `mask_diagnostics`, on the host); {} for none."""
+  if not steps:
+    return {}
+  dim_min = np.min([np.asarray(s["mask_dim_min"]) for s in steps], axis=0)
+  dim_max = np.max([np.asarray(s["mask_dim_max"]) for s in steps], axis=0)
+  return {
+    "mask_always_on": float(np.sum(dim_min == 1)),
+    "mask_never_on": float(np.sum(dim_max == 0)),
+  }
+
+
 def _hits(stats: Metrics) -> Metrics:
   return {"i2t_top1": jnp.mean(stats["i2t_correct"]), "t2i_top1": jnp.mean(stats["t2i_correct"])}
 
@@ -117,7 +169,7 @@ def smartclip_loss(
   impl: str = "global",
 ) -> tuple[jax.Array, Metrics]:
   """align_weight * (CE rows + CE columns) of S / temperature + sparsity_weight * mean|mask|
-  (`mask_sparsity`, the reference's gradient).
+  (`mask_sparsity`, the reference's gradient). The metrics add `mask_diagnostics`.
 
   `modular=False` is the ablation without the modular alignment: image i is masked by its own
   caption's mask m_i and compared with every caption, S_ij = cos(z_i * m_i, t_j), a plain
@@ -141,6 +193,7 @@ def smartclip_loss(
     "mask_active_mean": jnp.mean(active),
     "mask_active_min": jnp.min(active),
     "mask_active_max": jnp.max(active),
+    **mask_diagnostics(masks),
     **_hits(stats),
   }
 

@@ -1,4 +1,5 @@
-"""Progress lines for long loops (evaluation sets, encoding): what is done, the time, an ETA."""
+"""Progress lines for long loops (evaluation sets, encoding): what is done, the time, an ETA;
+and the commands' log format."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import logging
 import time
 
 log = logging.getLogger("smartclip_jax")
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+  """The commands' log lines: time and message, from `level` up; Orbax's absl chatter hidden."""
+  logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def duration(seconds: float) -> str:

@@ -118,6 +118,8 @@ class Run:
   peak_flops: float  # one device's peak FLOP/s (flops.py), for MFU
   watchdog: watchdog.Watchdog  # started by the loop
   flops: float = 0.0  # FLOPs per device run since the clock
+  # each step's per-dimension mask flags since the last log (losses.MASK_DIMS), left on device
+  mask_dims: list = dataclasses.field(default_factory=list)
   should_stop: Callable[[], bool] = lambda: False  # asked between evaluation batches
 
 
@@ -161,8 +163,13 @@ def maybe_log(
   run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats, force: bool
 ) -> None:
   """Every `log_every` steps (and when `force`): metrics to metrics.jsonl, TensorBoard and the
-  log; stops the run when too many records were unusable or steps non-finite in a row."""
+  log; stops the run when too many records were unusable or steps non-finite in a row.
+  SmartCLIP's per-dimension mask flags are kept (not fetched) until the log step, which
+  reduces them to `mask_always_on` / `mask_never_on` over the window."""
   config = run.config
+  if losses.MASK_DIMS[0] in metrics:
+    run.mask_dims.append({k: metrics[k] for k in losses.MASK_DIMS})
+    metrics = {k: v for k, v in metrics.items() if k not in losses.MASK_DIMS}
   if step % config.log_every == 0 or step == config.total_steps or force:
     write_metrics(run, step, metrics, data_stats)
   if step == run.start + 1:  # later throughput figures leave compilation out
@@ -172,7 +179,12 @@ def maybe_log(
 
 def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats) -> None:
   config = run.config
-  metrics = {**jax.device_get(metrics), **data_stats.metrics()}  # the host waits only here
+  window, run.mask_dims = jax.device_get(run.mask_dims), []
+  metrics = {  # the host waits only here
+    **jax.device_get(metrics),
+    **losses.mask_window(window),
+    **data_stats.metrics(),
+  }
   data_stats.check(config.data.max_bad_fraction)
   maybe_abort_nonfinite(run, step, metrics)
   now, (last_time, last_step) = time.perf_counter(), run.clock
@@ -182,7 +194,9 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
   metrics["mfu"] = run.flops / seconds / run.peak_flops
   run.clock, run.flops = (now, step), 0.0
   run.writer.write(step, metrics)
-  density = f"  mask {metrics['mask_density']:.3f}" if "mask_density" in metrics else ""
+  density = ""
+  if "mask_density" in metrics:
+    density = f"  mask {metrics['mask_density']:.3f} J {metrics['mask_jaccard']:.2f}"
   left = (config.total_steps - step) * seconds / max(step - last_step, 1)
   log.info(
     "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%%  ETA %s",
@@ -438,13 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   config, args = parse_args(sys.argv[1:] if argv is None else argv)
   watchdog.enable_stack_dumps()
   how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  logging.basicConfig(
-    level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-    format="%(asctime)s %(message)s",
-    datefmt="%H:%M:%S",
-    force=True,
-  )
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  progress.log_to_stderr(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   if how != "single":
     log.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), how)
   start = time.perf_counter()

@@ -83,6 +83,7 @@ def test_the_library_does_not_import_the_programs_built_on_it():
   programs = {
     "smartclip_jax.train",
     "smartclip_jax.evaluate",
+    "smartclip_jax.masks",
     "smartclip_jax.convert",
     "smartclip_jax.aot",
   }

@@ -96,6 +96,53 @@ def test_smartclip_without_modular_alignment_masks_each_image_by_its_own_caption
   np.testing.assert_allclose(metrics["mask_density"], np.mean(masks), rtol=1e-6)
 
 
+def _np_jaccard(a, b):
+  """A plain Jaccard of two masks' on-sets (>= 0.5), 1 for two empty ones."""
+  a, b = set(np.flatnonzero(a >= 0.5)), set(np.flatnonzero(b >= 0.5))
+  return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def test_mask_diagnostics_match_a_plain_reference():
+  masks = np.zeros((6, 8), np.float32)
+  masks[0, :4] = masks[1, :4] = 1.0  # identical: Jaccard 1
+  masks[2, 4:6] = 1.0  # disjoint from rows 0 and 1: 0
+  masks[3, [0, 1, 4]] = [0.9, 0.2, 0.6]  # soft: on where >= 0.5 ({0, 4})
+  # rows 4 and 5 empty: Jaccard 1 with each other, 0 with the others
+  got = losses.mask_diagnostics(jnp.asarray(masks))
+  pairs = [_np_jaccard(masks[i], masks[j]) for i in range(6) for j in range(i + 1, 6)]
+  assert _np_jaccard(masks[0], masks[1]) == _np_jaccard(masks[4], masks[5]) == 1.0
+  assert _np_jaccard(masks[0], masks[2]) == _np_jaccard(masks[4], masks[0]) == 0.0
+  assert _np_jaccard(masks[0], masks[3]) == 1 / 5
+  np.testing.assert_allclose(got["mask_jaccard"], np.mean(pairs), rtol=1e-6)
+  full = np.array([[_np_jaccard(a, b) for b in masks] for a in masks])
+  np.testing.assert_allclose(losses.mask_jaccard(jnp.asarray(masks)), full, rtol=1e-6)
+  np.testing.assert_allclose(losses.mean_pairwise(jnp.asarray(full[:1, :1])), 1.0)
+
+  # Over a window of steps: always on = on in every mask of every step; never on = in none.
+  all_but = lambda d: np.ones((3, 8), np.float32) * (np.arange(8) != d)
+  for window, want in (
+    ([masks], (0, 2)),  # rows 4 and 5 are empty; dimensions 6 and 7 never on
+    ([masks, all_but(6)], (0, 1)),
+    ([all_but(6), all_but(0)], (6, 0)),
+    ([np.ones((2, 8))], (8, 0)),
+  ):
+    on = np.concatenate(window) >= 0.5
+    assert want == (on.all(0).sum(), (~on.any(0)).sum())
+    steps = jax.device_get([losses.mask_diagnostics(jnp.asarray(m)) for m in window])
+    assert losses.mask_window(steps) == {"mask_always_on": want[0], "mask_never_on": want[1]}
+  assert losses.mask_window([]) == {}
+
+
+def test_mask_jaccard_samples_large_batches(monkeypatch):
+  monkeypatch.setattr(losses, "JACCARD_ROWS", 4)
+  masks = np.zeros((8, 4), np.float32)
+  masks[::2, 0] = 1.0  # the sampled rows (every 2nd) are identical
+  masks[1::2, 1:] = 1.0
+  got = losses.mask_diagnostics(jnp.asarray(masks))
+  assert float(got["mask_jaccard"]) == 1.0
+  np.testing.assert_array_equal(got["mask_dim_max"], [1, 1, 1, 1])  # flags use every row
+
+
 def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
   from smartclip_jax import config as config_lib
 

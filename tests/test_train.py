@@ -13,6 +13,7 @@ import pytest
 
 from smartclip_jax import (
   config as config_lib,
+  losses,
   malloc,
   optim,
   sharding,
@@ -23,6 +24,7 @@ from smartclip_jax import (
 from smartclip_jax.checkpoint import Checkpointer
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
+from smartclip_jax.writer import MetricWriter
 from tests.conftest import DEMO, TINY
 
 
@@ -47,6 +49,10 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
   for key in ("loss", "lr", "mask_density", "images_per_sec", "tflops_per_device", "mfu"):
     assert all(np.isfinite(m[key]) for m in logged), key
   assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in logged[1:])
+  dims = config.model.embed_dim  # the mask diagnostics, over windows of one step here
+  assert all(0 <= m["mask_jaccard"] <= 1 for m in logged)
+  assert all(m["mask_always_on"] + m["mask_never_on"] <= dims for m in logged)
+  assert all(m["mask_always_on"] == int(m["mask_always_on"]) for m in logged)
   first = np.mean([m["loss"] for m in logged[:10]])
   last = np.mean([m["loss"] for m in logged[-10:]])
   assert last < 0.8 * first, (first, last)
@@ -71,6 +77,31 @@ def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path):
     assert a["loss"] == b["loss"], a["step"]
     assert a["data/used"] == b["data/used"] == a["step"] * config.batch_size  # counts resumed
   assert sorted(int(p.name) for p in (cut / "checkpoints").iterdir()) == [25, 50]
+
+
+def test_mask_diagnostics_are_reduced_over_each_log_window(demo_config, tmp_path, caplog):
+  """SmartCLIP's per-dimension mask flags are kept until the log step, then counted over every
+  step since the last log; metrics without them (CLIP, SigLIP) log no mask diagnostics."""
+  demo_config.log_every = 2
+  step_metrics = {"loss": 1.0, "lr": 1e-3, "max_skip_streak": 0}
+  smart = {"mask_density": 0.5, "mask_jaccard": 0.25}  # and the flags of `losses.MASK_DIMS`:
+  flags = [([1, 1, 0, 0], [1, 1, 1, 0]), ([1, 0, 0, 0], [1, 1, 0, 0]), ([0] * 4, [0, 0, 1, 0])]
+  for name, steps in (("smart", flags), ("clip", [None] * 3)):
+    writer = MetricWriter(tmp_path / name)
+    run = train.Run(demo_config, tmp_path / name, *[None] * 4, writer, 0, (0.0, 0), 1.0, None)
+    with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+      for step, f in enumerate(steps, 1):
+        mask = {} if f is None else {**smart, **dict(zip(losses.MASK_DIMS, jnp.asarray(f)))}
+        train.maybe_log(run, step, {**step_metrics, **mask}, pipeline.DataStats(), force=step == 3)
+    run.writer.close()
+    logged = read_metrics(tmp_path / name)
+    assert [m["step"] for m in logged] == [2, 3]
+    if name == "smart":  # steps 1-2: dimension 0 always on, 3 never; step 3: 0, 1 and 3 never
+      assert [(m["mask_always_on"], m["mask_never_on"]) for m in logged] == [(1, 1), (0, 3)]
+      assert all("mask_dim_min" not in m and m["mask_jaccard"] == 0.25 for m in logged)
+      assert "mask 0.500 J 0.25" in caplog.text
+    else:
+      assert not [k for m in logged for k in m if k.startswith("mask")]
 
 
 @pytest.mark.slow

@@ -138,13 +138,21 @@ def _mask_size(path: pathlib.Path, analysis: dict) -> pathlib.Path:
 
 
 def _heatmap(path: pathlib.Path, a: dict, method: str) -> pathlib.Path:
-  rows = np.asarray(a["mean_mask"])
-  order = np.argsort(-rows.mean(0), kind="stable")  # most used dimensions first
+  title = f"{method}: mean mask of one-object captions, by factor value"
+  return mask_heatmap(path, np.asarray(a["mean_mask"]), a["values"], title)
+
+
+def mask_heatmap(
+  path: pathlib.Path, rows: np.ndarray, labels: list[str], title: str
+) -> pathlib.Path:
+  """Masks (or mean masks) [N, D] in [0, 1] as an N x D heatmap, one labelled row each, the
+  dimensions sorted by use (most used first)."""
+  order = np.argsort(-rows.mean(0), kind="stable")
   fig, ax = plt.subplots(figsize=(10, 6))
   im = ax.imshow(rows[:, order], aspect="auto", cmap="viridis", vmin=0, vmax=1)
-  ax.set_yticks(range(len(a["values"])), a["values"], fontsize=6)
+  ax.set_yticks(range(len(labels)), labels, fontsize=6)
   ax.set_xlabel("image-embedding dimension (sorted by use)")
-  ax.set_title(f"{method}: mean mask of one-object captions, by factor value")
+  ax.set_title(title)
   fig.colorbar(im, ax=ax)
   return _save(fig, path)
 
