@@ -106,6 +106,9 @@ def test_a_step_that_fails_again_is_passed_over_and_set_aside(demo_config, tmp_p
   assert (tmp_path / "ckpt.unusable" / "20").is_dir()
 
 
+BOTH_ATOMICITIES = ["rename", pytest.param("commit_file", marks=pytest.mark.slow)]
+
+
 def leave_unfinished(ckpts, atomicity, step, like):
   """What a save of `step` killed before its commit leaves, copied from the committed `like`."""
   if atomicity == "rename":  # killed before the rename (its commit file already written)
@@ -118,7 +121,7 @@ def leave_unfinished(ckpts, atomicity, step, like):
   return left
 
 
-@pytest.mark.parametrize("atomicity", ["rename", "commit_file"])
+@pytest.mark.parametrize("atomicity", BOTH_ATOMICITIES)
 def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
   demo_config, tmp_path, atomicity
 ):
@@ -133,9 +136,6 @@ def test_readers_take_the_newest_committed_step_and_refuse_an_uncommitted_one(
   shutil.rmtree(ckpts / "10")
   with pytest.raises(checkpoint.CheckpointError, match="not a workdir"):
     checkpoint.resolve_step_dir(tmp_path)
-
-
-BOTH_ATOMICITIES = ["rename", pytest.param("commit_file", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("atomicity", BOTH_ATOMICITIES)
@@ -205,6 +205,7 @@ def test_too_little_free_space_stops_a_save_before_it_starts(demo_config, tmp_pa
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_run_whose_workdir_lacks_the_space_for_a_checkpoint_stops_before_step_1(
   demo_config, tmp_path, monkeypatch
 ):
