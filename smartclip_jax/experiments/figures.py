@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -17,18 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 MAX_NAMED = 5  # scenes hold 2..5 objects
 
 
-def _values() -> list[tuple[str, str]]:
-  """(factor, value) for every value of every factor, in `scenes.FACTORS` order."""
-  options = {
-    "shape": scenes.SHAPES,
-    "colour": scenes.COLOURS,
-    "size": scenes.SIZES,
-    "texture": scenes.TEXTURES,
-    "place": tuple(scenes.PLACES.values()),
-  }
-  return [(f, v) for f in scenes.FACTORS for v in options[f]]
-
-
 def mask_analysis(
   masks: Callable[[np.ndarray], np.ndarray], probes: Probes, context_length: int
 ) -> dict:
@@ -37,7 +25,7 @@ def mask_analysis(
   overlap between factor values' masks (a dimension counts for a value when it is on in at least
   half of that value's sentences). `masks`: caption tokens [N, L] -> masks [N, D]."""
   single = masks(probes.single)
-  values = _values()
+  values = scenes.FACTOR_VALUES
   rows = np.stack(
     [single[[t.value(f) == v for _, t in probes.single_things]].mean(0) for f, v in values]
   )
@@ -158,11 +146,23 @@ def mask_heatmap(
 
 
 def _overlap(path: pathlib.Path, a: dict, method: str) -> pathlib.Path:
+  title = f"{method}: Jaccard overlap of factor values' masks"
+  return overlap(path, np.asarray(a["jaccard"]), a["values"], title)
+
+
+def overlap(
+  path: pathlib.Path, jaccard: np.ndarray, labels: Sequence[str], title: str
+) -> pathlib.Path:
+  """A Jaccard matrix [n, n] in [0, 1], rows and columns labelled; each cell's value written in
+  it when n is at most 10."""
   fig, ax = plt.subplots(figsize=(7.5, 6.5))
-  im = ax.imshow(np.asarray(a["jaccard"]), cmap="magma", vmin=0, vmax=1)
-  ticks = range(len(a["values"]))
-  ax.set_xticks(ticks, a["values"], fontsize=5, rotation=90)
-  ax.set_yticks(ticks, a["values"], fontsize=5)
-  ax.set_title(f"{method}: Jaccard overlap of factor values' masks")
+  im = ax.imshow(jaccard, cmap="magma", vmin=0, vmax=1)
+  small = len(labels) <= 10
+  ticks = range(len(labels))
+  ax.set_xticks(ticks, labels, fontsize=9 if small else 5, rotation=0 if small else 90)
+  ax.set_yticks(ticks, labels, fontsize=9 if small else 5)
+  for (i, j), value in np.ndenumerate(jaccard) if small else ():
+    ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="grey", fontsize=9)
+  ax.set_title(title)
   fig.colorbar(im, ax=ax)
   return _save(fig, path)

@@ -74,9 +74,12 @@ def base(sizes: Sizes) -> ml_collections.ConfigDict:
   return c
 
 
-def method_config(method: str, sizes: Sizes) -> ml_collections.ConfigDict:
+def method_config(
+  method: str, sizes: Sizes, methods: dict[str, list[str]] = METHODS
+) -> ml_collections.ConfigDict:
+  """`base(sizes)` with the overrides `methods` lists for `method`."""
   c = base(sizes)
-  for item in METHODS[method]:
+  for item in methods[method]:
     if item.startswith("loss="):
       config_lib.set_loss(c, item[len("loss=") :])
     else:
@@ -85,8 +88,9 @@ def method_config(method: str, sizes: Sizes) -> ml_collections.ConfigDict:
   return c
 
 
-def summarize(runs: list[dict]) -> dict:
-  """{setting: {method: {metric: [mean, std over seeds]}}}."""
+def summarize(runs: list[dict], metrics: Sequence[str] = probes_lib.METRICS) -> dict:
+  """{setting: {method: {metric: [mean, std over seeds]}}}, for the `metrics` a method's runs
+  have."""
   out: dict = {}
   for r in runs:
     out.setdefault(r["setting"], {}).setdefault(r["method"], []).append(r)
@@ -94,7 +98,8 @@ def summarize(runs: list[dict]) -> dict:
     setting: {
       method: {
         m: [float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs]))]
-        for m in probes_lib.METRICS
+        for m in metrics
+        if m in rs[0]
       }
       for method, rs in by_method.items()
     }
@@ -198,33 +203,18 @@ def run(
   runs: list[dict] = []
   masks: dict[str, Any] = {}
 
-  def done(future: futures.Future) -> None:
-    record, _ = future.result()
-    runs.append(record)
-    log.info(
-      "[%d/%d] %s %s seed %d (%.0f s, %.0f s in): %s",
-      len(runs),
-      total,
-      record["setting"],
-      record["method"],
-      record["seed"],
-      record["seconds"],
-      time.perf_counter() - start,
-      _brief(record),
-    )
-
   def submit(
     seed: int, setting: str, mode: str, method: str, pretrained: Any = None
   ) -> futures.Future:
     analyse = method.startswith("smartclip") and seed == seeds[0] and setting == "finetune/prefix"
-    future = pool.submit(run_task, seed, setting, mode, method, pretrained, analyse)
-    future.add_done_callback(done)
+    future = track(run_task, seed, setting, mode, method, pretrained, analyse)
     if analyse:
       future.add_done_callback(lambda f: masks.update({method: f.result()[1]}))
     return future
 
   log.info("%d runs on %d process(es); %s", total, workers, sizes)
   with executor(workers, start_process, sizes) as pool:
+    track = runner.tracked(pool, total, start, runs, _brief)
     pretraining = (
       {seed: submit(seed, "pretrained", "full", "clip") for seed in seeds} if finetune else {}
     )

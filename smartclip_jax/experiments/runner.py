@@ -72,9 +72,7 @@ def schedule(
   [steps, batch, L] with each caption's sentences sampled by `mode`: one data order per seed,
   the same for every method."""
   rng = np.random.default_rng([seed, 7, ("full", "prefix", "subset").index(mode)])
-  n = len(split.scenes)
-  order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch // n))])
-  index = order[: steps * batch].reshape(steps, batch)
+  index = data_order(rng, len(split.scenes), steps, batch)
   tokens = np.stack(
     [
       scenes.caption_tokens(
@@ -87,6 +85,12 @@ def schedule(
     ]
   ).reshape(steps, batch, context_length)
   return index, tokens
+
+
+def data_order(rng: np.random.Generator, n: int, steps: int, batch: int) -> np.ndarray:
+  """Image indices [steps, batch] of `n` images: epochs of fresh permutations drawn from `rng`."""
+  order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch // n))])
+  return order[: steps * batch].reshape(steps, batch)
 
 
 class Trainer:
@@ -222,6 +226,40 @@ def executor(workers: int, start: Callable, *args) -> futures.Executor:
   return futures.ProcessPoolExecutor(
     workers, mp_context=context, initializer=start, initargs=(*args, cores)
   )
+
+
+def tracked(
+  pool: futures.Executor,
+  total: int,
+  start: float,
+  records: list[dict],
+  brief: Callable[[dict], str],
+) -> Callable[..., futures.Future]:
+  """`pool.submit` for tasks that return (record, extra): as each task ends, its record is
+  appended to `records` and logged as "[done/total] <setting> <method> seed <seed> (its seconds,
+  seconds since `start`): <brief(record)>"."""
+
+  def done(future: futures.Future) -> None:
+    record, _ = future.result()
+    records.append(record)
+    log.info(
+      "[%d/%d] %s %s seed %d (%.0f s, %.0f s in): %s",
+      len(records),
+      total,
+      record["setting"],
+      record["method"],
+      record["seed"],
+      record["seconds"],
+      time.perf_counter() - start,
+      brief(record),
+    )
+
+  def submit(task: Callable, *args: Any) -> futures.Future:
+    future = pool.submit(task, *args)
+    future.add_done_callback(done)
+    return future
+
+  return submit
 
 
 def finish(

@@ -1,4 +1,5 @@
-"""Scenes for the partial-captions experiment: 2-5 objects, five factors each, one sentence each.
+"""Scenes for the partial-captions experiment: 2-5 objects, five factors each, one sentence each
+(the identification experiment draws one object per scene).
 
 An extension of the demo data (`data/demo.py`: its shapes, colours, sizes and 3x3 places) with a
 fifth factor, texture. Scene i of a split comes from a generator seeded by (seed, split, i), so
@@ -20,6 +21,14 @@ SIZES = tuple(demo.SIZES)
 TEXTURES = ("solid", "striped", "hollow")
 PLACES = demo.PLACES
 FACTORS = ("shape", "colour", "size", "texture", "place")
+VALUES = {  # every factor's values, as `Thing.value` says them
+  "shape": SHAPES,
+  "colour": COLOURS,
+  "size": SIZES,
+  "texture": TEXTURES,
+  "place": tuple(PLACES.values()),
+}
+FACTOR_VALUES = tuple((f, v) for f in FACTORS for v in VALUES[f])  # (factor, value), all 26
 SPLITS = {"train": 0, "test": 1, "pretrain": 2}
 
 
@@ -80,7 +89,10 @@ class Split:
   sentence_ids: list[list[list[int]]]
 
 
-def make_split(num: int, image_size: int, seed: int, split: str) -> Split:
+def make_split(
+  num: int, image_size: int, seed: int, split: str, objects: tuple[int, int] = (2, 5)
+) -> Split:
+  """`num` scenes of objects[0]..objects[1] objects each (`draw`)."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
   encode = get_tokenizer().encode
@@ -88,7 +100,7 @@ def make_split(num: int, image_size: int, seed: int, split: str) -> Split:
   scenes, ids = [], []
   for i in range(num):
     rng = np.random.default_rng([seed, SPLITS[split], i])
-    things = draw(rng)
+    things = draw(rng, *objects)
     images[i] = render(things, image_size, rng)
     scenes.append(things)
     ids.append([encode(t.sentence()) for t in things])
