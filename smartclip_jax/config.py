@@ -143,7 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.smartclip = ml_collections.ConfigDict(
     dict(temperature=0.01, align_weight=10.0, sparsity_weight=2.0, modular=True)
   )
-  c.clip = ml_collections.ConfigDict(dict(temperature=0.0))  # loss=clip: > 0 fixes τ, 0 learns it
+  # loss=clip: temperature > 0 fixes τ, 0 learns it; subset_dims > 0 compares texts with the
+  # image embedding on that many of its dimensions only, fixed at random by the seed (a
+  # control for SmartCLIP: a mask that never depends on the caption)
+  c.clip = ml_collections.ConfigDict(dict(temperature=0.0, subset_dims=0))
 
   arch = ARCHS["vit_l14"]  # sizes only; configs pick theirs
   c.model = ml_collections.ConfigDict()
@@ -430,6 +433,7 @@ RANGES = {
   "smartclip.align_weight": "[0, inf)",
   "smartclip.sparsity_weight": "[0, inf)",
   "clip.temperature": "[0, inf)",
+  "clip.subset_dims": "[0, inf)",
   "model.text.trim_padding": "[0, inf)",
   "optim.b1": "[0, 1)",
   "optim.b2": "[0, 1)",

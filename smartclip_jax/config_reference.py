@@ -38,6 +38,8 @@ FIELDS = {
   "smartclip.sparsity_weight": "weight of the mask sparsity term (the reference's 2)",
   "smartclip.modular": "false: the 'no modular loss' ablation (each image masked by its caption)",
   "clip.temperature": "loss=clip: a fixed temperature; 0 learns it",
+  "clip.subset_dims": "loss=clip: 0, or compare texts with this many image dimensions only "
+  "(fixed at random by the seed; a control for SmartCLIP's masks)",
   "model.embed_dim": "D, the shared embedding width",
   "model.activation": "quick_gelu (OpenAI's) or gelu (open_clip's own models)",
   "model.dtype": "compute dtype (float32, bfloat16); parameters and optimizer state stay float32",

@@ -251,12 +251,27 @@ def siglip_loss(
 LossFn = Callable[[dict[str, jax.Array]], tuple[jax.Array, Metrics]]
 
 
+def subset_mask(config: ml_collections.ConfigDict) -> jax.Array | None:
+  """`clip.subset_dims` image dimensions, chosen at random by the seed, as a 0/1 mask [D]: the
+  cosine of the kept part of the image embedding with the whole text embedding is SmartCLIP's
+  similarity under one mask for every caption. None when the option is off (0)."""
+  k, dims = config.clip.subset_dims, config.model.embed_dim
+  if not k:
+    return None
+  if k > dims:
+    raise config_lib.ConfigError(f"clip.subset_dims={k} exceeds model.embed_dim={dims}")
+  chosen = np.random.default_rng(config.seed).choice(dims, k, replace=False)
+  return jnp.zeros(dims, jnp.float32).at[chosen].set(1.0)
+
+
 def make(config: ml_collections.ConfigDict) -> LossFn:
   """`config.loss` over the model's outputs (`TwoTowers.__call__`): embeddings, masks, scale and
   bias. The model is described by `config.model`; a loss that needs a part the model lacks, or
   leaves one it has untrained, is a ConfigError (`config.set_loss` sets both together)."""
   loss, m, impl = config.loss, config.model, config.loss_impl
   wants = config_lib.LOSS_MODELS[loss]
+  if config.clip.subset_dims and loss != "clip":
+    raise config_lib.ConfigError(f"clip.subset_dims is an option of loss=clip, not loss={loss}")
   if bool(m.mask_net) != wants["mask_net"]:
     raise config_lib.ConfigError(
       f"loss={loss} with model.mask_net={m.mask_net}: the SmartCLIP loss needs the mask "
@@ -282,13 +297,14 @@ def make(config: ml_collections.ConfigDict) -> LossFn:
       impl=impl,
     )
   if loss == "clip":
-    fixed = config.clip.temperature
+    fixed, keep = config.clip.temperature, subset_mask(config)
 
     def clip(out: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
       scale = out["logit_scale"]
       if fixed > 0:  # a fixed temperature: the learned scale gets no gradient
         scale = jnp.full_like(scale, -math.log(fixed))
-      return clip_loss(out["img_emb"], out["txt_emb"], scale, impl=impl)
+      img = out["img_emb"] if keep is None else out["img_emb"] * keep
+      return clip_loss(img, out["txt_emb"], scale, impl=impl)
 
     return clip
   return lambda out: siglip_loss(

@@ -156,6 +156,29 @@ def test_clip_with_a_fixed_temperature_gives_its_scale_no_gradient():
   assert grad == 0.0
 
 
+def test_clip_on_a_fixed_subset_of_image_dims_is_smartclip_under_one_constant_mask():
+  from smartclip_jax import config as config_lib
+
+  c = config_lib.set_loss(config_lib.base_config(), "clip")
+  c.model.embed_dim, c.clip.temperature, c.clip.subset_dims = 16, 0.01, 5
+  img, txt, _ = _inputs(n=6, m=6)
+  keep = losses.subset_mask(c)
+  assert float(keep.sum()) == 5 and bool(((keep == 0) | (keep == 1)).all())
+  np.testing.assert_array_equal(keep, losses.subset_mask(c))  # fixed by the seed
+  loss, grad = jax.value_and_grad(
+    lambda z: losses.make(c)({"img_emb": z, "txt_emb": txt, "logit_scale": jnp.zeros(())})[0]
+  )(img)
+  same_mask = jnp.broadcast_to(keep, txt.shape)
+  reference = losses.smartclip_loss(
+    img, txt, same_mask, temperature=0.01, align_weight=0.5, sparsity_weight=0.0
+  )[0]
+  np.testing.assert_allclose(loss, reference, rtol=1e-5)
+  assert not np.asarray(grad)[:, np.asarray(keep) == 0].any()  # the other dims never train
+  c.loss = "smartclip"
+  with pytest.raises(config_lib.ConfigError, match="subset_dims is an option of loss=clip"):
+    losses.make(c)
+
+
 def test_smartclip_loss_finite_with_all_zero_masks():
   img, txt, _ = _inputs(n=4, m=4)
   masks = jnp.zeros((4, 16)).at[0].set(1.0)

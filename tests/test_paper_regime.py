@@ -122,7 +122,7 @@ def test_quick_run_writes_every_output(tmp_path):
   smart = next(r for r in results["runs"] if r["method"] == "smartclip")
   assert set(smart["modes"]) == {"plain", "masked"}
   assert len(smart["hits"]["plain"]) == len(smart["hits"]["masked"]) == 48
-  assert {p["smartclip"] for p in results["paired"]} == {"plain", "masked"}
+  assert {p["view"] for p in results["paired"]} == {"plain", "masked"}
   for name in (
     "table.md",
     "lr_sweep.png",
@@ -132,3 +132,21 @@ def test_quick_run_writes_every_output(tmp_path):
     "models/prefix_clip@small_seed1.msgpack",
   ):
     assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_the_control_runs_all_three_together_and_pairs_each(tmp_path):
+  from smartclip_jax.experiments import paper_regime_control
+
+  paper_regime_control.main(["--out", str(tmp_path), "--quick", "--workers", "1"])
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert {r["method"] for r in results["runs"]} == {"smartclip", "clip", "clip_subset"}
+  pairs = {(p["method"], p["minus"], p["view"]) for p in results["paired"]}
+  assert pairs == {
+    ("smartclip", "clip", "plain"),
+    ("smartclip", "clip", "masked"),
+    ("smartclip", "clip_subset", "plain"),
+    ("smartclip", "clip_subset", "masked"),
+    ("clip_subset", "clip", "plain"),
+  }
+  assert "clip_subset − clip" in (tmp_path / "table.md").read_text()

@@ -70,6 +70,12 @@ QUICK = default_sizes(
 )
 
 TOWER_LRS = {"frozen": 0.0, "small": 1e-5, "large": 1e-3}
+# The control for the gain (README, follow-up): CLIP on a fixed random SUBSET_DIMS of the image
+# dimensions at SmartCLIP's τ, i.e. SmartCLIP's similarity under one mask for every caption
+# (`clip.subset_dims`), to tell the towers' drifting less from per-caption selection.
+SUBSET_DIMS = 18  # about the dimensions SmartCLIP's masks kept here (results/paper_regime)
+LOSSES = ("smartclip", "clip", "clip_subset")
+COMPARISONS = (("smartclip", "clip"), ("smartclip", "clip_subset"), ("clip_subset", "clip"))
 # Every fine-tuning run of a seed: (caption mode, loss, towers' learning rate).
 RUNS = (
   *(("prefix", "smartclip", lr) for lr in TOWER_LRS),
@@ -107,7 +113,9 @@ def configure(name: str, sizes: runner.Sizes) -> ml_collections.ConfigDict:
     c.optim.update(decay="matrices", grad_clip_norm=1.0)
   else:
     loss, lr = name.split("@")
-    config_lib.set_loss(c, loss)
+    config_lib.set_loss(c, "clip" if loss == "clip_subset" else loss)
+    if loss == "clip_subset":
+      c.clip.update(temperature=0.01, subset_dims=SUBSET_DIMS)
     c.optim.towers.update(lr=TOWER_LRS[lr], warmup_steps=max(1, round(sizes.steps * 200 / 3650)))
   config_lib.validate(c)
   return c
@@ -256,44 +264,49 @@ def detectable(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> fl
 
 
 def paired(runs: list[dict], rng: np.random.Generator) -> list[dict]:
-  """SmartCLIP (plain and masked) minus CLIP fine-tuned, on the main metric, per seed, for
-  each caption mode and learning rate that has both: mean, std, a t interval over seeds, the
-  difference the design detects, and per seed a bootstrap interval over the test queries."""
+  """Each of COMPARISONS (SmartCLIP plain and masked minus CLIP fine-tuned, and the control's
+  pairs) on the main metric, per seed, for each caption mode and learning rate that has both:
+  mean, std, a t interval over seeds, the difference the design detects, and per seed a
+  bootstrap interval over the test queries."""
   by_key = {(r["setting"], r["method"], r["lr"], r["seed"]): r for r in runs}
-  cells = sorted({(mode, lr) for mode, method, lr, _ in by_key if method == "smartclip"})
   out = []
-  for mode, lr in cells:
-    seeds = sorted(
-      s
-      for m, method, rate, s in by_key
-      if (m, method, rate) == (mode, "clip", lr) and (mode, "smartclip", lr, s) in by_key
-    )
-    for view in ("plain", "masked") if seeds else ():
-      diffs, intervals = [], []
-      for s in seeds:
-        a = np.asarray(by_key[(mode, "smartclip", lr, s)]["hits"][view], float)
-        b = np.asarray(by_key[(mode, "clip", lr, s)]["hits"]["plain"], float)
-        diffs.append(100 * (a.mean() - b.mean()))
-        draws = rng.integers(0, len(a), (BOOTSTRAP, len(a)))
-        boot = 100 * (a[draws].mean(1) - b[draws].mean(1))
-        intervals.append([float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))])
-      n, mean = len(diffs), float(np.mean(diffs))
-      sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
-      half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
-      out.append(
-        {
-          "setting": mode,
-          "lr": lr,
-          "smartclip": view,
-          "seeds": seeds,
-          "differences": diffs,
-          "mean": mean,
-          "sd": sd,
-          "t_interval": [mean - half, mean + half],
-          "detectable": detectable(sd, n),
-          "bootstrap_per_seed": intervals,
-        }
+  for first, second in COMPARISONS:
+    cells = sorted({(mode, lr) for mode, method, lr, _ in by_key if method == first})
+    for mode, lr in cells:
+      seeds = sorted(
+        s
+        for m, method, rate, s in by_key
+        if (m, method, rate) == (mode, second, lr) and (mode, first, lr, s) in by_key
       )
+      views = ("plain", "masked") if first == "smartclip" else ("plain",)
+      for view in views if seeds else ():
+        diffs, intervals = [], []
+        for s in seeds:
+          a = np.asarray(by_key[(mode, first, lr, s)]["hits"][view], float)
+          b = np.asarray(by_key[(mode, second, lr, s)]["hits"]["plain"], float)
+          diffs.append(100 * (a.mean() - b.mean()))
+          draws = rng.integers(0, len(a), (BOOTSTRAP, len(a)))
+          boot = 100 * (a[draws].mean(1) - b[draws].mean(1))
+          intervals.append([float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))])
+        n, mean = len(diffs), float(np.mean(diffs))
+        sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
+        half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+        out.append(
+          {
+            "setting": mode,
+            "lr": lr,
+            "method": first,
+            "minus": second,
+            "view": view,
+            "seeds": seeds,
+            "differences": diffs,
+            "mean": mean,
+            "sd": sd,
+            "t_interval": [mean - half, mean + half],
+            "detectable": detectable(sd, n),
+            "bootstrap_per_seed": intervals,
+          }
+        )
   return out
 
 
@@ -347,16 +360,18 @@ def table(results: dict) -> str:
       )
   lines += [
     "",
-    f"### SmartCLIP − CLIP fine-tuned, `{MAIN}`, paired by seed (points)",
+    f"### Paired differences on `{MAIN}`, by seed (points)",
     "",
-    "| captions | towers' lr | SmartCLIP scored | per seed | mean | 95 % t interval | "
+    "| captions | towers' lr | difference | scored | per seed | mean | 95 % t interval | "
     "detectable (80 % power) |",
-    "|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for p in results["paired"]:
     lo, hi = p["t_interval"]
+    # results written before the control name their first method's view `smartclip`
+    first, second = p.get("method", "smartclip"), p.get("minus", "clip")
     lines.append(
-      f"| {p['setting']} | {p['lr']} | {p['smartclip']} | "
+      f"| {p['setting']} | {p['lr']} | {first} − {second} | {p.get('view', p.get('smartclip'))} | "
       + ", ".join(f"{d:+.1f}" for d in p["differences"])
       + f" | {p['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] | {p['detectable']:.1f} |"
     )
