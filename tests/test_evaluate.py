@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from smartclip_jax import progress, sharding
-from smartclip_jax.data import pipeline
-from smartclip_jax.evals import retrieval, run as evals_run
+from smartclip_jax import progress, sharding, tokenizer
+from smartclip_jax.data import captions, pipeline, sources
+from smartclip_jax.evals import report, retrieval, run as evals_run
 
 
 def oracle(sim, text_to_image, ks=(1, 5, 10)):
@@ -128,3 +128,28 @@ def test_the_heldout_progress_ends_with_one_last_line(skipped, caplog, monkeypat
   want = [f"held-out demo: {n}/{total} records" for n in sorted({4, 8, total})]
   assert [line.split(",")[0] for line in lines] == want
   assert results["skipped"] == skipped and results["i2t_r1"] == 100.0
+  assert "first_t2i_r1" not in results  # batches without first sentences: no such measure
+
+
+def test_the_heldout_split_also_retrieves_each_image_from_its_first_sentence(monkeypatch):
+  emb = np.eye(6, dtype=np.float32)
+  first = emb[[0, 1, 2, 3, 5, 4]]  # images 4 and 5 swapped: their first sentences mislead
+  batches = [{"image": emb, "tokens": emb, "first_tokens": first}]
+  monkeypatch.setattr(pipeline, "eval_batches", lambda config: (batches, 6))
+  config = ml_collections.ConfigDict({"data": {"name": "demo"}})
+  results = evals_run.evaluate_heldout(config, Echo())
+  assert results["t2i_r1"] == 100.0 and results["first_t2i_r1"] == pytest.approx(400 / 6)
+  assert {"first_t2i_r5", "first_t2i_r10"} <= set(results) and "first_i2t_r1" not in results
+  assert "1st->I" in report.format_table(results, "t")
+  assert "first sentence T2I 66.7" in report.summary(results)
+
+
+def test_held_out_records_carry_their_first_sentence(demo_config):
+  batches, _ = pipeline.eval_batches(demo_config)
+  batch = next(batches)
+  record = sources.make_source(demo_config, "eval")[0]
+  first = captions.sample_caption(record["caption"], "first", np.random.default_rng(0))
+  np.testing.assert_array_equal(
+    batch["first_tokens"][0], tokenizer.tokenize(first, demo_config.model.text.context_length)[0]
+  )
+  assert (batch["first_tokens"] != batch["tokens"]).any()

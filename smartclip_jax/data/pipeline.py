@@ -56,8 +56,11 @@ def featurize(
   min_side: int,
   max_pixels: int,
   sentence_split: str = "ours",
+  first_sentence: bool = False,
 ) -> dict:
-  """One raw record -> {"image", "tokens"}, or {"error", "id", "detail"} if it is unusable."""
+  """One raw record -> {"image", "tokens"} (and with `first_sentence`, "first_tokens": its
+  caption's first sentence alone, a partial caption for evaluation), or {"error", "id",
+  "detail"} if it is unusable."""
   try:
     if record.get("error"):
       return record
@@ -68,17 +71,21 @@ def featurize(
       caption = caption[int(rng.integers(len(caption))) if train else 0]
     # Sampled from the whole caption (a prefix's k ~ U[1, n] counts every sentence); `tokenize`
     # then reads only the characters that can fill `context_length` positions.
-    caption = sample_caption(decode.read_caption(caption), caption_mode, rng, sentence_split)
+    text = decode.read_caption(caption)
+    caption = sample_caption(text, caption_mode, rng, sentence_split)
     image = decode.decode_image(record["image"], min_side, max_pixels)
     if train and transform == "random_resized_crop":
       pixels = decode.random_resized_crop(image, image_size, crop_scale, crop_ratio, rng)
     else:
       pixels = decode.centre_crop(image, image_size)
-    tokens = tokenize(caption, context_length)[0]
+    out = {"image": decode.normalize_image(pixels), "tokens": tokenize(caption, context_length)[0]}
+    if first_sentence:
+      first = sample_caption(text, "first", rng, sentence_split)
+      out["first_tokens"] = tokenize(first, context_length)[0]
   except Exception as e:  # noqa: BLE001  any record may be broken in a way nobody foresaw
     bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
     return bad.as_record(record.get("id", "?") if isinstance(record, dict) else "?")
-  return {"image": decode.normalize_image(pixels), "tokens": tokens}
+  return out
 
 
 class _SkipBadIterator(grain.DatasetIterator):
@@ -112,6 +119,7 @@ def _featurizer(config: ml_collections.ConfigDict, train: bool) -> functools.par
     train=train,
     caption_mode=d.caption_mode if train else "full",
     sentence_split=d.sentence_split,
+    first_sentence=not train,
     image_size=config.model.vision.image_size,
     context_length=config.model.text.context_length,
     transform=d.train_transform,

@@ -17,8 +17,12 @@ def format_table(results: dict[str, float], title: str) -> str:
   """A small fixed-width table: rows I->T and T->I, columns R@K."""
   ks = retrieval.KS
   lines = [title, "        " + "".join(f"{f'R@{k}':>8}" for k in ks)]
-  for name, key in (("I->T", "i2t"), ("T->I", "t2i")):
-    lines.append(f"  {name:6}" + "".join(f"{results[f'{key}_r{k}']:8.1f}" for k in ks))
+  rows = (("I->T", "i2t"), ("T->I", "t2i"), ("1st->I", "first_t2i"))
+  for name, key in rows:
+    if f"{key}_r1" in results:
+      lines.append(f"  {name:6}" + "".join(f"{results[f'{key}_r{k}']:8.1f}" for k in ks))
+  if "first_t2i_r1" in results:
+    lines.append("  (1st->I: each image retrieved from its caption's first sentence alone)")
   return "\n".join(lines)
 
 
@@ -43,7 +47,10 @@ def _cell(metrics: dict) -> str:
 
 def summary(results: dict) -> str:
   """One log line: held-out and every task's I2T/T2I R@1 (zero-shot: top-1)."""
-  parts = [f"held-out {_cell(results)}"]
+  first = ""
+  if "first_t2i_r1" in results:
+    first = f" (first sentence T2I {results['first_t2i_r1']:.1f})"
+  parts = [f"held-out {_cell(results)}{first}"]
   parts += [f"{task} {_cell(m)}" for task, m in results.get("tasks", {}).items()]
   return "; ".join(parts)
 

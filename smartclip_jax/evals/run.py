@@ -14,21 +14,31 @@ from smartclip_jax.progress import Progress
 
 
 def evaluate_heldout(config: ml_collections.ConfigDict, encoder: Encoder) -> dict[str, float]:
-  """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off.
+  """I2T/T2I R@1/5/10 on the held-out split with full captions, masks off; and T2I R@K from
+  each caption's first sentence alone (`first_t2i_r*`), a partial caption, where SmartCLIP
+  and CLIP part ways in the experiments (docs/experiments.md).
 
   Unusable held-out records are skipped (and reported in `skipped`), never silently.
   """
   batches, num_records = pipeline.eval_batches(config)
-  images, texts = [], []
+  images, texts, firsts = [], [], []
   progress = Progress(f"held-out {config.data.name}", num_records, "records")
   for batch in batches:
     images.append(encoder.apply("encode_image", batch["image"]))
     texts.append(encoder.apply("encode_text", batch["tokens"]))
+    if "first_tokens" in batch:
+      firsts.append(encoder.apply("encode_text", batch["first_tokens"]))
     progress.update(sum(len(x) for x in images))
   progress.update(num_records)  # every record read, the unusable ones skipped
   img, txt = retrieval.normalize(np.concatenate(images)), retrieval.normalize(np.concatenate(texts))
-  rank = retrieval.retrieval_ranks(img, txt, np.arange(len(txt)), encoder.mesh)
-  return {**retrieval.recalls(rank), "num_images": len(img), "skipped": num_records - len(img)}
+  targets = np.arange(len(txt))
+  results = retrieval.recalls(retrieval.retrieval_ranks(img, txt, targets, encoder.mesh))
+  if firsts:
+    first = retrieval.normalize(np.concatenate(firsts))
+    ranks = retrieval.retrieval_ranks(img, first, targets, encoder.mesh)
+    recalls = retrieval.recalls(ranks).items()
+    results.update({f"first_{k}": v for k, v in recalls if k.startswith("t2i")})
+  return {**results, "num_images": len(img), "skipped": num_records - len(img)}
 
 
 def run_eval(
