@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # still those of the whole batch (step.accumulated_loss_and_grads), at ~4/3 the compute.
   c.accum_steps = 1
   c.total_steps = 3650
+  # > 0: passes over the training data; sets total_steps from the train sources' records and
+  # batch_size at start-up (a mixture: passes over all its records, drawn by the weights)
+  c.epochs = 0.0
   c.log_every = 50
   c.checkpoint_every = 500
   c.eval = ml_collections.ConfigDict()
@@ -422,6 +425,7 @@ RANGES = {
   "batch_size": "[1, inf)",
   "accum_steps": "[1, inf)",
   "total_steps": "[1, inf)",
+  "epochs": "[0, inf)",
   "log_every": "[1, inf)",
   "checkpoint_every": "[1, inf)",
   "keep_checkpoints": "[1, inf)",

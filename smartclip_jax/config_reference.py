@@ -18,6 +18,8 @@ FIELDS = {
   "batch_size": "the global batch, over all devices and processes",
   "accum_steps": "micro-batches per step; the same loss and gradients as the whole batch",
   "total_steps": "optimizer steps of the run; the cosine schedules end here",
+  "epochs": "> 0: passes over the training data, setting total_steps from its records and "
+  "batch_size; 0: total_steps as given",
   "log_every": "steps between metrics lines (metrics.jsonl, TensorBoard, the log)",
   "checkpoint_every": "steps between checkpoints (one is also saved at the end and on a stop)",
   "eval.every": "steps between evaluations; 0 evaluates only at the end",

@@ -318,6 +318,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   """Everything before the first step: mesh, model, optimizer, data, and the state restored
   from the latest checkpoint or freshly initialised. Checks that can fail do so here."""
   preflight.check(config)  # again for callers that did not come through parse_args
+  if config.epochs:
+    config.total_steps = pipeline.steps_for_epochs(config)
+    log.info("epochs=%g of the training data: total_steps=%d", config.epochs, config.total_steps)
   storage.check_writable(workdir, f".write_check.{jax.process_index()}")
   storage.check_shared(workdir)
   mesh = sharding.make_mesh(config)

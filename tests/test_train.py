@@ -248,3 +248,23 @@ def test_progress_lines_count_what_is_done_and_estimate_the_rest(caplog, monkeyp
     "embedding images: 1000/1000 images, 1m30s",
   ]
   assert progress.duration(3725) == "1h02m"
+
+
+def test_epochs_count_the_records_of_every_train_source(demo_config, monkeypatch):
+  monkeypatch.setattr(pipeline, "train_sources", lambda config: ([[0] * 64, [0] * 32], [3, 1], []))
+  demo_config.update(batch_size=16, epochs=2.0)
+  assert pipeline.steps_for_epochs(demo_config) == 12  # 2 x 96 records / 16
+  demo_config.epochs = 0.1
+  assert pipeline.steps_for_epochs(demo_config) == 1  # a part of a step is a step
+
+
+@pytest.mark.slow
+def test_two_epochs_of_64_records_at_batch_16_run_8_steps(demo_config, tmp_path, caplog):
+  demo_config.update(batch_size=16, epochs=2.0, total_steps=1000, log_every=4)
+  demo_config.data.demo.num_train = 64
+  with caplog.at_level(logging.INFO, logger="smartclip_jax"):
+    train.train_and_evaluate(demo_config, tmp_path)
+  assert [m["step"] for m in read_metrics(tmp_path)] == [4, 8]
+  assert "epochs=2 of the training data: total_steps=8" in caplog.text
+  assert "2 epochs in 8 steps of 16 (128 examples)" in caplog.text
+  assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 8

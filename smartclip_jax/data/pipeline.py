@@ -206,6 +206,14 @@ class _Slice(grain.MapDataset):
     )
 
 
+def steps_for_epochs(config: ml_collections.ConfigDict) -> int:
+  """The steps of `batch_size` that read `config.epochs` passes over the training data: the
+  records of every train source together (a mixture draws them by its weights, so a source's
+  own passes follow its weight; `coverage` logs them)."""
+  records = sum(len(source) for source in train_sources(config)[0])
+  return max(1, math.ceil(config.epochs * records / config.batch_size))
+
+
 def coverage(
   config: ml_collections.ConfigDict, sources: list, weights: list[float], labels: list[str]
 ) -> str:
