@@ -1,6 +1,7 @@
 """Throughput as MaxText reports it: TFLOP/s per device and MFU against the device's peak.
 
-FLOPs are XLA's cost analysis of the compiled (SPMD-partitioned) step, so they are per device
+Two FLOP counts: the model's, from the architecture (`model_flops`, as MaxText's MFU), and the
+hardware's, XLA's cost analysis of the compiled (SPMD-partitioned) step, so they are per device
 and count what the program does, mask network and rematerialisation included (but a scanned
 stack, `model.scan_layers`, is counted once, so its MFU reads low). The peak is the
 chip's dense bf16 matrix rate from its data sheet (the rate MaxText divides by, whatever the
@@ -77,3 +78,37 @@ def mesh_peak(mesh: jax.sharding.Mesh, dtype: str = "float32") -> float:
   if peak is not None:
     return peak
   return measured_peak(dtype) / max(1, len(jax.local_devices(backend=device.platform)))
+
+
+def _blocks(tokens: int, width: int, layers: int) -> float:
+  """Forward FLOPs of `layers` transformer blocks on `tokens` tokens: the q, k, v and output
+  projections (8 t w^2), the 4x MLP (16 t w^2), and the attention scores and mix (4 t^2 w)."""
+  return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
+
+
+def forward_flops(config, text_length: int | None = None) -> float:
+  """Forward FLOPs of one example through the towers and the mask network (`model.mask_net`),
+  counted from the architecture as MaxText counts them: matmuls only, full (not
+  causal-halved) attention. `text_length`: the positions the text tower ran on
+  (`model.text.trim_padding`), all of them by default."""
+  m = config.model
+  v, t = m.vision, m.text
+  length = text_length or t.context_length
+  patches = (v.image_size // v.patch_size) ** 2
+  flops = 2 * patches * 3 * v.patch_size**2 * v.width  # patch embedding
+  flops += _blocks(patches + 1, v.width, v.layers) + 2 * v.width * m.embed_dim
+  flops += _blocks(length, t.width, t.layers) + 2 * t.width * m.embed_dim
+  if m.mask_net:
+    flops += _blocks(length, t.width, 1) + 2 * length * t.width  # its block, attention pool
+    if t.width != m.embed_dim:
+      flops += 2 * t.width * m.embed_dim
+  return flops
+
+
+def model_flops(config, text_length: int | None = None) -> float:
+  """Model FLOPs of one training example, forward and backward (3x forward), without
+  rematerialisation: `forward_flops` and the example's row of the logits matrix (SmartCLIP's
+  S takes two matmuls, a numerator and a norm). MFU from these does not rise with remat, as
+  the hardware figure (`compiled_flops`) does."""
+  logits = 2 * config.batch_size * config.model.embed_dim * (2 if config.model.mask_net else 1)
+  return 3 * (forward_flops(config, text_length) + logits)

@@ -117,7 +117,8 @@ class Run:
   clock: tuple[float, int]  # (time, step) of the last throughput figure
   peak_flops: float  # one device's peak FLOP/s (flops.py), for MFU
   watchdog: watchdog.Watchdog  # started by the loop
-  flops: float = 0.0  # FLOPs per device run since the clock
+  flops: float = 0.0  # hardware FLOPs per device run since the clock (XLA's count)
+  model_flops: float = 0.0  # model FLOPs per device since the clock (flops.model_flops)
   # each step's per-dimension mask flags since the last log (losses.MASK_DIMS), left on device
   mask_dims: list = dataclasses.field(default_factory=list)
   should_stop: Callable[[], bool] = lambda: False  # asked between evaluation batches
@@ -174,7 +175,7 @@ def maybe_log(
     write_metrics(run, step, metrics, data_stats)
   if step == run.start + 1:  # later throughput figures leave compilation out
     jax.block_until_ready(metrics)
-    run.clock, run.flops = (time.perf_counter(), step), 0.0
+    run.clock, run.flops, run.model_flops = (time.perf_counter(), step), 0.0, 0.0
 
 
 def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataStats) -> None:
@@ -192,14 +193,16 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
   metrics["images_per_sec"] = config.batch_size * (step - last_step) / seconds
   metrics["tflops_per_device"] = run.flops / seconds / 1e12
   metrics["mfu"] = run.flops / seconds / run.peak_flops
-  run.clock, run.flops = (now, step), 0.0
+  metrics["model_mfu"] = run.model_flops / seconds / run.peak_flops
+  run.clock, run.flops, run.model_flops = (now, step), 0.0, 0.0
   run.writer.write(step, metrics)
   density = ""
   if "mask_density" in metrics:
     density = f"  mask {metrics['mask_density']:.3f} J {metrics['mask_jaccard']:.2f}"
   left = (config.total_steps - step) * seconds / max(step - last_step, 1)
   log.info(
-    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%%  ETA %s",
+    "step %d/%d  loss %.4f  lr %.2e%s  %.0f img/s  %.3g TFLOP/s/device  MFU %.1f%% model, "
+    "%.1f%% hardware  ETA %s",
     step,
     config.total_steps,
     metrics["loss"],
@@ -207,6 +210,7 @@ def write_metrics(run: Run, step: int, metrics: dict, data_stats: pipeline.DataS
     density,
     metrics["images_per_sec"],
     metrics["tflops_per_device"],
+    100 * metrics["model_mfu"],
     100 * metrics["mfu"],
     progress.duration(left),
   )
@@ -399,10 +403,10 @@ def train_and_evaluate(
       profile.maybe_start(step)
       batch = next(data_iter)
       data_stats.update(batch)
-      state, metrics = train_step(
-        state, global_batch(batch, run.mesh, text_length(batch["tokens"], config))
-      )
+      length = text_length(batch["tokens"], config)
+      state, metrics = train_step(state, global_batch(batch, run.mesh, length))
       run.flops += train_step.flops
+      run.model_flops += flops_lib.model_flops(config, length) * config.batch_size / run.mesh.size
       profile.maybe_stop(step, state)
       stopping = stop.reached(step)
       maybe_log(run, step, metrics, data_stats, force=stopping)

@@ -44,3 +44,23 @@ def test_cpu_peak_is_measured_and_shared_by_the_local_devices():
   peak = flops.measured_peak("float32")
   assert np.isfinite(peak) and peak > 1e8  # any CPU of this century: > 0.1 GFLOP/s
   assert flops.mesh_peak(mesh) == peak / len(jax.local_devices())
+
+
+@pytest.mark.parametrize("loss", ["smartclip", "clip"])
+def test_model_flops_count_the_forward_pass_as_xla_does(loss):
+  """The architecture's matmuls against XLA's count of the compiled forward pass (which adds
+  the layer norms, softmaxes and activations: a few per cent at these widths)."""
+  from smartclip_jax import config as config_lib
+  from smartclip_jax.models.clip import build_model
+
+  c = config_lib.load("configs/demo.py" + (":clip" if loss == "clip" else ""), [])
+  model, batch = build_model(c), 8
+  images, tokens = jnp.zeros((batch, 32, 32, 3)), jnp.zeros((batch, 48), jnp.int32)
+  params = model.init(jax.random.key(0), images, tokens)
+  compiled = jax.jit(lambda p: model.apply(p, images, tokens)).lower(params).compile()
+  ratio = batch * flops.forward_flops(c) / flops.compiled_flops(compiled)
+  assert 0.92 < ratio <= 1.0, ratio
+  shorter = flops.forward_flops(c, text_length=16)
+  assert shorter < flops.forward_flops(c)  # trimmed padding: fewer text positions run
+  logits = 2 * c.batch_size * c.model.embed_dim * (2 if loss == "smartclip" else 1)
+  assert flops.model_flops(c) == 3 * (flops.forward_flops(c) + logits)

@@ -49,6 +49,7 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
   for key in ("loss", "lr", "mask_density", "images_per_sec", "tflops_per_device", "mfu"):
     assert all(np.isfinite(m[key]) for m in logged), key
   assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in logged[1:])
+  assert all(0 < m["model_mfu"] < m["mfu"] for m in logged[1:])  # XLA counts more than matmuls
   dims = config.model.embed_dim  # the mask diagnostics, over windows of one step here
   assert all(0 <= m["mask_jaccard"] <= 1 for m in logged)
   assert all(m["mask_always_on"] + m["mask_never_on"] <= dims for m in logged)
