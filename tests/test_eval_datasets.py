@@ -381,6 +381,40 @@ def test_folder_zero_shot(tmp_path):
     datasets.load_classification("folder", str(tmp_path / "cat" / "sub"))
 
 
+# Real synset ids and their indices among the 1,000 sorted ones (tench 0, goldfish 1, ...).
+TENCH, GOLDFISH, TOILET_TISSUE = "n01440764", "n01443537", "n15075141"
+
+
+def test_an_imagenet_folder_of_synsets_uses_openais_class_names_and_templates(tmp_path):
+  fish = write_image(tmp_path / GOLDFISH / "ILSVRC2012_val_00000002.JPEG")
+  roll = write_image(tmp_path / TOILET_TISSUE / "ILSVRC2012_val_00000001.JPEG")
+  (tmp_path / "LOC_synset_mapping.txt").write_text("not a class folder")
+  got = datasets.load_classification("imagenet", str(tmp_path))
+  assert got.images == [fish, roll] and got.labels.tolist() == [1, 999]
+  assert len(got.classnames) == 1000 and got.classnames[1] == "goldfish"
+  assert got.classnames[999] == "toilet paper"
+  assert len(got.templates) == 80 and got.templates[0] == "a bad photo of a {}."
+
+
+def test_a_flat_imagenet_folder_is_labelled_by_the_devkit(tmp_path):
+  import scipy.io
+
+  images = [write_image(tmp_path / f"ILSVRC2012_val_{n:08d}.JPEG") for n in (1, 2, 3)]
+  data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+  data.mkdir(parents=True)
+  # The devkit numbers classes its own way (not by sorted wnid); 1001+ are inner nodes.
+  synsets = np.array(
+    [(7, GOLDFISH), (3, TENCH), (500, TOILET_TISSUE), (1001, "n00001740")],
+    dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")],
+  )
+  scipy.io.savemat(data / "meta.mat", {"synsets": synsets})
+  (data / datasets.DEVKIT_LABELS).write_text("3\n500\n7\n")
+  got = datasets.load_classification("imagenet", str(tmp_path))
+  assert got.images == images and got.labels.tolist() == [0, 999, 1]
+  with pytest.raises(ValueError, match="synset folders .* or flat"):
+    datasets.load_classification("imagenet", str(data))
+
+
 def test_tfds_cifar10_zero_shot_mocked():
   """CIFAR-10 through `tfds.data_source`, mocked: the labels come from a pass that skips image
   decoding (the mock returns bytes there), the images from the decoding source."""

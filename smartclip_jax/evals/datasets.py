@@ -333,22 +333,27 @@ def _format_errors(path: str | pathlib.Path, what: str) -> Iterator[None]:
 
 
 def load_classification(task: str, path: str = "", split: str = "test") -> ClassificationSet:
-  """The zero-shot set `task`: `folder`, `cifar10`, `cifar100`, `imagenet2012` or `tfds:<name>`.
+  """The zero-shot set `task`: `folder`, `imagenet`, `cifar10`, `cifar100`, `imagenet2012` or
+  `tfds:<name>`.
 
   `folder`: `path` holds one subfolder of images per class, named after it (`_` for spaces),
-  prompted with the short generic templates. The others are read from TFDS (`path` = its
-  data_dir, default TFDS's) and prompted with OpenAI's 80 ImageNet templates, as Long-CLIP
-  does for CIFAR too. ImageNet's `test` split has no labels, so `test` reads `validation`.
+  prompted with the short generic templates. `imagenet`: an ImageNet validation folder
+  (`_imagenet_folder`), with OpenAI's class names and 80 templates. The others are read from
+  TFDS (`path` = its data_dir, default TFDS's) and prompted with OpenAI's 80 ImageNet
+  templates, as Long-CLIP does for CIFAR too. ImageNet's `test` split has no labels, so
+  `test` reads `validation`.
   """
   if task == "folder":
     return _folder(pathlib.Path(path))
+  if task == "imagenet":
+    return _imagenet_folder(pathlib.Path(path))
   if task in _TFDS_CLASSNAMES:
     name, classnames = task, _lines(_TFDS_CLASSNAMES[task])
   elif task.startswith("tfds:"):
     name, classnames = task.removeprefix("tfds:"), None
   else:
     raise ValueError(
-      f"unknown classification task {task!r}; choose folder, cifar10, cifar100, "
+      f"unknown classification task {task!r}; choose folder, imagenet, cifar10, cifar100, "
       "imagenet2012 or tfds:<name>"
     )
   if name == "imagenet2012" and split == "test":
@@ -378,6 +383,62 @@ def _folder(root: pathlib.Path) -> ClassificationSet:
     [folder.name.replace("_", " ") for folder in classes],
     _lines("generic_templates.txt"),
   )
+
+
+DEVKIT_LABELS = "ILSVRC2012_validation_ground_truth.txt"
+
+
+def _imagenet_folder(root: pathlib.Path) -> ClassificationSet:
+  """ImageNet-1k validation images laid out as `root/<wnid>/*.JPEG` (synset subfolders, some
+  or all of the 1,000), or flat (`root/ILSVRC2012_val_*.JPEG`) with the devkit beside them:
+  its `ILSVRC2012_validation_ground_truth.txt` (a devkit ID per image, in file-name order)
+  and `meta.mat` (ID to wnid), found anywhere under `root`. Classes are indexed as the
+  1,000 wnids sorted (the order of OpenAI's class names), whatever the folder holds."""
+  wnids = _lines("imagenet_wnids.txt")
+  index = {w: i for i, w in enumerate(wnids)}
+  listed = sorted(root.iterdir()) if root.is_dir() else []
+  folders = [p for p in listed if p.is_dir() and p.name in index]
+  images, labels = [], []
+  for folder in folders:
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+      images.append(os.path.abspath(image))
+      labels.append(index[folder.name])
+  if not folders:
+    truth = next(root.rglob(DEVKIT_LABELS), None) if root.is_dir() else None
+    meta = next(root.rglob("meta.mat"), None) if truth else None
+    flat = sorted(p for p in root.glob("ILSVRC2012_val_*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not (truth and meta and flat):
+      raise ValueError(
+        f"{root}: expected ImageNet validation images in synset folders (<wnid>/*.JPEG) or "
+        f"flat (ILSVRC2012_val_*.JPEG) with the devkit's {DEVKIT_LABELS} and meta.mat"
+      )
+    ids = [int(line) for line in truth.read_text().split()]
+    by_id = _devkit_wnids(meta)
+    numbered = {int(p.stem.rsplit("_", 1)[1]): p for p in flat}  # ILSVRC2012_val_00000001
+    for n, image in sorted(numbered.items()):
+      if not 1 <= n <= len(ids):
+        raise ValueError(f"{image} has no line in {truth} ({len(ids)} labels)")
+      images.append(os.path.abspath(image))
+      labels.append(index[by_id[ids[n - 1]]])
+  if not images:
+    raise ValueError(f"{root}: its synset folders hold no images")
+  return ClassificationSet(
+    "imagenet",
+    images,
+    np.asarray(labels, np.int64),
+    _lines("imagenet_classes.txt"),
+    _lines("imagenet_templates.txt"),
+  )
+
+
+def _devkit_wnids(meta: pathlib.Path) -> dict[int, str]:
+  """The devkit's `meta.mat`: ILSVRC2012_ID -> WNID of the 1,000 leaf classes."""
+  import scipy.io
+
+  synsets = scipy.io.loadmat(meta, squeeze_me=True)["synsets"]
+  return {
+    int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["ILSVRC2012_ID"]) <= 1000
+  }
 
 
 def _tfds(name: str, data_dir: str, split: str, classnames: list[str] | None) -> ClassificationSet:

@@ -17,7 +17,7 @@ from smartclip_jax.evals.encoder import Encoder
 
 log = logging.getLogger("smartclip_jax")
 
-ZEROSHOT_TASKS = ("cifar10", "cifar100", "imagenet2012", "folder", "tfds")
+ZEROSHOT_TASKS = ("cifar10", "cifar100", "imagenet2012", "imagenet", "folder", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def parse_tasks(spec: str) -> list[Task]:
   for t in tasks:
     if t.name not in known:
       raise ValueError(f"unknown task {t.name!r}: one of {', '.join(known)}")
-    if t.name in datasets.RETRIEVAL_TASKS + ("folder", "tfds") and not t.path:
+    if t.name in datasets.RETRIEVAL_TASKS + ("folder", "imagenet", "tfds") and not t.path:
       raise ValueError(f"task {t.name} needs a path: {t.name}:<path>")
   return tasks
 
