@@ -81,6 +81,7 @@ def truncate_state_files(step_dir):
       f.write_bytes(f.read_bytes()[: f.stat().length // 3])
 
 
+@pytest.mark.slow
 def test_commit_file_saves_and_sets_aside_where_directories_cannot_be_renamed(
   demo_config, tmp_path, monkeypatch
 ):
@@ -96,6 +97,7 @@ def test_commit_file_saves_and_sets_aside_where_directories_cannot_be_renamed(
   assert not (tmp_path / "ckpt" / "20").exists()
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_in_a_bucket_falls_back_and_is_set_aside(demo_config, gcs):
   directory = storage.path(f"{gcs}/fallback/checkpoints")
   saved = save_steps(demo_config, directory, [10, 20])
