@@ -219,8 +219,9 @@ def summarize(runs: list[dict]) -> dict:
   return summary
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  return float(np.mean(values)), float(np.std(values))
+def _mean_std(values: list[float]) -> list[float]:
+  """[mean, std]: a list, as results.json gives it back."""
+  return [float(np.mean(values)), float(np.std(values))]
 
 
 def table(summary: dict) -> str:
