@@ -173,11 +173,9 @@ def scores(masks: np.ndarray, named: np.ndarray) -> dict:
 
 
 def jaccard(on: np.ndarray) -> np.ndarray:
-  """Pairwise Jaccard of boolean masks [n, D] -> [n, n]; two empty masks count as equal."""
-  on = on.astype(np.float64)
-  both = on @ on.T
-  either = on.sum(1)[:, None] + on.sum(1)[None, :] - both
-  return np.where(either > 0, both / np.maximum(either, 1), 1.0)
+  """Pairwise Jaccard of boolean masks [n, D] -> [n, n]; two empty masks count as equal
+  (`losses.mask_jaccard`, the trainer's diagnostic)."""
+  return np.asarray(losses.mask_jaccard(jnp.asarray(on, jnp.float32)))
 
 
 def example_masks(masks: np.ndarray, named: np.ndarray) -> list[list[int]]:
