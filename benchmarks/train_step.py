@@ -3,7 +3,7 @@ the same architecture, and MFU against this machine's measured matmul peak.
 
   python benchmarks/train_step.py [--arch vit_b16] [--batches 8 32] [--context 77]
       [--caption-tokens 20] [--dtype float32] [--repeats 3] [--no-torch] [--rows ...]
-      [--malloc system|tcmalloc|jemalloc]
+      [--malloc auto|system|tcmalloc|jemalloc]
 
 Every step is loss + backward + AdamW on one device (all host cores), fp32 unless --dtype says.
 Ours: `step.make_train_step` (the code the trainer runs). PyTorch: transformers' `CLIPModel`
@@ -13,7 +13,9 @@ MFU divides them by the step time and by the peak of a large jitted fp32 matmul 
 same run. The steps of one batch size are timed in turns, so load from elsewhere falls on all
 of them alike, and each keeps its best time (the least disturbed); `clip_again` and
 `smartclip_again`, second copies, show what difference noise alone makes and give SmartCLIP's
-overhead a second estimate; `minimal` is the same towers' math
+overhead a second estimate; `clip_lit` locks the image tower (`optim.frozen='visual/.*'`) and
+`clip_patch_dropout` drops half the patches (`model.patch_dropout=0.5`); GB held is the
+compiled step's memory per device (`memory.step_bytes`); `minimal` is the same towers' math
 with nothing of the trainer around it (see `minimal`). The last line is one JSON object.
 """
 
@@ -37,6 +39,7 @@ from smartclip_jax import (  # noqa: E402
   flops as flops_lib,
   losses,
   malloc,
+  memory,
   optim,
   sharding,
   step as step_lib,
@@ -89,9 +92,10 @@ def inputs(c, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
-def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
-  """Our jitted train step on one device: one step to time, and XLA's FLOPs per step. The
-  batch goes through the trainer's `global_batch`, which cuts padding if the config says so."""
+def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float, float]:
+  """Our jitted train step on one device: one step to time, XLA's FLOPs per step and the
+  compiled step's bytes (`memory.step_bytes`). The batch goes through the trainer's
+  `global_batch`, which cuts padding if the config says so."""
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   model, tx = build_model(c), optim.make_optimizer(c)
   shardings = step_lib.state_shardings(model, tx, c, mesh)
@@ -108,7 +112,7 @@ def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  return run, flops
+  return run, flops, memory.step_bytes(compiled)["total"]
 
 
 def minimal(c, caption_tokens: int) -> tuple[Callable[[], None], float]:
@@ -201,7 +205,17 @@ def torch_step(
   return run
 
 
-ROWS = ("smartclip", "clip", "smartclip_again", "clip_again", "clip_trim", "minimal", "torch_clip")
+ROWS = (
+  "smartclip",
+  "clip",
+  "smartclip_again",
+  "clip_again",
+  "clip_trim",
+  "clip_lit",
+  "clip_patch_dropout",
+  "minimal",
+  "torch_clip",
+)
 
 
 def ratios(found: dict[str, dict]) -> list[str]:
@@ -213,6 +227,8 @@ def ratios(found: dict[str, dict]) -> list[str]:
     ("clip_again", "clip", "vs_clip", "the same CLIP step again: {:+.1%}"),
     ("clip", "minimal", "vs_minimal", "our CLIP step {:+.1%} vs the minimal step"),
     ("clip_trim", "clip", "speedup_vs_clip", "padding cut: {:.2f}x"),
+    ("clip_lit", "clip", "speedup_vs_clip", "image tower locked (LiT): {:.2f}x"),
+    ("clip_patch_dropout", "clip", "speedup_vs_clip", "half the patches dropped: {:.2f}x"),
     ("clip", "torch_clip", "speedup_vs_torch", "ours {:.2f}x the speed of transformers' CLIPModel"),
   ]
   lines = []
@@ -256,10 +272,11 @@ def main() -> None:
   )
   parser.add_argument(
     "--malloc",
-    default="system",
-    choices=["system", *malloc.LIBRARIES],
+    default=malloc.chosen(),
+    choices=[malloc.AUTO, "system", *malloc.LIBRARIES],
     help="the heap allocator to run under (the command starts again with it preloaded): "
-    "XLA:CPU's per-step temporaries cost page faults under glibc's",
+    "XLA:CPU's per-step temporaries cost page faults under glibc's; auto (the default, as "
+    "the trainer): tcmalloc or jemalloc where installed",
   )
   args = parser.parse_args()
   malloc.use(args.malloc)
@@ -273,7 +290,10 @@ def main() -> None:
     f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
     flush=True,
   )
-  print(f"{'step':>16} {'batch':>6} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'MFU':>6}")
+  print(
+    f"{'step':>18} {'batch':>6} {'s/step':>8} {'img/s':>7} {'GFLOP/step':>11} {'MFU':>6} "
+    f"{'GB held':>8}"
+  )
   rows = []
   for batch in args.batches:
     configs = {
@@ -287,16 +307,18 @@ def main() -> None:
       for name in ROWS
     }
     configs["clip_trim"].model.text.trim_padding = 16
+    configs["clip_lit"].optim.frozen = "visual/.*"
+    configs["clip_patch_dropout"].model.patch_dropout = 0.5
     wanted = [r for r in args.rows if (r != "clip_trim" or args.caption_tokens)]
     wanted = [r for r in wanted if r != "torch_clip" or args.torch]
-    runs, flops = {}, {}
+    runs, flops, held = {}, {}, {}
     for name in wanted:
       if name == "minimal":
         runs[name], flops[name] = minimal(configs[name], args.caption_tokens)
       elif name == "torch_clip":
         runs[name] = torch_step(configs[name], args.caption_tokens, threads)
       else:
-        runs[name], flops[name] = ours(configs[name], args.caption_tokens)
+        runs[name], flops[name], held[name] = ours(configs[name], args.caption_tokens)
     if "torch_clip" in runs:  # the same model as clip: its FLOPs, if clip or minimal ran
       flops["torch_clip"] = flops.get("clip") or flops.get("minimal") or 0.0
     times = interleaved_best(runs, args.repeats)
@@ -309,11 +331,13 @@ def main() -> None:
         "flops": flops[name],
         "images_per_sec": batch / t,
         "mfu": flops[name] / t / peak,
+        "step_bytes": held.get(name),
       }
       rows.append(row)
+      gb = f"{held[name] / 1e9:>8.2f}" if name in held else f"{'-':>8}"
       print(
-        f"{name:>16} {batch:>6} {t:>8.2f} {row['images_per_sec']:>7.2f} "
-        f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%}",
+        f"{name:>18} {batch:>6} {t:>8.2f} {row['images_per_sec']:>7.2f} "
+        f"{flops[name] / 1e9:>11.1f} {row['mfu']:>6.1%} {gb}",
         flush=True,
       )
     print(f"batch {batch}: " + "; ".join(ratios(found)), flush=True)

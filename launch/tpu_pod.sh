@@ -27,7 +27,8 @@
 # Steps: (1) create or reuse the slice, and stop (changing nothing) if a run is still going on
 # any worker; (2) pack the committed HEAD with `git archive` (uncommitted changes stay behind) and
 # scp it to every worker; (3) unpack it into ~/smartclip_jax and install requirements.txt and
-# requirements-tpu.txt into ~/smartclip_venv, and mount the data bucket if one is given; (4) start
+# requirements-tpu.txt into ~/smartclip_venv (and tcmalloc with apt where missing), and mount the
+# data bucket if one is given; (4) start
 # the train command on all workers at once (ssh --worker=all), detached from the ssh session
 # (setsid nohup: the run outlives the launcher and a dropped connection), each worker appending
 # to ~/smartclip_train.log; the processes find each other by themselves (jax.distributed on a TPU
@@ -113,6 +114,11 @@ setup+=" && tar -xzf smartclip_jax.tar.gz -C smartclip_jax"
 setup+=" && $py -m venv smartclip_venv"
 setup+=" && smartclip_venv/bin/pip install -q"
 setup+=" -r smartclip_jax/requirements.txt -r smartclip_jax/requirements-tpu.txt"
+# tcmalloc for the host side (the trainer preloads it when present, smartclip_jax/malloc.py);
+# best effort: a worker without it trains on glibc's malloc.
+tcmalloc="sudo apt-get install -y -q libtcmalloc-minimal4"
+setup+=" && { ldconfig -p | grep -q libtcmalloc_minimal || $tcmalloc >/dev/null 2>&1"
+setup+=" || { sudo apt-get update -q >/dev/null 2>&1 && $tcmalloc >/dev/null 2>&1; } || true; }"
 run "${tpu[@]}" ssh "${where[@]}" --worker=all --command "$setup"
 
 # (3b) The data bucket, read-only on every worker (gcsfuse from Google's apt repository if absent).

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -30,6 +31,7 @@ CAPTION_MODES = ("prefix", "full", "first")
 SENTENCE_SPLITS = ("ours", "reference")  # data/captions.py
 TRAIN_TRANSFORMS = ("centre_crop", "random_resized_crop")
 DECAYS = ("all", "matrices")
+OPTIM_GROUPS = ("towers", "mask_net")  # the schedules optim.groups may name (optim.<group>)
 OPTIONAL_FLOATS = ("model.logit_bias_init",)  # a number, or none
 SHAREGPT4V_HOLDOUT = 1000  # ShareGPT4V-1k: the JSON's first records, never trained on
 INIT_SCRATCH = "scratch"  # init_from's explicit "random initialisation"
@@ -172,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
   # What the model has besides its towers (`LOSS_MODELS`; `set_loss` sets them with the loss):
   # the mask network, the initial logit scale, and a logit bias (None: no bias parameter).
   c.model.mask_net = True
+  # Fraction of image patches dropped in training (FLIP; open_clip's --force-patch-dropout):
+  # a cheaper image tower, the class token kept; evaluation sees every patch.
+  c.model.patch_dropout = 0.0
   c.model.logit_scale_init = math.log(1 / 0.07)
   c.model.logit_bias_init = None
 
@@ -183,10 +188,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0  # 0: no clipping
   c.optim.end_lr_ratio = 0.0  # cosine ends at lr * end_lr_ratio
   c.optim.frozen_positions = KEEP_POSITIONS
+  # Parameter groups (optim.py): tables of (regex over '/'-joined parameter paths, value), the
+  # first entry matching a whole path wins. Paths begin visual/, text/, mask_net/, logit_scale.
+  c.optim.frozen = ""  # these do not train: no gradient, no optimizer state (LiT: "visual/.*")
+  c.optim.groups = (("mask_net/.*", "mask_net"), (".*", "towers"))  # schedule: optim.<group>
+  c.optim.lr_mults = ()  # e.g. (("text/.*", 0.1),): learning rate times this
+  c.optim.wd_mults = ()  # e.g. ((".*/bias", 0.0),): weight decay times this
   c.optim.towers = ml_collections.ConfigDict(dict(lr=1e-6, weight_decay=1e-2, warmup_steps=200))
   c.optim.mask_net = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the other devices
+
+  # Weights & Biases (optional: requirements-wandb.txt): a project turns it on, beside
+  # metrics.jsonl and TensorBoard; WANDB_MODE=offline needs no network.
+  c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", tags=()))
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "demo"  # demo | sharegpt4v | folder | array_record | tfds ("": not set yet)
@@ -439,6 +454,7 @@ RANGES = {
   "clip.temperature": "[0, inf)",
   "clip.subset_dims": "[0, inf)",
   "model.text.trim_padding": "[0, inf)",
+  "model.patch_dropout": "[0, 1)",
   "optim.b1": "[0, 1)",
   "optim.b2": "[0, 1)",
   "optim.eps": "(0, inf)",
@@ -509,6 +525,39 @@ def best_metric_problem(config: ml_collections.ConfigDict, task_labels: dict[str
   return f"eval.best_metric={name!r}: {where} gives {', '.join(known)}"
 
 
+def _regex_problem(field: str, pattern: object) -> str:
+  if not isinstance(pattern, str):
+    return f"{field}: {pattern!r} is not a regex string"
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    return f"{field}: {pattern!r} is not a regex ({e})"
+  return ""
+
+
+def _table_problems(optim: ml_collections.ConfigDict) -> list[str]:
+  """The parameter-group tables' shapes, regexes and values (which parameters they match is
+  checked against the model's paths when the optimizer first sees them, optim.settings)."""
+  errors = [_regex_problem("optim.frozen", optim.frozen)] if optim.frozen else []
+  for field, ok, what in (
+    ("groups", lambda v: v in OPTIM_GROUPS, f"one of {OPTIM_GROUPS}"),
+    ("lr_mults", lambda v: _is_number(v) and 0 <= v < math.inf, "a number >= 0"),
+    ("wd_mults", lambda v: _is_number(v) and 0 <= v < math.inf, "a number >= 0"),
+  ):
+    for entry in optim[field]:
+      if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+        errors.append(f"optim.{field}: {entry!r} is not a (regex, value) pair")
+        continue
+      errors.append(_regex_problem(f"optim.{field}", entry[0]))
+      if not ok(entry[1]):
+        errors.append(f"optim.{field}: {entry!r} needs {what} after the regex")
+  return [e for e in errors if e]
+
+
+def _is_number(value: object) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Everything wrong with `config` that can be seen without devices or files, one line each."""
   m = config.model
@@ -545,6 +594,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
   if config.optim.decay not in DECAYS:
     errors.append(f"optim.decay={config.optim.decay!r}: choose one of {DECAYS}")
+  errors += _table_problems(config.optim)
   if m.attention not in ATTENTIONS:
     errors.append(f"model.attention={m.attention!r}: choose one of {ATTENTIONS}")
   if m.remat not in REMATS:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from smartclip_jax import checkpoint, progress, storage
+from smartclip_jax import checkpoint, malloc, progress, storage
 from smartclip_jax.evals import datasets, report, tasks as tasks_lib
 from smartclip_jax.interop import loading, torch_files
 
@@ -43,13 +43,14 @@ def evaluate_model(
   batch_size: int = 256,
   chunk: int = 1024,
   masks: bool = False,
+  workers: int = 0,
   **overrides,
 ) -> dict[str, dict]:
   """Every task on the model at `path` (`tasks.run_tasks`), embeddings cached under
-  `out/cache/`."""
+  `out/cache/`; `workers` Grain processes decode the images (0: threads)."""
   model = loading.load(path, **overrides)
   return tasks_lib.run_tasks(
-    model.encoder(batch_size),
+    model.encoder(batch_size, workers),
     model_key(path),
     tasks,
     out,
@@ -87,6 +88,12 @@ def arg_parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block")
   parser.add_argument(
+    "--workers",
+    type=int,
+    default=0,
+    help="Grain worker processes decoding images ahead of the device (0: threads in this one)",
+  )
+  parser.add_argument(
     "--masks",
     action="store_true",
     help=(
@@ -103,6 +110,8 @@ def arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  if argv is None:  # the command itself (callers with argv keep their process)
+    malloc.use(malloc.chosen())  # tcmalloc where installed: a CPU step's speed (malloc.py)
   parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   progress.log_to_stderr()
@@ -118,7 +127,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   for label, path in zip(labels, args.model):
     out = args.out / label if len(args.model) > 1 else args.out
     results[label] = evaluate_model(
-      path, tasks, out, batch_size=args.batch_size, chunk=args.chunk, masks=args.masks, **overrides
+      path,
+      tasks,
+      out,
+      batch_size=args.batch_size,
+      chunk=args.chunk,
+      masks=args.masks,
+      workers=args.workers,
+      **overrides,
     )
     (out / "results.json").write_text(json.dumps(results[label], indent=2))
   if args.masks:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
+
+from smartclip_jax.models.vit import kept_patches
 
 # Dense bf16 FLOP/s per JAX device, by a substring of `device_kind`, most specific first.
 # TPU v2 and v3 expose each of a chip's two cores as a device: half the chip's rate.
@@ -86,29 +89,42 @@ def _blocks(tokens: int, width: int, layers: int) -> float:
   return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
 
 
-def forward_flops(config, text_length: int | None = None) -> float:
-  """Forward FLOPs of one example through the towers and the mask network (`model.mask_net`),
-  counted from the architecture as MaxText counts them: matmuls only, full (not
-  causal-halved) attention. `text_length`: the positions the text tower ran on
-  (`model.text.trim_padding`), all of them by default."""
+def tower_flops(config, text_length: int | None = None, train: bool = False) -> dict[str, float]:
+  """Forward FLOPs of one example through each tower and the mask network
+  (`model.mask_net`), by parameter prefix, counted from the architecture as MaxText counts
+  them: matmuls only, full (not causal-halved) attention. `text_length`: the positions the
+  text tower ran on (`model.text.trim_padding`), all of them by default; `train`: the image
+  blocks see only the patches `model.patch_dropout` keeps."""
   m = config.model
   v, t = m.vision, m.text
   length = text_length or t.context_length
   patches = (v.image_size // v.patch_size) ** 2
-  flops = 2 * patches * 3 * v.patch_size**2 * v.width  # patch embedding
-  flops += _blocks(patches + 1, v.width, v.layers) + 2 * v.width * m.embed_dim
-  flops += _blocks(length, t.width, t.layers) + 2 * t.width * m.embed_dim
+  seen = kept_patches(patches, m.patch_dropout) if train else patches
+  flops = {
+    "visual": 2 * patches * 3 * v.patch_size**2 * v.width  # patch embedding
+    + _blocks(seen + 1, v.width, v.layers)
+    + 2 * v.width * m.embed_dim,
+    "text": _blocks(length, t.width, t.layers) + 2 * t.width * m.embed_dim,
+  }
   if m.mask_net:
-    flops += _blocks(length, t.width, 1) + 2 * length * t.width  # its block, attention pool
+    flops["mask_net"] = _blocks(length, t.width, 1) + 2 * length * t.width  # block, pooling
     if t.width != m.embed_dim:
-      flops += 2 * t.width * m.embed_dim
+      flops["mask_net"] += 2 * t.width * m.embed_dim
   return flops
 
 
-def model_flops(config, text_length: int | None = None) -> float:
+def forward_flops(config, text_length: int | None = None) -> float:
+  """Forward FLOPs of one example through the towers and the mask network (`tower_flops`)."""
+  return sum(tower_flops(config, text_length).values())
+
+
+def model_flops(config, text_length: int | None = None, frozen: Collection[str] = ()) -> float:
   """Model FLOPs of one training example, forward and backward (3x forward), without
-  rematerialisation: `forward_flops` and the example's row of the logits matrix (SmartCLIP's
-  S takes two matmuls, a numerator and a norm). MFU from these does not rise with remat, as
-  the hardware figure (`compiled_flops`) does."""
+  rematerialisation: `tower_flops` of a training pass and the example's row of the logits
+  matrix (SmartCLIP's S takes two matmuls, a numerator and a norm). A tower in `frozen` (all
+  its parameters frozen, `optim.frozen_towers`) runs forward only: nothing below it takes a
+  gradient. MFU from these does not rise with remat, as the hardware figure
+  (`compiled_flops`) does."""
   logits = 2 * config.batch_size * config.model.embed_dim * (2 if config.model.mask_net else 1)
-  return 3 * (forward_flops(config, text_length) + logits)
+  towers = tower_flops(config, text_length, train=True)
+  return 3 * logits + sum((1 if k in frozen else 3) * f for k, f in towers.items())

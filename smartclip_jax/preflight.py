@@ -11,6 +11,7 @@ change, `resume.py`.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 
@@ -130,6 +131,11 @@ def check(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None =
   config_lib.check_fields(config)
   errors = config_lib.problems(config)
   errors += data_problems(config) + eval_problems(config)
+  if config.wandb.project and importlib.util.find_spec("wandb") is None:
+    errors.append(
+      f"wandb.project={config.wandb.project!r} but wandb is not installed: "
+      "pip install -r requirements-wandb.txt"
+    )
   init = init_problems(config)
   if init and workdir is not None and has_checkpoint(workdir):
     for problem in init:

@@ -22,8 +22,21 @@ from smartclip_jax.data import pipeline, sources
 
 log = logging.getLogger("smartclip_jax")
 
-# Fields, and groups of fields, that fix the data stream, the model or the loss...
-FIXED = ("seed", "batch_size", "loss", "smartclip", "clip", "model", "data")
+# Fields, and groups of fields, that fix the data stream, the model, the loss or the optimizer
+# state's layout (which parameters train, in which groups)...
+FIXED = (
+  "seed",
+  "batch_size",
+  "loss",
+  "smartclip",
+  "clip",
+  "model",
+  "data",
+  "optim.frozen",
+  "optim.groups",
+  "optim.lr_mults",
+  "optim.wd_mults",
+)
 # ...and those in them that do not (how the model computes, how data are read or judged).
 MAY_CHANGE = (
   "model.dtype",
@@ -76,7 +89,8 @@ def check(saved: dict, config: ml_collections.ConfigDict, step: int, where: str)
     lines = "\n  ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in fixed.items())
     raise ResumeError(
       f"{where} holds a run at step {step} that this config would continue differently:\n  "
-      f"{lines}\nthese fields set the data stream, the model or the loss. Resume with the "
+      f"{lines}\nthese fields set the data stream, the model, the loss or which parameters "
+      "train in which optimizer group. Resume with the "
       "values it was saved with, or start a new workdir (--config.init_from=<this workdir> "
       "takes its parameters)"
     )

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from smartclip_jax import flops as flops_lib, losses, memory, optim, sharding
+from smartclip_jax.models.vit import PATCH_DROPOUT_RNG
 
 Batch = dict[str, jax.Array]
 log = logging.getLogger("smartclip_jax")
@@ -119,11 +120,24 @@ def init_state(
   return state_initializer(model, tx, config, mesh, shardings)(config.seed)
 
 
+def step_rng(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The randomness of a step's forward pass (patch dropout): a function of the seed and the
+  step alone, so a resumed run draws what the killed one would have."""
+  return jax.random.fold_in(jax.random.key(config.seed), step)
+
+
+def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None) -> dict:
+  """The towers (and mask net) as the train step runs them: with patch dropout drawn from
+  `rng` when the model has it (`model.patch_dropout`)."""
+  rngs = {} if rng is None else {PATCH_DROPOUT_RNG: rng}
+  return model.apply({"params": params}, batch["image"], batch["tokens"], train=True, rngs=rngs)
+
+
 def compute_loss(
-  model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch
+  model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, rng: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Forward both towers (and the mask net), then the loss over the global batch."""
-  return loss_fn(model.apply({"params": params}, batch["image"], batch["tokens"]))
+  return loss_fn(forward(model, params, batch, rng))
 
 
 def _split(tree: Any, k: int, groups: int) -> Any:
@@ -151,7 +165,14 @@ def _merge(tree: Any, groups: int) -> Any:
 
 
 def accumulated_loss_and_grads(
-  model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, k: int, groups: int
+  model: nn.Module,
+  loss_fn: losses.LossFn,
+  params: Any,
+  batch: Batch,
+  k: int,
+  groups: int,
+  trainable: Callable[[Any], Any] = lambda p: p,
+  rng: jax.Array | None = None,
 ):
   """The loss over the whole batch and its exact gradients, at one micro-batch's activations.
 
@@ -159,10 +180,15 @@ def accumulated_loss_and_grads(
   (a feature cache): embed all `config.accum_steps` micro-batches without keeping activations,
   take the loss and its gradient with respect to the embeddings over the full batch, then run
   each micro-batch again and pull its slice of that gradient back to the parameters.
+  `trainable` marks what takes no gradient (`optim.stop_frozen`); micro-batch i draws its
+  patch dropout from `rng` folded with i, the same in both passes.
   """
-  embed = lambda p, mb: model.apply({"params": p}, mb["image"], mb["tokens"])
+
+  def embed(p, mb, i):
+    return forward(model, trainable(p), mb, None if rng is None else jax.random.fold_in(rng, i))
+
   micro = _split(batch, k, groups)
-  outs = jax.lax.map(lambda mb: embed(params, mb), micro)
+  outs = jax.lax.map(lambda xs: embed(params, *xs), (micro, jnp.arange(k)))
   per_example = {key: v for key, v in outs.items() if v.ndim > 1}
   full = {**{key: v[0] for key, v in outs.items() if v.ndim == 1}, **_merge(per_example, groups)}
   (loss, metrics), d_full = jax.value_and_grad(loss_fn, has_aux=True)(full)
@@ -171,7 +197,7 @@ def accumulated_loss_and_grads(
 
   def pull(grads, xs):
     i, mb, d_mb = xs
-    _, back = jax.vjp(lambda p: embed(p, mb), params)
+    _, back = jax.vjp(lambda p: embed(p, mb, i), params)
     # Scale and bias enter the loss once: their cotangent goes with the first micro-batch.
     scalars = jax.tree.map(lambda d: jnp.where(i == 0, d, jnp.zeros_like(d)), d_scalars)
     (g,) = back({**d_mb, **scalars})
@@ -232,12 +258,17 @@ def jit_train_step(
   ]
 
   def train_step(state: TrainState, batch: Batch):
+    # Frozen parameters (optim.frozen) take no gradient and keep their values bit for bit.
+    trainable = lambda p: optim.stop_frozen(p, config)
+    rng = step_rng(config, state.step)
     if config.accum_steps > 1:
       (loss, metrics), grads = accumulated_loss_and_grads(
-        model, loss_fn, state.params, batch, config.accum_steps, groups
+        model, loss_fn, state.params, batch, config.accum_steps, groups, trainable, rng
       )
     else:
-      grad_fn = jax.value_and_grad(lambda p: compute_loss(model, loss_fn, p, batch), has_aux=True)
+      grad_fn = jax.value_and_grad(
+        lambda p: compute_loss(model, loss_fn, trainable(p), batch, rng), has_aux=True
+      )
       (loss, metrics), grads = grad_fn(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -245,7 +276,8 @@ def jit_train_step(
     def update(params_and_opt_state):
       params, opt_state = params_and_opt_state
       updates, opt_state = tx.update(grads, opt_state, params)
-      applied = (optax.apply_updates(params, updates), opt_state)
+      new_params = optim.keep_frozen(optax.apply_updates(params, updates), params, config)
+      applied = (new_params, opt_state)
       return applied, jnp.isfinite(optax.global_norm(updates))
 
     (params, opt_state), finite = keep_if_finite(

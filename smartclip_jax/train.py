@@ -119,6 +119,7 @@ class Run:
   watchdog: watchdog.Watchdog  # started by the loop
   flops: float = 0.0  # hardware FLOPs per device run since the clock (XLA's count)
   model_flops: float = 0.0  # model FLOPs per device since the clock (flops.model_flops)
+  frozen: frozenset = frozenset()  # towers frozen whole (optim.frozen_towers): forward only
   # each step's per-dimension mask flags since the last log (losses.MASK_DIMS), left on device
   mask_dims: list = dataclasses.field(default_factory=list)
   should_stop: Callable[[], bool] = lambda: False  # asked between evaluation batches
@@ -256,6 +257,7 @@ def evaluate(run: Run, step: int, state: step_lib.TrainState) -> dict:
     run.mesh,
     config.data.eval_batch_size,
     param_shardings=run.shardings.params,
+    workers=config.data.num_workers,
   )
   encoder.should_stop = run.should_stop
   results = evals_run.run_eval(
@@ -356,9 +358,10 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   data_iter = pipeline.train_iterator(config, start_step=start, stats=data_stats)
   resume.check_data(data_stats, start, config)
   log.info(
-    "%s model, %.2fM parameters, %s at step %d of %d",
+    "%s model, %.2fM parameters%s, %s at step %d of %d",
     config.loss,
     sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+    f" ({config.optim.frozen!r} frozen)" if config.optim.frozen else "",
     "resumed" if start else "starting",
     start,
     config.total_steps,
@@ -370,11 +373,12 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
     model,
     shardings,
     checkpointer,
-    MetricWriter(workdir),
+    MetricWriter(workdir, config=config),
     start,
     (time.perf_counter(), start),
     flops_lib.mesh_peak(mesh, config.model.dtype),
     watchdog.Watchdog(config.step_timeout_s),
+    frozen=frozenset(optim.frozen_towers(state.params, config)),
   )
   run.writer.truncate_after(start)  # a resumed run rewrites the steps after its checkpoint
   train_step = step_lib.make_train_step(
@@ -406,7 +410,9 @@ def train_and_evaluate(
       length = text_length(batch["tokens"], config)
       state, metrics = train_step(state, global_batch(batch, run.mesh, length))
       run.flops += train_step.flops
-      run.model_flops += flops_lib.model_flops(config, length) * config.batch_size / run.mesh.size
+      run.model_flops += (
+        flops_lib.model_flops(config, length, run.frozen) * config.batch_size / run.mesh.size
+      )
       profile.maybe_stop(step, state)
       stopping = stop.reached(step)
       maybe_log(run, step, metrics, data_stats, force=stopping)
@@ -456,6 +462,8 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, argparse
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  if argv is None:  # the command itself (callers with argv keep their process)
+    malloc.use(malloc.chosen())  # tcmalloc where installed: a CPU step's speed (malloc.py)
   config, args = parse_args(sys.argv[1:] if argv is None else argv)
   watchdog.enable_stack_dumps()
   how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

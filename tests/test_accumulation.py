@@ -1,7 +1,10 @@
 """Gradient accumulation by a feature cache: K micro-batches give the loss, metrics and
 gradients of one batch of K x B (the contrastive loss still sees every pair)."""
 
+import operator
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,3 +88,42 @@ def test_train_step_with_accumulation_matches_one_batch(demo_config):
     jax.tree_util.tree_leaves_with_path(params[2]), jax.tree.leaves(params[1])
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_accumulation_with_patch_dropout_pulls_back_through_the_same_drops(demo_config):
+  """Micro-batch i drops the patches `rng` folded with i draws, in the embedding pass and again
+  in the pass that pulls gradients back: the result equals differentiating those K forward
+  passes directly (a second draw in the pull-back would not)."""
+  demo_config.update(batch_size=32, accum_steps=4)
+  demo_config.model.patch_dropout = 0.5
+  model, mesh, shardings, state, batch = _setup(demo_config)
+  groups, k, loss_fn = sharding.data_parallel_size(mesh), 4, losses.make(demo_config)
+  rng = step_lib.step_rng(demo_config, 7)
+
+  def direct(p, b):
+    micro = step_lib._split(b, k, groups)
+
+    def loss(p):
+      outs = [
+        step_lib.forward(
+          model, p, jax.tree.map(operator.itemgetter(i), micro), jax.random.fold_in(rng, i)
+        )
+        for i in range(k)
+      ]
+      rows = {key: jnp.stack([o[key] for o in outs]) for key in outs[0] if outs[0][key].ndim > 1}
+      scalars = {key: v for key, v in outs[0].items() if v.ndim <= 1}
+      return loss_fn({**scalars, **step_lib._merge(rows, groups)})
+
+    return jax.value_and_grad(loss, has_aux=True)(p)
+
+  cached = lambda p, b: step_lib.accumulated_loss_and_grads(
+    model, loss_fn, p, b, k, groups, rng=rng
+  )
+  with sharding.activate(mesh):
+    run = lambda fn: jax.device_get(
+      jax.jit(fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))(
+        state.params, batch
+      )
+    )
+    _assert_same(run(cached), run(direct))

@@ -153,3 +153,18 @@ def test_held_out_records_carry_their_first_sentence(demo_config):
     batch["first_tokens"][0], tokenizer.tokenize(first, demo_config.model.text.context_length)[0]
   )
   assert (batch["first_tokens"] != batch["tokens"]).any()
+
+
+def test_held_out_batches_decoded_by_worker_processes_are_the_same(demo_config):
+  """`data.num_workers` Grain processes decode the held-out split ahead of the device, in
+  order: the same batches as Grain's threads in this process."""
+  demo_config.data.demo.num_eval = 40
+  threads, records = pipeline.eval_batches(demo_config)
+  demo_config.data.num_workers = 2
+  workers, _ = pipeline.eval_batches(demo_config)
+  got, want = list(workers), list(threads)
+  assert len(got) == len(want) == 3 and records == 40
+  for a, b in zip(got, want, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -223,3 +223,30 @@ def test_a_stop_notice_ends_an_evaluation_between_batches(demo_config, tmp_path)
   with pytest.raises(Interrupted, match="stop notice"):
     encoder.images([np.zeros((40, 40, 3), np.uint8)] * 20)
   assert len(asked) == 3  # two batches of four embedded, then the notice was seen
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_images_decoded_ahead_by_grain_embed_as_one_by_one(demo_config, tmp_path, workers):
+  """Grain's threads (0) or worker processes decode ahead of the device, in order: the
+  embeddings are those of decoding each file in turn, bit for bit, and an unreadable file is
+  reported at its index with a blank image in its row."""
+  import PIL.Image
+
+  from smartclip_jax.evals.encoder import DecodeImage
+
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(10):
+    paths.append(tmp_path / f"{i}.png")
+    PIL.Image.fromarray(rng.integers(0, 256, (48, 40 + i, 3), np.uint8)).save(paths[-1])
+  paths[6].write_bytes(b"not an image")
+  encoder = tiny_encoder(demo_config)
+  encoder.workers = workers
+  unreadable = []
+  got = encoder.images([str(p) for p in paths], unreadable)
+  decode = DecodeImage(demo_config.model.vision.image_size)
+  pixels = np.stack([decode((i, str(p)))[0] for i, p in enumerate(paths)])
+  np.testing.assert_array_equal(got, encoder.apply("encode_image", pixels))
+  assert unreadable == [6]
+  with pytest.raises(ValueError, match="cannot read image .*6.png"):
+    encoder.images([str(p) for p in paths])

@@ -64,6 +64,7 @@ def shard_config(shards, *overrides):
   )
 
 
+@pytest.mark.slow  # a whole run and its resume: about a minute
 def test_a_shard_with_corrupted_bytes_trains_to_the_end_counting_what_it_skipped(tmp_path):
   rng = np.random.default_rng(0)
   path = write_shard(tmp_path / "shards", 64, rng)
@@ -243,6 +244,7 @@ def alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # a whole run and its resume: about a minute
 def test_a_torn_metrics_line_does_not_stop_a_resume(demo_config, tmp_path, caplog):
   demo_config.update(total_steps=2, log_every=1, checkpoint_every=2)
   train.train_and_evaluate(demo_config, tmp_path)

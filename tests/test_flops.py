@@ -64,3 +64,24 @@ def test_model_flops_count_the_forward_pass_as_xla_does(loss):
   assert shorter < flops.forward_flops(c)  # trimmed padding: fewer text positions run
   logits = 2 * c.batch_size * c.model.embed_dim * (2 if loss == "smartclip" else 1)
   assert flops.model_flops(c) == 3 * (flops.forward_flops(c) + logits)
+
+
+def test_model_flops_of_patch_dropout_and_a_locked_tower():
+  """A training pass with half the patches dropped against XLA's count of it; a tower frozen
+  whole counts its forward pass once (no backward through it)."""
+  from smartclip_jax import config as config_lib, step as step_lib
+  from smartclip_jax.models.clip import build_model
+
+  c = config_lib.load("configs/demo.py:clip", ["model.patch_dropout=0.5"])
+  model, batch = build_model(c), step_lib.dummy_batch(c, 8)
+  params = model.init(jax.random.key(0), batch["image"], batch["tokens"])["params"]
+  forward = lambda p: step_lib.forward(model, p, batch, jax.random.key(1))
+  compiled = jax.jit(forward).lower(params).compile()
+  trained, full = flops.tower_flops(c, train=True), flops.tower_flops(c)
+  assert trained["visual"] < 0.6 * full["visual"] and trained["text"] == full["text"]
+  ratio = 8 * sum(trained.values()) / flops.compiled_flops(compiled)
+  assert 0.9 < ratio <= 1.0, ratio
+  logits = 2 * c.batch_size * c.model.embed_dim
+  assert (
+    flops.model_flops(c, frozen={"visual"}) == 3 * logits + trained["visual"] + 3 * trained["text"]
+  )

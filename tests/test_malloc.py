@@ -65,3 +65,51 @@ def test_the_hint_speaks_only_under_the_system_allocator(monkeypatch):
   assert "LD_PRELOAD=/lib/tcmalloc.so" in malloc.hint()
   monkeypatch.setattr(malloc, "loaded", lambda: "jemalloc")
   assert malloc.hint() is None
+
+
+def test_auto_takes_the_first_installed_allocator_or_stays(monkeypatch):
+  """What the commands ask for by default (`SMARTCLIP_MALLOC` unset): tcmalloc where found,
+  then jemalloc, else glibc's without a restart; nothing when one is already loaded."""
+  asked = []
+  # A copy of the environment: what `use` sets there must not reach later tests' commands.
+  monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != malloc.ENV})
+  monkeypatch.setattr(malloc.os, "execv", lambda *a: asked.append(os.environ["LD_PRELOAD"]))
+  os.environ.pop(malloc._GUARD, None)
+  os.environ["LD_PRELOAD"] = ""
+  monkeypatch.setattr(malloc, "loaded", lambda: "system")
+  monkeypatch.setattr(malloc, "find", lambda name: None)
+  malloc.use(malloc.chosen())
+  monkeypatch.setattr(
+    malloc, "find", lambda name: f"/lib/{name}.so" if name == "jemalloc" else None
+  )
+  malloc.use(malloc.chosen())
+  assert asked == ["/lib/jemalloc.so"]
+  del os.environ[malloc._GUARD]
+  monkeypatch.setattr(malloc, "find", lambda name: f"/lib/{name}.so")
+  malloc.use(malloc.chosen())
+  assert asked[-1].startswith("/lib/tcmalloc.so")
+  os.environ[malloc.ENV] = "system"
+  malloc.use(malloc.chosen())
+  monkeypatch.setattr(malloc, "loaded", lambda: "jemalloc")
+  malloc.use(malloc.AUTO)
+  assert len(asked) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_commands_ask_for_the_allocator_only_as_commands(command, monkeypatch):
+  """`python -m smartclip_jax.train` (argv from the command line) restarts under tcmalloc
+  where installed; a caller passing argv (a test, a script) keeps its process."""
+  import importlib
+
+  module = importlib.import_module(f"smartclip_jax.{command}")
+  asked = []
+  monkeypatch.setattr(malloc, "use", asked.append)
+  monkeypatch.setattr(sys, "argv", [command, "--help"])
+  for argv in (["--help"], None):
+    with pytest.raises(SystemExit):
+      module.main(argv)
+  assert asked == [malloc.AUTO]
+
+
+def test_the_environment_holds_no_leftover_from_the_tests_above():
+  assert malloc._GUARD not in os.environ and "/lib/" not in os.environ.get("LD_PRELOAD", "")

@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from smartclip_jax import config as config_lib, losses
-from smartclip_jax.models import layers
+from smartclip_jax.models import layers, vit
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.mask import MaskNetwork, straight_through_hard
 from smartclip_jax.models.text import TextTransformer, stretch_positions
@@ -292,3 +292,36 @@ def test_mask_net_initialisation_matches_the_reference():
     np.testing.assert_allclose(np.abs(ours).mean(), np.abs(ref).mean(), rtol=rtol, err_msg=key)
     if key.endswith("bias"):  # uniform: the same bound
       np.testing.assert_allclose(np.abs(ours).max(), np.abs(ref).max(), rtol=0.05, err_msg=key)
+
+
+def test_patch_dropout_keeps_the_class_token_and_distinct_patches_per_image():
+  """Tokens [2 images, class token + 10 patches, 3]: patch p holds p, the class token -1."""
+  x = jnp.broadcast_to(jnp.arange(-1.0, 10.0)[None, :, None], (2, 11, 3))
+  out = np.asarray(vit.drop_patches(x, 0.5, jax.random.key(0)))
+  assert out.shape == (2, 6, 3) and vit.kept_patches(10, 0.5) == 5
+  np.testing.assert_array_equal(out[:, 0], -1.0)
+  kept = [set(out[b, 1:, 0].tolist()) for b in range(2)]
+  assert all(len(k) == 5 and k <= set(range(10)) for k in kept)  # no repeats, no class token
+  assert kept[0] != kept[1]  # each image draws its own
+  assert vit.kept_patches(196, 0.5) == 98 and vit.kept_patches(4, 0.99) == 1
+
+
+def test_patch_dropout_is_for_training_only(demo_config):
+  """Evaluation (`encode_image`) sees every patch whatever the rate; a training pass drops
+  patches drawn from the seed and step (`step.step_rng`): the same step draws the same."""
+  from smartclip_jax import step as step_lib
+
+  batch = step_lib.dummy_batch(demo_config, 4)
+  batch["image"] = jax.random.normal(jax.random.key(1), batch["image"].shape)
+  plain = build_model(demo_config)
+  params = nn.meta.unbox(plain.init(jax.random.key(0), batch["image"], batch["tokens"]))["params"]
+  demo_config.model.patch_dropout = 0.5
+  dropping = build_model(demo_config)
+  evaluate = lambda m: m.apply({"params": params}, batch["image"], method=m.encode_image)
+  np.testing.assert_array_equal(evaluate(dropping), evaluate(plain))
+  train = lambda m, step: step_lib.forward(m, params, batch, step_lib.step_rng(demo_config, step))
+  np.testing.assert_array_equal(train(plain, 3)["img_emb"], evaluate(plain))
+  np.testing.assert_array_equal(train(dropping, 3)["img_emb"], train(dropping, 3)["img_emb"])
+  assert not np.allclose(train(dropping, 3)["img_emb"], evaluate(plain), atol=1e-3)
+  assert not np.allclose(train(dropping, 3)["img_emb"], train(dropping, 4)["img_emb"], atol=1e-3)
+  np.testing.assert_array_equal(train(dropping, 3)["txt_emb"], train(plain, 3)["txt_emb"])

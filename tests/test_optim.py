@@ -1,4 +1,6 @@
-"""The two optimizer groups, their schedules, weight-decay mask and frozen positions."""
+"""Parameter groups by regex, their schedules, weight-decay mask, frozen parameters and rows."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from smartclip_jax import optim
+from smartclip_jax import config as config_lib, optim
+from smartclip_jax.config import ConfigError
 
 
 def _params():
@@ -50,7 +53,7 @@ def test_groups_decay_and_frozen_rows(demo_config):
   pos = np.asarray(updates["text"]["positional_embedding"])
   np.testing.assert_array_equal(pos[:2], 0.0)
   np.testing.assert_allclose(pos[2:], -0.1 - 0.05, rtol=1e-4)
-  assert optim.param_groups(params)["mask_net"]["attn_pool"]["kernel"] == "mask_net"
+  assert optim.labels(params, demo_config)["mask_net"]["attn_pool"]["kernel"] == "mask_net"
 
 
 def test_mask_group_gets_its_own_learning_rate(demo_config):
@@ -129,3 +132,88 @@ def test_recipe_optimizer_matches_torch_adamw():
       np.testing.assert_allclose(
         got, want.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {step} {paths[i]}"
       )
+
+
+def test_regex_tables_freeze_scale_and_decay(demo_config):
+  """Frozen parameters get a zero update and no optimizer state; learning-rate and decay
+  multipliers scale the first Adam step (about lr * mult) and the decay (lr * wd * mult)."""
+  demo_config.optim.update(
+    frozen="visual/ln_post/.*",
+    lr_mults=(("text/.*", 0.5),),
+    wd_mults=(("visual/proj", 3.0), ("mask_net/.*", 0.0)),
+    frozen_positions=0,
+  )
+  demo_config.optim.towers.update(lr=0.1, weight_decay=0.1, warmup_steps=0)
+  demo_config.optim.mask_net.update(lr=0.01, weight_decay=0.2)
+  tx = optim.make_optimizer(demo_config)
+  params = _params()
+  state = tx.init(params)
+  moments = [
+    jax.tree_util.keystr(path).split(".mu")[1]
+    for path, _ in jax.tree_util.tree_leaves_with_path(state)
+    if ".mu[" in jax.tree_util.keystr(path)
+  ]
+  assert sorted(moments) == [
+    "['logit_scale']",
+    "['mask_net']['attn_pool']['kernel']",
+    "['text']['positional_embedding']",
+    "['visual']['proj']",
+  ]  # no moments for the frozen gain
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_array_equal(updates["visual"]["ln_post"]["scale"], 0.0)
+  np.testing.assert_allclose(updates["visual"]["proj"], -0.1 - 0.03, rtol=1e-4)
+  np.testing.assert_allclose(updates["text"]["positional_embedding"], -0.05 - 0.005, rtol=1e-4)
+  np.testing.assert_allclose(updates["logit_scale"], -0.1, rtol=1e-4)  # a scalar: no decay
+  np.testing.assert_allclose(updates["mask_net"]["attn_pool"]["kernel"], -0.01, rtol=1e-4)
+  labels = optim.labels(params, demo_config)
+  assert labels["visual"]["ln_post"]["scale"] == "frozen"
+  assert labels["text"]["positional_embedding"] == "towers lr*0.5 wd*1"
+
+
+def test_the_recipe_keeps_its_two_groups(demo_config):
+  """The default tables give the recipe's optimizer state (old checkpoints restore)."""
+  tx = optim.make_optimizer(demo_config)
+  inner = next(s for s in tx.init(_params()) if hasattr(s, "inner_states")).inner_states
+  assert sorted(inner) == ["mask_net", "towers"]
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("frozen", "visul/.*", "matches no parameter path (they begin logit_scale, mask_net/"),
+    ("frozen", ".*", "freezes every parameter"),
+    ("lr_mults", (("txt/.*", 0.1),), "optim.lr_mults: 'txt/.*' matches no parameter"),
+    (
+      "groups",
+      (("mask_net/.*", "mask_net"),),
+      "optim.groups gives 4 parameters no group (logit_scale, text/positional_embedding, "
+      "visual/ln_post/scale, ...)",
+    ),
+  ],
+)
+def test_a_table_that_does_not_fit_the_model_is_refused(demo_config, field, value, message):
+  demo_config.optim[field] = value
+  tx = optim.make_optimizer(demo_config)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    tx.init(_params())
+
+
+def test_malformed_tables_are_config_problems(demo_config):
+  demo_config.optim.update(
+    frozen="visual/(",
+    groups=(("mask_net/.*", "mask"), (".*", "towers")),
+    lr_mults=(("text/.*", -1.0), ("x",)),
+  )
+  errors = "\n".join(config_lib.problems(demo_config))
+  assert "optim.frozen: 'visual/(' is not a regex" in errors
+  assert "optim.groups: ('mask_net/.*', 'mask') needs one of ('towers', 'mask_net')" in errors
+  assert "optim.lr_mults: ('text/.*', -1.0) needs a number >= 0" in errors
+  assert "optim.lr_mults: ('x',) is not a (regex, value) pair" in errors
+
+
+def test_a_model_without_a_mask_net_keeps_the_default_groups(demo_config):
+  """The recipe's `mask_net/.*` group names nothing in a CLIP model, and that is fine."""
+  params = {k: v for k, v in _params().items() if k != "mask_net"}
+  labels = optim.labels(params, config_lib.set_loss(demo_config, "clip"))
+  assert set(jax.tree.leaves(labels)) == {"towers"}

@@ -81,6 +81,11 @@ def check(words: list[str], fake_bin: pathlib.Path) -> str:
     files = [words[i + 1] for i, w in enumerate(words) if w == "-r"]
     assert files and all((ROOT / f).is_file() for f in files), words
     return "requirements files exist"
+  if words[:3] == ["sudo", "apt-get", "install"]:
+    from smartclip_jax import malloc
+
+    assert words[-1] in malloc.PACKAGES["tcmalloc"], words  # the library malloc.py looks for
+    return "a system package (tcmalloc), not installed by the test"
   if words[0] == "pytest" or words[:3] == ["python", "-m", "pytest"]:
     assert set(words[1:]) <= {"-m", "slow"}, words
     return "the test suites (run by .ci/run)"

@@ -445,3 +445,78 @@ def test_prepare_reads_img2dataset_parquet_and_refuses_a_list_of_urls(tmp_path, 
       + ["--out", str(tmp_path / "none")]
     )
   assert "lists image URLs; download them first" in capsys.readouterr().err
+
+
+def _records(shards) -> dict:
+  source = sources.ArrayRecordSource(str(shards))
+  return {r["id"]: (r["caption"], r["image"]) for r in (source[i] for i in range(len(source)))}
+
+
+def test_prepare_split_over_processes_writes_each_shard_once(folder, tmp_path):
+  """Two parts of one prepare (`--process-index 0|1 --process-count 2`, as two hosts would run
+  it) write the same shards as one process: each part its own, a rerun of a part nothing, and
+  only the part that finds every shard done the summary."""
+  argv = ["--format", "folder", "--input", str(folder), "--num-shards", "4", "--workers", "1"]
+  whole = prepare.main(argv + ["--out", str(tmp_path / "one")])
+  split = tmp_path / "two"
+  first = prepare.main(argv + ["--out", str(split), "--process-index", "0", "--process-count", "2"])
+  assert first["complete"] is False and first["shards_done"] == 2
+  assert not (split / "summary.json").exists()
+  assert sorted(p.name[:11] for p in (split / "train").glob("*.array_record")) == [
+    "shard-00000",
+    "shard-00002",
+  ]
+  second = prepare.main(
+    argv + ["--out", str(split), "--process-index", "1", "--process-count", "2"]
+  )
+  assert second == json.loads((split / "summary.json").read_text())
+  assert second | {"splits": None} == whole | {"splits": None}
+  assert _records(split / "train") == _records(tmp_path / "one" / "train")
+  with pytest.raises(SystemExit):
+    prepare.main(argv + ["--out", str(split), "--process-index", "2", "--process-count", "2"])
+
+
+def test_prepare_reads_from_and_writes_to_a_bucket(folder, tmp_path, gcs):
+  """WebDataset tars and a caption folder in gs://, shards and summary written to gs://, by two
+  parts: the shards hold what a local prepare of the same files writes, and a rerun redoes
+  nothing."""
+  from etils import epath
+
+  tars = tmp_path / "tars"
+  tars.mkdir()
+  for k in range(3):
+    members = []
+    for j in range(2):
+      members += [(f"{k}{j}.jpg", image_bytes(seed=10 * k + j)), (f"{k}{j}.txt", b"A cat. Grey.")]
+    write_tar(tars / f"{k:05d}.tar", members)
+  bucket = epath.Path(gcs) / "prepare"
+  for source in [*tars.iterdir(), *folder.iterdir()]:
+    if source.is_file():
+      (bucket / source.parent.name / source.name).write_bytes(source.read_bytes())
+  for fmt, src, pattern in (
+    ("webdataset", tars, "{00000..00002}.tar"),
+    ("folder", folder, ""),
+  ):
+    local = prepare.main(
+      ["--format", fmt, "--input", str(src / pattern), "--workers", "1"]
+      + ["--out", str(tmp_path / fmt)]
+    )
+    remote_in = str(bucket / src.name / pattern) if pattern else str(bucket / src.name)
+    out = bucket / f"out_{fmt}"
+    argv = ["--format", fmt, "--input", remote_in, "--out", str(out), "--workers", "1"]
+    argv += ["--num-shards", "2"] * (fmt == "folder") + ["--process-count", "2"]
+    prepare.main(argv + ["--process-index", "1"])
+    summary = prepare.main(argv + ["--process-index", "0"])
+    assert json.loads((out / "summary.json").read_text())["written"] == local["written"]
+    assert summary["skipped"] == local["skipped"], fmt
+    got = tmp_path / f"got_{fmt}"
+    got.mkdir()
+    for shard in (out / "train").glob("*.array_record"):
+      (got / shard.name).write_bytes(shard.read_bytes())
+    assert _records(got) == _records(tmp_path / fmt / "train")
+    stamps = {p.name: p.stat().mtime for p in (out / "train").iterdir()}
+    assert len(stamps) == 2 * len(list((out / "train").glob("*.array_record"))) and all(
+      stamps.values()
+    )
+    prepare.main(argv + ["--process-index", "0"])
+    assert stamps == {p.name: p.stat().mtime for p in (out / "train").iterdir()}

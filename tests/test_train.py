@@ -1,5 +1,6 @@
 """The train loop end to end: it learns, checkpoints round-trip, and a rerun resumes."""
 
+import importlib.util
 import json
 import logging
 import re
@@ -13,6 +14,7 @@ import pytest
 
 from smartclip_jax import (
   config as config_lib,
+  flops as flops_lib,
   losses,
   malloc,
   optim,
@@ -25,6 +27,7 @@ from smartclip_jax.checkpoint import Checkpointer
 from smartclip_jax.data import pipeline
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.writer import MetricWriter
+from tests import wandb_log
 from tests.conftest import DEMO, TINY
 
 
@@ -34,12 +37,20 @@ def read_metrics(workdir):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+WANDB = importlib.util.find_spec("wandb") is not None  # requirements-wandb.txt (CI has it)
+
+
 @pytest.fixture(scope="module")
 def fifty_step_run(tmp_path_factory):
-  """One 50-step demo run, logging every step, checkpointing at 25 and 50, tracing 3 steps."""
-  config = config_lib.load(DEMO, TINY + ["log_every=1", "profile_steps=3"])
+  """One 50-step demo run, logging every step, checkpointing at 25 and 50, tracing 3 steps,
+  and to an offline W&B run when wandb is installed."""
+  extra = ["wandb.project=smartclip-test", "wandb.name=fifty", "wandb.tags=('demo',)"]
+  config = config_lib.load(DEMO, TINY + ["log_every=1", "profile_steps=3"] + extra * WANDB)
   workdir = tmp_path_factory.mktemp("run")
-  return config, workdir, train.train_and_evaluate(config, workdir)
+  with pytest.MonkeyPatch.context() as env:
+    env.setenv("WANDB_MODE", "offline")
+    env.setenv("WANDB_SILENT", "true")
+    yield config, workdir, train.train_and_evaluate(config, workdir)
 
 
 def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
@@ -64,7 +75,26 @@ def test_fifty_steps_lower_the_loss_and_write_every_output(fifty_step_run):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [25, 50]
 
 
-def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path):
+@pytest.mark.skipif(not WANDB, reason="needs requirements-wandb.txt")
+def test_an_offline_wandb_run_holds_the_metrics_and_the_config(fifty_step_run):
+  config, workdir, results = fifty_step_run
+  (run_dir,) = (workdir / "wandb").glob("offline-run-*")
+  run = wandb_log.run(run_dir)
+  assert run["id"] == (workdir / "wandb_run_id").read_text() and run_dir.name.endswith(run["id"])
+  assert (run["name"], run["tags"]) == ("fifty", ["demo"])
+  assert run["config"]["batch_size"] == config.batch_size
+  assert run["config"]["model"]["vision"]["width"] == config.model.vision.width
+  rows = wandb_log.history(run_dir)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 51))
+  for got, want in zip(train_rows, read_metrics(workdir)):
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+  (final,) = [r for r in rows if "eval/t2i_r1" in r]
+  assert final["step"] == 50 and final["eval/t2i_r1"] == pytest.approx(results["t2i_r1"])
+
+
+def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")
   config, full, _ = fifty_step_run
   # A run that died after step 25's checkpoint, having logged a few steps more.
   cut = tmp_path / "cut"
@@ -78,6 +108,11 @@ def test_rerun_resumes_from_latest_checkpoint(fifty_step_run, tmp_path):
     assert a["loss"] == b["loss"], a["step"]
     assert a["data/used"] == b["data/used"] == a["step"] * config.batch_size  # counts resumed
   assert sorted(int(p.name) for p in (cut / "checkpoints").iterdir()) == [25, 50]
+  if WANDB:  # the resumed run continued the W&B run: a second offline part with its id
+    parts = sorted((cut / "wandb").glob("offline-run-*"))
+    run_id = (cut / "wandb_run_id").read_text()
+    assert len(parts) == 2 and all(p.name.endswith(run_id) for p in parts)
+    assert [r["step"] for r in wandb_log.history(parts[1]) if "loss" in r] == list(range(26, 51))
 
 
 def test_mask_diagnostics_are_reduced_over_each_log_window(demo_config, tmp_path, caplog):
@@ -106,7 +141,10 @@ def test_mask_diagnostics_are_reduced_over_each_log_window(demo_config, tmp_path
 
 
 @pytest.mark.slow
-def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_path):
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_path, patch_dropout):
+  """With patch dropout too: its draw is a function of the seed and the step."""
+  demo_config.model.patch_dropout = patch_dropout
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
   shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
@@ -269,3 +307,40 @@ def test_two_epochs_of_64_records_at_batch_16_run_8_steps(demo_config, tmp_path,
   assert "epochs=2 of the training data: total_steps=8" in caplog.text
   assert "2 epochs in 8 steps of 16 (128 examples)" in caplog.text
   assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 8
+
+
+def test_a_locked_image_tower_stays_bit_identical_and_takes_no_backward_pass(demo_config):
+  """LiT (`optim.frozen='visual/.*'`): after training steps the image embeddings are those of
+  the starting parameters bit for bit, the text tower's have moved, the optimizer holds no
+  moments for the image tower, and the compiled step does at least 1.5 image-tower forwards
+  fewer FLOPs than the full step (no gradient through the frozen tower)."""
+  mesh = sharding.make_mesh(demo_config)
+  model = build_model(demo_config)
+  batch = next(pipeline.train_iterator(demo_config))
+  runs = {}
+  for frozen in ("", "visual/.*"):
+    demo_config.optim.frozen = frozen
+    tx = optim.make_optimizer(demo_config)
+    shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+    state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
+    start = jax.device_get(state.params)
+    train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
+    for _ in range(2):
+      state, metrics = train_step(state, train.global_batch(batch, mesh))
+    runs[frozen] = start, jax.device_get(state), train_step.flops
+  start, state, lit_flops = runs["visual/.*"]
+  embed = lambda params, method: model.apply(
+    {"params": params}, batch["image" if method == "encode_image" else "tokens"], method=method
+  )
+  np.testing.assert_array_equal(embed(state.params, "encode_image"), embed(start, "encode_image"))
+  jax.tree.map(np.testing.assert_array_equal, state.params["visual"], start["visual"])
+  assert not np.allclose(embed(state.params, "encode_text"), embed(start, "encode_text"))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+  assert not [p for p in paths if "['visual']" in p]
+  assert [p for p in paths if "['text']" in p]
+  image_forward = flops_lib.tower_flops(demo_config)["visual"] * demo_config.batch_size / mesh.size
+  print(
+    f"step FLOPs per device: {runs[''][2]:.3g} full, {lit_flops:.3g} LiT; "
+    f"image forward {image_forward:.3g}"
+  )
+  assert runs[""][2] - lit_flops > 1.5 * image_forward

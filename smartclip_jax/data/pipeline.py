@@ -277,27 +277,34 @@ def train_iterator(
     count,
   )
   local = config.batch_size // count
-  iter_ds = share[start_step * local :].to_iter_dataset()
-  if config.data.num_workers > 0:
-    # Worker w featurizes examples w, w + W, ... and Grain hands them back round-robin, in order;
-    # batching after that keeps the batches independent of the worker count.
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; we do not use absl.app
-      flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=config.data.num_workers),
-      worker_init_fn=leave_stopping_to_the_trainer,
-    )
+  iter_ds = ahead(share[start_step * local :].to_iter_dataset(), config.data.num_workers)
   return iter(iter_ds.batch(local, drop_remainder=True))
+
+
+def ahead(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+  """`ds` featurized by `workers` Grain processes (0: as it is, Grain's threads). Worker w
+  featurizes examples w, w + W, ... and Grain hands them back round-robin, in order, so what
+  comes out (and batches made after) does not depend on the worker count."""
+  if workers <= 0:
+    return ds
+  if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; we do not use absl.app
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=workers),
+    worker_init_fn=leave_stopping_to_the_trainer,
+  )
 
 
 def eval_batches(config: ml_collections.ConfigDict) -> tuple[Iterator[dict], int]:
   """The held-out split in order, full captions, eval transform (the last batch may be short),
-  and the number of records in the split, usable or not."""
+  and the number of records in the split, usable or not; decoded ahead of the device by
+  `data.num_workers` processes (or Grain's threads)."""
   source = make_source(config, "eval")
   ds = grain.MapDataset.source(Guarded(source)).random_map(
     _featurizer(config, train=False), seed=config.seed
   )
-  return iter(SkipBad(ds.to_iter_dataset()).batch(config.data.eval_batch_size)), len(source)
+  ds = ahead(ds.to_iter_dataset(), config.data.num_workers)
+  return iter(SkipBad(ds).batch(config.data.eval_batch_size)), len(source)
 
 
 class DataError(RuntimeError):

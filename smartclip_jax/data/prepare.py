@@ -4,6 +4,9 @@
       --image-root <dir> --out <dir> [--num-shards N] [--max-side 512] [--workers W]
   python -m smartclip_jax.data.prepare --format webdataset --input 'shards/{00000..00127}.tar'
       --out <dir> [--caption-key FIELD] [--workers W]
+      [--process-index I --process-count N]   (one of N hosts sharing the work)
+
+Inputs and `--out` may be gs:// paths (storage.py).
 
 WebDataset shards are img2dataset's layout: members grouped by key (`<key>.jpg|png|webp`,
 `<key>.txt`, `<key>.json`); the caption is the `.txt`, or `--caption-key`'s field of the `.json`
@@ -32,18 +35,20 @@ import json
 import math
 import multiprocessing
 import os
-import pathlib
 import posixpath
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import PIL.Image
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 from tqdm import tqdm
 
-from smartclip_jax import config as config_lib
+from smartclip_jax import config as config_lib, storage
 from smartclip_jax.data import decode, sources
 
 Entry = tuple[str, str, object]
@@ -69,10 +74,13 @@ def encode_record(
 
 
 def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
-  """Writes one shard atomically (tmp + rename), then its summary `<path>.json`."""
+  """Writes one shard, then its summary `<path>.json`, the mark that it is done. Locally the
+  shard is written beside itself and renamed into place; into a bucket (gs://), written to a
+  local temporary file and uploaded (ArrayRecord writes local files)."""
   skipped = dict.fromkeys(decode.REASONS, 0)
   examples, written, seen = [], 0, 0
-  tmp = path + ".tmp"
+  remote = storage.is_remote(path)
+  tmp = os.path.join(tempfile.mkdtemp(), "shard") if remote else path + ".tmp"
   writer = ArrayRecordWriter(tmp, "group_size:1")
   for record in records:
     seen += 1
@@ -87,9 +95,14 @@ def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
     writer.write(packed)
     written += 1
   writer.close()
-  os.replace(tmp, path)
+  if remote:
+    with open(tmp, "rb") as src, storage.path(path).open("wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+    shutil.rmtree(os.path.dirname(tmp))
+  else:
+    os.replace(tmp, path)
   summary = {"records": seen, "written": written, "skipped": skipped, "examples": examples}
-  pathlib.Path(path + ".json").write_text(json.dumps(summary))
+  storage.path(path + ".json").write_text(json.dumps(summary))
   return summary
 
 
@@ -122,7 +135,8 @@ def parquet_columns(path: str, caption_key: str = "") -> tuple[str, str]:
   UnusableParquet, saying so."""
   import pyarrow.parquet as pq
 
-  schema = pq.read_schema(path)
+  with storage.path(path).open("rb") as f:
+    schema = pq.read_schema(f)
   image = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
   if image is None:
     has_urls = "url" in schema.names
@@ -150,7 +164,7 @@ def parquet_records(path: str, caption_key: str = "") -> Iterator[dict]:
   key_col, row = "key", 0
   try:
     image_col, caption_col = parquet_columns(path, caption_key)
-    file = pq.ParquetFile(path)
+    file = pq.ParquetFile(storage.path(path).open("rb"))
     columns = [c for c in (key_col, image_col, caption_col) if c in file.schema_arrow.names]
     for batch in file.iter_batches(columns=columns, batch_size=256):
       data = batch.to_pydict()
@@ -177,8 +191,8 @@ def tar_records(path: str, caption_key: str = "") -> Iterator[dict]:
   """A WebDataset tar's samples in order, as raw records ({"id", "image", "caption"}) or bad
   ones ({"error", "id", "detail"}); a tar cut off mid-way ends with one `truncated_archive`."""
   key, parts = None, {}
-  try:
-    with tarfile.open(path) as archive:
+  try:  # read as a stream, in order: a tar in a bucket is downloaded once, not seeked around
+    with storage.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as archive:
       for member in archive:
         if not member.isfile():
           continue
@@ -235,12 +249,16 @@ def _expand(pattern: str) -> list[str]:
     )
     head, tail = pattern[: match.start()], pattern[match.end() :]
     return sorted({f for o in options for f in _expand(head + o + tail)})
+  if storage.is_remote(pattern):  # gs://: wildcards in the file name only
+    folder, name = posixpath.split(pattern)
+    found = storage.path(folder).glob(name) if glob.has_magic(name) else [storage.path(pattern)]
+    return [str(f) for f in found if f.is_file()]
   files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
   return [f for f in files if os.path.isfile(f)]
 
 
 def plan_shards(
-  entries: list[Entry], out_dir: pathlib.Path, num_shards: int
+  entries: list[Entry], out_dir: epath.Path, num_shards: int
 ) -> list[tuple[list[Entry], str]]:
   """Contiguous, nearly equal slices of `entries`, each with its shard path."""
   bounds = [round(k * len(entries) / num_shards) for k in range(num_shards + 1)]
@@ -253,7 +271,7 @@ def plan_shards(
 def prepare(
   entries: list[Entry],
   image_root: str,
-  out: pathlib.Path,
+  out: str | os.PathLike,
   *,
   holdout: int,
   num_shards: int | None,
@@ -263,8 +281,11 @@ def prepare(
   quality: int,
   workers: int,
   progress: bool = True,
+  part: tuple[int, int] = (0, 1),
 ) -> dict:
-  """Writes train (and eval, with a holdout) shards in parallel; returns the summary."""
+  """Writes train (and eval, with a holdout) shards in parallel; returns the summary.
+  `part` (index, count): this process writes every count-th shard from the index-th (`_run`)."""
+  out = storage.path(out)
   splits = (
     {"train": entries[holdout:], "eval": entries[:holdout]} if holdout else {"train": entries}
   )
@@ -281,12 +302,13 @@ def prepare(
       for e, p in plan_shards(items, out / split, min(shards, len(items)))
     ]
   splits = [split for split in splits if splits[split]]
-  return _run(jobs, out, splits, (max_side, min_side, max_pixels, quality), workers, progress)
+  encode_args = (max_side, min_side, max_pixels, quality)
+  return _run(jobs, out, splits, encode_args, workers, progress, part=part)
 
 
 def prepare_files(
   files: list[str],
-  out: pathlib.Path,
+  out: str | os.PathLike,
   *,
   kind: str,
   caption_key: str,
@@ -296,9 +318,11 @@ def prepare_files(
   quality: int,
   workers: int,
   progress: bool = True,
+  part: tuple[int, int] = (0, 1),
 ) -> dict:
   """One train shard per WebDataset tar or Parquet file (`kind`), written in parallel; returns
-  the summary."""
+  the summary. `part`: as `prepare`'s."""
+  out = storage.path(out)
   write = {"webdataset": write_tar_shard, "parquet": write_parquet_shard}[kind]
   (out / "train").mkdir(parents=True, exist_ok=True)
   jobs = [
@@ -306,7 +330,7 @@ def prepare_files(
     for k, file in enumerate(files)
   ]
   encode_args = (max_side, min_side, max_pixels, quality)
-  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="file")
+  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="file", part=part)
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -315,22 +339,31 @@ def _shard_name(k: int, n: int) -> str:
 
 def _run(
   jobs: list[tuple],
-  out: pathlib.Path,
+  out: epath.Path,
   splits: list[str],
   encode_args: tuple,
   workers: int,
   progress: bool,
   unit: str = "img",
+  part: tuple[int, int] = (0, 1),
 ) -> dict:
-  """Runs the shard jobs (fn, args, path, size) not done yet (no `<path>.json`) in worker
-  processes, then sums every shard's summary into `<out>/summary.json`."""
-  todo = [job for job in jobs if not pathlib.Path(job[2] + ".json").exists()]
+  """Runs the shard jobs (fn, args, path, size) of this part not done yet (no `<path>.json`)
+  in worker processes, then, once every shard of every part is done, sums their summaries into
+  `<out>/summary.json`. Part (i, n) takes jobs i, i + n, i + 2n, ...: processes or hosts given
+  the same input and n split one prepare between them, each writing its own shards (the job
+  list is a function of the input alone). Until the last part ends, the summary returned is
+  partial (`"complete": false`) and no summary.json is written."""
+  index, count = part
+  if not 0 <= index < count:
+    raise ValueError(f"part {index} of {count}: the index must be in [0, {count})")
+  mine = jobs[index::count]
+  todo = [job for job in mine if not storage.path(job[2] + ".json").exists()]
   bar = tqdm(
-    total=sum(job[3] for job in jobs),
-    initial=sum(job[3] for job in jobs) - sum(job[3] for job in todo),
+    total=sum(job[3] for job in mine),
+    initial=sum(job[3] for job in mine) - sum(job[3] for job in todo),
     unit=unit,
     disable=not progress,
-    desc=f"{len(todo)}/{len(jobs)} shards to write",
+    desc=f"{len(todo)}/{len(mine)} shards to write" + (f" (part {index} of {count})" * (count > 1)),
   )
   # spawn, not fork: a caller may have started threads (JAX does) that fork would copy broken.
   spawn = multiprocessing.get_context("spawn")
@@ -340,7 +373,8 @@ def _run(
       future.result()
       bar.update(futures[future])
   bar.close()
-  shard_summaries = [json.loads(pathlib.Path(job[2] + ".json").read_text()) for job in jobs]
+  marks = [storage.path(job[2] + ".json") for job in jobs]
+  shard_summaries = [json.loads(m.read_text()) for m in marks if m.exists()]
   summary = {
     "records": sum(s["records"] for s in shard_summaries),
     "shards": len(jobs),
@@ -349,6 +383,8 @@ def _run(
     "examples": [x for s in shard_summaries for x in s["examples"]][:20],
     "splits": {split: str(out / split) for split in splits},
   }
+  if len(shard_summaries) < len(jobs):
+    return {**summary, "complete": False, "shards_done": len(shard_summaries)}
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
@@ -393,14 +429,33 @@ def arg_parser() -> argparse.ArgumentParser:
     "field to caption with (default: the .txt)",
   )
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument(
+    "--process-index",
+    type=int,
+    default=0,
+    help="this process's part when --process-count split one prepare (e.g. $SLURM_PROCID)",
+  )
+  parser.add_argument(
+    "--process-count",
+    type=int,
+    default=1,
+    help="processes or hosts sharing this prepare, each run with the same arguments and its own "
+    "--process-index; each writes every count-th shard, the last to finish the summary",
+  )
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = arg_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if not 0 <= args.process_index < args.process_count:
+    parser.error(f"--process-index {args.process_index}: give 0 .. {args.process_count - 1}")
   encode = dict(
-    max_side=args.max_side, min_side=args.min_side, max_pixels=args.max_pixels, quality=args.quality
+    max_side=args.max_side,
+    min_side=args.min_side,
+    max_pixels=args.max_pixels,
+    quality=args.quality,
+    part=(args.process_index, args.process_count),
   )
   if args.format in ("webdataset", "parquet"):
     if args.holdout:
@@ -418,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       parser.error(str(e))
     summary = prepare_files(
       files,
-      pathlib.Path(args.out),
+      args.out,
       kind=args.format,
       caption_key=args.caption_key or "",
       workers=args.workers,
@@ -436,12 +491,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = prepare(
       entries,
       str(args.image_root or root),
-      pathlib.Path(args.out),
+      args.out,
       holdout=holdout,
       num_shards=args.num_shards,
       workers=args.workers,
       **encode,
     )
+  if not summary.get("complete", True):
+    print(
+      f"part {args.process_index} of {args.process_count}: its shards are written; "
+      f"{summary['shards_done']} of {summary['shards']} shards done in {args.out}. The part "
+      "that finishes last writes summary.json (rerun any part to write it once all are done)"
+    )
+    return summary
   skipped = ", ".join(f"{r} {n}" for r, n in summary["skipped"].items() if n) or "none"
   print(
     f"wrote {summary['written']} of {summary['records']} records in {summary['shards']} "

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import itertools
 import json
 import os
 import pathlib
+import posixpath
 import time
 
 import ml_collections
 import msgpack
+from etils import epath
 
 from smartclip_jax import config as config_lib, storage
 from smartclip_jax.data import decode
@@ -25,21 +28,22 @@ from smartclip_jax.data.demo import DemoSource
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _read_file(path: pathlib.Path, record_id: str, caption) -> dict:
+def _read_file(path: epath.Path, record_id: str, caption) -> dict:
   try:
     data = path.read_bytes()
   except OSError as e:
-    return {"id": record_id, "error": "missing_file", "detail": f"{path}: {e.strerror}"}
+    return {"id": record_id, "error": "missing_file", "detail": f"{path}: {e.strerror or e}"}
   return {"id": record_id, "image": data, "caption": caption}
 
 
 class FileListSource:
-  """Records from (id, image path, caption) triples; images are read when a record is asked for."""
+  """Records from (id, image path, caption) triples; images are read when a record is asked for
+  (under a local or mounted folder, or gs://)."""
 
   def __init__(
-    self, entries: list[tuple[str, str, object]], image_root: str | pathlib.Path, name: str
+    self, entries: list[tuple[str, str, object]], image_root: str | os.PathLike, name: str
   ):
-    self.entries, self.image_root, self.name = entries, pathlib.Path(image_root), name
+    self.entries, self.image_root, self.name = entries, storage.path(image_root), name
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -85,22 +89,22 @@ class Guarded:
 
 
 def sharegpt4v_entries(
-  json_path: str | pathlib.Path,
-) -> tuple[list[tuple[str, str, str]], pathlib.Path]:
+  json_path: str | os.PathLike,
+) -> tuple[list[tuple[str, str, str]], epath.Path]:
   """(id, image path, long caption) from a ShareGPT4V captioner JSON, in file order, and the
   root the image paths are relative to by default: the JSON's folder (as for every source).
 
   The caption is the first `gpt` turn of `conversations`; a record without one gets an empty
   caption (skipped and counted as `empty_caption` downstream, not dropped here).
   """
-  with open(json_path, encoding="utf-8") as f:
-    items = json.load(f)
+  json_path = storage.path(json_path)
+  items = json.loads(json_path.read_bytes())
   entries = []
   for i, item in enumerate(items):
     turns = item.get("conversations") or []
     caption = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
     entries.append((str(item.get("id", i)), str(item.get("image", "")), caption))
-  return entries, pathlib.Path(json_path).resolve().parent
+  return entries, json_path.parent
 
 
 def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int) -> FileListSource:
@@ -112,10 +116,10 @@ def sharegpt4v_source(json_path: str, image_root: str, split: str, holdout: int)
 
 
 def folder_entries(
-  path: str | pathlib.Path,
+  path: str | os.PathLike,
   image_key: str = config_lib.CSV_KEYS[0],
   caption_key: str = config_lib.CSV_KEYS[1],
-) -> tuple[list[tuple[str, str, str]], pathlib.Path]:
+) -> tuple[list[tuple[str, str, str]], epath.Path]:
   """(id, image path, caption) of an image folder, and the root the paths are relative to.
 
   `path` is a CSV/TSV with `image_key`/`caption_key` columns (open_clip's `filepath`/`title`),
@@ -123,32 +127,42 @@ def folder_entries(
   the same stem. An image without a caption file gets an empty caption, and a caption without
   an image a missing one, so both are counted downstream rather than silently left out.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.is_dir():
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Listed once: a bucket answers a listing, not a probe per file. (A bucket's walk names its
+    # folders without the gs://, hence the paths rebuilt relative to the first.)
+    listing = list(path.walk())
+    top = str(listing[0][0]) if listing else str(path)
+    files = {
+      path / posixpath.relpath(posixpath.join(str(folder), name), top)
+      for folder, _, names in listing
+      for name in names
+    }
+    images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
     entries = []
     for image in images:
       text = image.with_suffix(".txt")
-      caption = text.read_bytes() if text.exists() else ""
+      caption = text.read_bytes() if text in files else ""
       rel = str(image.relative_to(path))
       entries.append((rel, rel, caption))
     # A caption whose image is gone is a record too (counted as missing_file, not ignored).
     stems = {image.with_suffix("") for image in images}
-    for text in sorted(path.rglob("*.txt")):
+    for text in sorted(p for p in files if p.suffix == ".txt"):
       if text.with_suffix("") not in stems:
         rel = str(text.with_suffix("").relative_to(path))
         entries.append((rel, rel + ".<image missing>", text.read_bytes()))
     return entries, path
+  # Bad bytes in a caption file become U+FFFD (invalid_text downstream), not an exception.
+  text = path.read_bytes().decode("utf-8", errors="replace")
   if path.suffix == ".jsonl":
     entries = []
-    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes -> invalid_text
-      for i, line in enumerate(f):
-        if line.strip():
-          row = json.loads(line)
-          entries.append((str(row.get("id", i)), str(row["image"]), row.get("caption", "")))
+    for i, line in enumerate(io.StringIO(text)):  # lines as a text file splits them
+      if line.strip():
+        row = json.loads(line)
+        entries.append((str(row.get("id", i)), str(row["image"]), row.get("caption", "")))
     return entries, path.parent
   if path.suffix in (".csv", ".tsv"):
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with io.StringIO(text, newline="") as f:
       rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
     missing = {image_key, caption_key} - set(rows[0] if rows else ())
     if missing:

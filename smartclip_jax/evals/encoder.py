@@ -5,11 +5,13 @@ command and the experiments all embed through it)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -17,7 +19,7 @@ import PIL.Image
 from jax.sharding import Mesh
 
 from smartclip_jax import sharding
-from smartclip_jax.data import decode
+from smartclip_jax.data import decode, pipeline
 from smartclip_jax.progress import Progress
 from smartclip_jax.tokenizer import get_tokenizer, tokenize
 
@@ -27,6 +29,30 @@ log = logging.getLogger("smartclip_jax")
 
 class Interrupted(Exception):
   """An evaluation ended early by `Encoder.should_stop`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImage:
+  """CLIP's eval transform of one (index, image file or uint8 HxWx3 array), picklable so that
+  Grain's threads and worker processes run it ahead of the device: (pixels, "") or, for an
+  image that cannot be read, (a blank image's pixels, why)."""
+
+  size: int
+
+  def preprocess(self, image: PIL.Image.Image) -> np.ndarray:
+    """RGB, shorter side resized (bicubic), centre crop, normalised."""
+    return decode.normalize_image(decode.centre_crop(image.convert("RGB"), self.size))
+
+  def __call__(self, item: tuple[int, str | np.ndarray]) -> tuple[np.ndarray, str]:
+    image = item[1]
+    if isinstance(image, np.ndarray):
+      return self.preprocess(PIL.Image.fromarray(image)), ""
+    try:
+      with PIL.Image.open(image, formats=decode.RASTER_FORMATS) as f:
+        return self.preprocess(f), ""
+    except (OSError, ValueError) as e:
+      blank = PIL.Image.new("RGB", (self.size, self.size))
+      return self.preprocess(blank), f"cannot read image {image}: {e}"
 
 
 class Encoder:
@@ -44,10 +70,15 @@ class Encoder:
     mesh: Mesh | None = None,
     batch_size: int = 256,
     param_shardings: Any = None,
+    workers: int = 0,
   ):
     """`param_shardings`: where `params` already live on `mesh` (a training run's state, which
-    stays sharded as it trains); by default the parameters are replicated over the mesh."""
+    stays sharded as it trains); by default the parameters are replicated over the mesh.
+    `workers`: Grain processes decoding image files ahead of the device (0: Grain's threads
+    in this process do it, also ahead)."""
     self.config, self.model, self.mesh = config, model, mesh or sharding.data_mesh()
+    self.workers = workers
+    self._decode = DecodeImage(config.model.vision.image_size)
     self.parts = sharding.data_parallel_size(self.mesh)
     self.batch_size = self.round_up(batch_size)
     rep, rows = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
@@ -97,8 +128,7 @@ class Encoder:
 
   def preprocess(self, image: PIL.Image.Image) -> np.ndarray:
     """CLIP's eval transform: RGB, shorter side resized (bicubic), centre crop, normalised."""
-    pixels = decode.centre_crop(image.convert("RGB"), self.config.model.vision.image_size)
-    return decode.normalize_image(pixels)
+    return self._decode.preprocess(image)
 
   def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
     """int32 [N, context_length], CLIP's BPE, truncated with the end token kept."""
@@ -107,23 +137,42 @@ class Encoder:
   def images(
     self, images: Sequence[str | np.ndarray], unreadable: list[int] | None = None
   ) -> np.ndarray:
-    """Embeddings of image files or uint8 HxWx3 arrays (CLIP's eval transform), batch by batch.
+    """Embeddings of image files or uint8 HxWx3 arrays (CLIP's eval transform), batch by batch,
+    decoded by Grain ahead of the device (`workers` processes for files, else threads) in
+    order, so the result does not depend on how many decode.
 
     An image that cannot be decoded raises, or with `unreadable` given, has its index appended
     there and a blank image's embedding in its row (for the caller to leave out)."""
-    if unreadable is None:
-      return self._batched("encode_image", images, self._prepare_image)
-    blank = np.zeros((*(self.config.model.vision.image_size,) * 2, 3), np.uint8)
+    progress, out = Progress("embedding images", len(images), "images"), []
+    batches = self._decoded(images)
+    try:
+      for start in range(0, len(images), self.batch_size):
+        pixels, errors = next(batches)
+        for i, error in enumerate(errors.tolist(), start):
+          if error and unreadable is None:
+            raise ValueError(error)
+          if error:
+            log.warning("%s; counted as undecodable and left out", error)
+            unreadable.append(i)
+        out.append(self.apply("encode_image", pixels))
+        progress.update(start + len(pixels))
+    finally:
+      batches.close()
+    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
 
-    def prepare(item: tuple[int, str | np.ndarray]) -> np.ndarray:
-      try:
-        return self._prepare_image(item[1])
-      except ValueError as e:
-        log.warning("%s; counted as undecodable and left out", e)
-        unreadable.append(item[0])
-        return self._prepare_image(blank)
-
-    return self._batched("encode_image", list(enumerate(images)), prepare)
+  def _decoded(self, images: Sequence[str | np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(pixels, errors) batches of `images` from a Grain pipeline; worker processes only for
+    files (arrays would be copied to every worker)."""
+    ds = grain.MapDataset.source(list(enumerate(images))).map(self._decode).to_iter_dataset()
+    if self.workers > 0 and not any(isinstance(x, np.ndarray) for x in images):
+      ds = pipeline.ahead(ds, self.workers)
+    it = iter(ds.batch(self.batch_size))
+    try:
+      yield from it
+    finally:
+      closing = getattr(it, "close", None)  # stops the worker processes
+      if closing is not None:
+        closing()
 
   def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, int]:
     """Caption embeddings, and how many captions were truncated to the context."""
@@ -142,12 +191,3 @@ class Encoder:
       out.append(self.apply(method, np.stack([prepare(x) for x in items[i : i + self.batch_size]])))
       progress.update(min(i + self.batch_size, len(items)))
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
-
-  def _prepare_image(self, image: str | np.ndarray) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-      return self.preprocess(PIL.Image.fromarray(image))
-    try:
-      with PIL.Image.open(image, formats=decode.RASTER_FORMATS) as f:
-        return self.preprocess(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read image {image}: {e}") from None

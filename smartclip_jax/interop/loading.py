@@ -40,9 +40,10 @@ class Loaded:
   params: Any
   model: TwoTowers
 
-  def encoder(self, batch_size: int = 256) -> Encoder:
-    """An `Encoder` of this model, `batch_size` rows per padded batch."""
-    return Encoder(self.config, self.model, self.params, batch_size=batch_size)
+  def encoder(self, batch_size: int = 256, workers: int = 0) -> Encoder:
+    """An `Encoder` of this model, `batch_size` rows per padded batch, images decoded by
+    `workers` Grain processes (0: threads)."""
+    return Encoder(self.config, self.model, self.params, batch_size=batch_size, workers=workers)
 
   @functools.cached_property
   def _encoder(self) -> Encoder:

@@ -50,9 +50,9 @@ class TwoTowers(nn.Module):
     if self.init_logit_bias is not None:
       self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias), ())
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
-    """Unnormalised image embeddings [B, D] (float32)."""
-    return self.visual(images).astype(jnp.float32)
+  def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Unnormalised image embeddings [B, D] (float32); `train`: with patch dropout."""
+    return self.visual(images, train).astype(jnp.float32)
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """Unnormalised text embeddings [B, D] (float32)."""
@@ -62,11 +62,14 @@ class TwoTowers(nn.Module):
     """Each caption's mask over the image embedding [B, D] (SmartCLIP models only)."""
     return self.mask_net(self.text_tower(tokens)[1])
 
-  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    """Everything a loss needs: embeddings, masks when present, scale and bias."""
+  def __call__(
+    self, images: jax.Array, tokens: jax.Array, train: bool = False
+  ) -> dict[str, jax.Array]:
+    """Everything a loss needs: embeddings, masks when present, scale and bias. `train`: the
+    train step's pass (patch dropout, which needs a `vit.PATCH_DROPOUT_RNG` stream)."""
     txt_emb, txt_tokens = self.text_tower(tokens)
     out = {
-      "img_emb": self.encode_image(images),
+      "img_emb": self.encode_image(images, train),
       "txt_emb": txt_emb.astype(jnp.float32),
       "logit_scale": self.logit_scale,
     }
@@ -86,7 +89,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTowers:
     "scan": m.scan_layers,
   }
   return TwoTowers(
-    vision=tower(m.vision, "image_size", "patch_size"),
+    vision={**tower(m.vision, "image_size", "patch_size"), "patch_dropout": m.patch_dropout},
     text=tower(m.text, "context_length", "vocab_size"),
     embed_dim=m.embed_dim,
     activation=m.activation,

@@ -36,14 +36,37 @@ def resample_positions(table: np.ndarray | jax.Array, new_rows: int) -> jax.Arra
   return jnp.concatenate([table[:1], cells.reshape(-1, width).astype(table.dtype)], axis=0)
 
 
+PATCH_DROPOUT_RNG = "patch_dropout"  # the rng stream a training forward pass is given
+
+
+def kept_patches(patches: int, rate: float) -> int:
+  """Patches each image keeps when `rate` of them are dropped (at least one)."""
+  return max(1, int(patches * (1.0 - rate)))
+
+
+def drop_patches(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """FLIP's patch dropout, as open_clip's: tokens [B, 1 + N, W] -> [B, 1 + n, W], the class
+  token kept and each image keeping its own random `kept_patches(N, rate)` patches (in the
+  order of a random ranking; positions were added before, so the order does not matter)."""
+  cls, patches = x[:, :1], x[:, 1:]
+  keep = kept_patches(patches.shape[1], rate)
+  scores = jax.random.uniform(rng, patches.shape[:2])
+  _, idx = jax.lax.top_k(scores, keep)
+  return jnp.concatenate([cls, jnp.take_along_axis(patches, idx[..., None], axis=1)], axis=1)
+
+
 class VisionTransformer(Tower):
-  """Images [B, H, W, 3] (CLIP-normalised) -> unnormalised embeddings [B, embed_dim]."""
+  """Images [B, H, W, 3] (CLIP-normalised) -> unnormalised embeddings [B, embed_dim].
+
+  `patch_dropout`: the fraction of patches dropped in a training forward pass (`train=True`,
+  given a `PATCH_DROPOUT_RNG` stream), after the positions are added; evaluation sees all."""
 
   image_size: int = 224
   patch_size: int = 16
+  patch_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch_size}")
     if images.shape[1:3] != (self.image_size, self.image_size):
@@ -70,6 +93,8 @@ class VisionTransformer(Tower):
     )
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    if train and self.patch_dropout > 0:
+      x = drop_patches(x, self.patch_dropout, self.make_rng(PATCH_DROPOUT_RNG))
     x = layer_norm("ln_pre", self.dtype)(x)
     x = self.transformer(causal=False)(x)
     x = layer_norm("ln_post", self.dtype)(x[:, 0])
