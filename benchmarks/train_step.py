@@ -14,7 +14,10 @@ same run. The steps of one batch size are timed in turns, so load from elsewhere
 of them alike, and each keeps its best time (the least disturbed); `clip_again` and
 `smartclip_again`, second copies, show what difference noise alone makes and give SmartCLIP's
 overhead a second estimate; `clip_lit` locks the image tower (`optim.frozen='visual/.*'`) and
-`clip_patch_dropout` drops half the patches (`model.patch_dropout=0.5`); GB held is the
+`clip_patch_dropout` drops half the patches (`model.patch_dropout=0.5`); `image_tower` and
+`image_tower_patch_dropout` lock the text tower instead (`optim.frozen='text/.*'`: the step is
+the image tower's training and the text tower's forward pass), at all and at half the
+patches; GB held is the
 compiled step's memory per device (`memory.step_bytes`); `minimal` is the same towers' math
 with nothing of the trainer around it (see `minimal`). The last line is one JSON object.
 """
@@ -213,6 +216,8 @@ ROWS = (
   "clip_trim",
   "clip_lit",
   "clip_patch_dropout",
+  "image_tower",
+  "image_tower_patch_dropout",
   "minimal",
   "torch_clip",
 )
@@ -229,6 +234,12 @@ def ratios(found: dict[str, dict]) -> list[str]:
     ("clip_trim", "clip", "speedup_vs_clip", "padding cut: {:.2f}x"),
     ("clip_lit", "clip", "speedup_vs_clip", "image tower locked (LiT): {:.2f}x"),
     ("clip_patch_dropout", "clip", "speedup_vs_clip", "half the patches dropped: {:.2f}x"),
+    (
+      "image_tower_patch_dropout",
+      "image_tower",
+      "speedup_vs_image_tower",
+      "the image tower's step at half its patches: {:.2f}x",
+    ),
     ("clip", "torch_clip", "speedup_vs_torch", "ours {:.2f}x the speed of transformers' CLIPModel"),
   ]
   lines = []
@@ -309,6 +320,9 @@ def main() -> None:
     configs["clip_trim"].model.text.trim_padding = 16
     configs["clip_lit"].optim.frozen = "visual/.*"
     configs["clip_patch_dropout"].model.patch_dropout = 0.5
+    for name in ("image_tower", "image_tower_patch_dropout"):  # the text tower forward only
+      configs[name].optim.frozen = "text/.*"
+    configs["image_tower_patch_dropout"].model.patch_dropout = 0.5
     wanted = [r for r in args.rows if (r != "clip_trim" or args.caption_tokens)]
     wanted = [r for r in wanted if r != "torch_clip" or args.torch]
     runs, flops, held = {}, {}, {}
