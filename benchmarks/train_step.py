@@ -101,7 +101,7 @@ def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float, float]:
   `global_batch`, which cuts padding if the config says so."""
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   model, tx = build_model(c), optim.make_optimizer(c)
-  shardings = step_lib.state_shardings(model, tx, c, mesh)
+  shardings = step_lib.abstract_state(model, tx, c, mesh)[1]
   state = step_lib.init_state(model, tx, c, mesh, shardings)
   data = inputs(c, caption_tokens)
   batch = train.global_batch(data, mesh, train.text_length(data["tokens"], c))

@@ -342,15 +342,13 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path):
   if jax.devices()[0].platform == "cpu" and (line := malloc.hint()):
     log.info(line)
   model, tx = build_model(config), optim.make_optimizer(config)
-  shardings = step_lib.state_shardings(model, tx, config, mesh)
+  abstract, shardings = step_lib.abstract_state(model, tx, config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config)
   if saved := checkpointer.latest_config():
     resume.check(saved[1], config, saved[0], str(workdir))
   if jax.process_index() == 0:
     write_config(workdir, config, saved[0] if saved else 0)
-  state, data_stats = checkpointer.restore(
-    shardings, step_lib.abstract_state(model, tx, config), sources.train_labels(config)
-  )
+  state, data_stats = checkpointer.restore(abstract, sources.train_labels(config))
   if state is None:
     state = initial_state(config, model, tx, mesh, shardings)
   start = int(jax.device_get(state.step))

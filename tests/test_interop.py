@@ -320,7 +320,7 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   mesh = sharding.make_mesh(config)
   model, tx = build_model(config), optim.make_optimizer(config)
   state = step_lib.init_state(
-    model, tx, config, mesh, step_lib.state_shardings(model, tx, config, mesh)
+    model, tx, config, mesh, step_lib.abstract_state(model, tx, config, mesh)[1]
   )
   params, fresh, unused = init_from.load_params(tmp_path / "clip.pt", state.params)
   assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []

@@ -147,7 +147,7 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   demo_config.model.patch_dropout = patch_dropout
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   data = pipeline.train_iterator(demo_config)
@@ -161,7 +161,7 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   _, want = train_step(state, train.global_batch(batch, mesh))
 
   restored, _ = Checkpointer(tmp_path, keep=2).restore(
-    shardings, step_lib.abstract_state(model, tx, demo_config)
+    step_lib.abstract_state(model, tx, demo_config, mesh)[0]
   )
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
@@ -177,7 +177,7 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config, form):
   demo_config.skip_nonfinite = form
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   batch = next(pipeline.train_iterator(demo_config))
@@ -223,7 +223,7 @@ def test_a_nonfinite_update_from_finite_gradients_is_skipped(demo_config, form):
   mesh = sharding.make_mesh(demo_config)
   model = build_model(demo_config)
   tx = optax.chain(optim.make_optimizer(demo_config), optax.scale(float("nan")))
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   before = jax.device_get(state.params)
@@ -321,7 +321,7 @@ def test_a_locked_image_tower_stays_bit_identical_and_takes_no_backward_pass(dem
   for frozen in ("", "visual/.*"):
     demo_config.optim.frozen = frozen
     tx = optim.make_optimizer(demo_config)
-    shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+    shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
     state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
     start = jax.device_get(state.params)
     train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
