@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
+from etils import epath
 from flax import traverse_util
 
 from smartclip_jax import storage
@@ -168,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     dict(context_length=248, vocab_size=49408, **arch["text"])
   )
   # CLIP/SigLIP: each step's text tower runs on its longest caption rounded up to a multiple of
-  # this, not on all context_length positions (0: all). Same loss; see train.text_length.
+  # this, not on all context_length positions (0: all). Same loss; see pipeline.text_length.
   c.model.text.trim_padding = 0
   c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
   # What the model has besides its towers (`LOSS_MODELS`; `set_loss` sets them with the loss):
@@ -323,6 +324,15 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
   """The config's values as JSON types (tuples become lists): what checkpoints store and
   `from_dict` reads back."""
   return json.loads(config.to_json_best_effort())
+
+
+def write(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
+  """A run's `config.json`, the config of its latest start; one it replaces that differs is
+  kept as `config.before_step_<step>.json`."""
+  path, text = workdir / "config.json", config.to_json_best_effort(indent=2)
+  if path.exists() and (old := path.read_text()) != text:
+    (workdir / f"config.before_step_{step}.json").write_text(old)
+  path.write_text(text)
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
