@@ -21,6 +21,7 @@ from etils import epath
 from flax import traverse_util
 
 from smartclip_jax import storage
+from smartclip_jax.models.clip import CLIP_LOGIT_SCALE
 from smartclip_jax.models.layers import ATTENTIONS
 from smartclip_jax.models.text import KEEP_POSITIONS
 
@@ -76,8 +77,8 @@ ARCHS = {
 # The model each loss trains, as `model.*` fields (docs/method.md, the model): SmartCLIP adds
 # the mask network; SigLIP a logit bias, with its own initial scale (log 10) and bias (-10).
 LOSS_MODELS = {
-  "smartclip": dict(mask_net=True, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
-  "clip": dict(mask_net=False, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
+  "smartclip": dict(mask_net=True, logit_scale_init=CLIP_LOGIT_SCALE, logit_bias_init=None),
+  "clip": dict(mask_net=False, logit_scale_init=CLIP_LOGIT_SCALE, logit_bias_init=None),
   "siglip": dict(mask_net=False, logit_scale_init=math.log(10.0), logit_bias_init=-10.0),
 }
 
@@ -178,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Fraction of image patches dropped in training (FLIP; open_clip's --force-patch-dropout):
   # a cheaper image tower, the class token kept; evaluation sees every patch.
   c.model.patch_dropout = 0.0
-  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.logit_scale_init = CLIP_LOGIT_SCALE
   c.model.logit_bias_init = None
 
   c.optim = ml_collections.ConfigDict()
