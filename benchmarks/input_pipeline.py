@@ -105,10 +105,7 @@ def main() -> None:
       tmp / "shards",
       holdout=0,
       num_shards=4,
-      max_side=512,
-      min_side=16,
-      max_pixels=10**8,
-      quality=95,
+      encoding=prepare.Encoding(512, 16, 10**8, 95),
       workers=2,
       progress=False,
     )
