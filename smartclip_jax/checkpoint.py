@@ -386,3 +386,22 @@ def saved_config(step_dir: str | pathlib.Path) -> dict:
     f"{step_dir} has no saved config (no config item, no "
     f"{run_config}); load it with the config it was trained with"
   )
+
+
+def write_params(params: Any, config: ml_collections.ConfigDict, out: str | pathlib.Path) -> None:
+  """An Orbax checkpoint of a model alone (step 0: `state` with the parameters, and `config`),
+  which `smartclip_jax.load` and `init_from` read (`convert --from` writes one)."""
+  manager = ocp.CheckpointManager(
+    storage.path(out),
+    item_names=("state", "config"),
+    options=ocp.CheckpointManagerOptions(create=True),
+  )
+  manager.save(
+    0,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}),
+      config=ocp.args.JsonSave(config_lib.to_dict(config)),
+    ),
+  )
+  manager.wait_until_finished()
+  manager.close()
