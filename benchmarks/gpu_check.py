@@ -112,7 +112,7 @@ def time_ours(args, batch: int, loss_impl: str) -> tuple[int, float, float]:
   out-of-memory error."""
   while True:
     try:
-      run, flops = bench.ours(config_for(args, batch, loss_impl), args.caption_tokens)
+      run, flops, _ = bench.ours(config_for(args, batch, loss_impl), args.caption_tokens)
       return batch, best_seconds(run, args.steps), flops
     except Exception as error:  # noqa: BLE001 (XLA raises a runtime error; only OOM is retried)
       if not is_out_of_memory(error) or batch <= args.round:
