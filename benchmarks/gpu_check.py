@@ -68,8 +68,7 @@ def step_bytes(c) -> int:
   (compiled on abstract shapes: nothing is allocated)."""
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   model, tx = build_model(c), optim.make_optimizer(c)
-  shardings = step_lib.state_shardings(model, tx, c, mesh)
-  state = step_lib.abstract_state(model, tx, c)
+  state, shardings = step_lib.abstract_state(model, tx, c, mesh)
   batch = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step_lib.dummy_batch(c, c.batch_size)
   )

@@ -64,7 +64,7 @@ def step_rate(step_batch: int, steps: int) -> tuple[float, float]:
   config.model.dtype = "float32"  # bf16 matmuls are emulated, slowly, on CPU
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   model, tx = build_model(config), optim.make_optimizer(config)
-  shardings = step_lib.state_shardings(model, tx, config, mesh)
+  shardings = step_lib.abstract_state(model, tx, config, mesh)[1]
   state = step_lib.init_state(model, tx, config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
   batch = jax.device_put(step_lib.dummy_batch(config, step_batch), sharding.batch_sharding(mesh))
@@ -105,10 +105,7 @@ def main() -> None:
       tmp / "shards",
       holdout=0,
       num_shards=4,
-      max_side=512,
-      min_side=16,
-      max_pixels=10**8,
-      quality=95,
+      encoding=prepare.Encoding(512, 16, 10**8, 95),
       workers=2,
       progress=False,
     )

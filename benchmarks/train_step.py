@@ -46,8 +46,8 @@ from smartclip_jax import (  # noqa: E402
   optim,
   sharding,
   step as step_lib,
-  train,
 )
+from smartclip_jax.data import pipeline  # noqa: E402
 from smartclip_jax.models.clip import build_model  # noqa: E402
 
 
@@ -98,13 +98,13 @@ def inputs(c, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
 def ours(c, caption_tokens: int) -> tuple[Callable[[], None], float, float]:
   """Our jitted train step on one device: one step to time, XLA's FLOPs per step and the
   compiled step's bytes (`memory.step_bytes`). The batch goes through the trainer's
-  `global_batch`, which cuts padding if the config says so."""
+  `pipeline.global_batch`, which cuts padding if the config says so."""
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   model, tx = build_model(c), optim.make_optimizer(c)
-  shardings = step_lib.state_shardings(model, tx, c, mesh)
+  shardings = step_lib.abstract_state(model, tx, c, mesh)[1]
   state = step_lib.init_state(model, tx, c, mesh, shardings)
   data = inputs(c, caption_tokens)
-  batch = train.global_batch(data, mesh, train.text_length(data["tokens"], c))
+  batch = pipeline.global_batch(data, mesh, pipeline.text_length(data["tokens"], c))
   jitted = step_lib.jit_train_step(model, tx, c, mesh, shardings)
   with sharding.activate(mesh):
     compiled = jitted.lower(state, batch).compile()

@@ -52,12 +52,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str):
   mesh = sharding.make_mesh(config, devices)
   config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)
   model, tx = build_model(config), optim.make_optimizer(config)
-  shardings = step_lib.state_shardings(model, tx, config, mesh)
-  state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    step_lib.abstract_state(model, tx, config),
-    shardings,
-  )
+  state, shardings = step_lib.abstract_state(model, tx, config, mesh)
   batch = {
     k: jax.ShapeDtypeStruct(
       (config.batch_size, *v.shape[1:]), v.dtype, sharding=sharding.batch_sharding(mesh)

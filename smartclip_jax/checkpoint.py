@@ -150,10 +150,11 @@ class Checkpointer:
     return "no checkpoint has committed yet" if step is None else f"the newest is step {step}"
 
   def restore(
-    self, shardings: TrainState, abstract: TrainState, labels: tuple[str, ...] = ("",)
+    self, abstract: TrainState, labels: tuple[str, ...] = ("",)
   ) -> tuple[TrainState | None, DataStats]:
-    """The newest checkpoint every process can restore, in `shardings`, and the data counts so
-    far (per train source `labels`); (None, empty counts) when there is no checkpoint.
+    """The newest checkpoint every process can restore, laid out as `abstract` says (its
+    shardings: `step.abstract_state`), and the data counts so far (per train source `labels`);
+    (None, empty counts) when there is no checkpoint.
 
     One decision for all processes: each reads a step on its own (no barrier inside, so one
     process's failure cannot strand the others), retrying with backoff; then they compare
@@ -161,10 +162,7 @@ class Checkpointer:
     moves nothing; a step that fails to read on any process after its retries is passed over by
     all together, and set aside once an older one restores everywhere.
     """
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    step, restored, failed = self._agree(lambda step: self._read(step, target), "restored")
+    step, restored, failed = self._agree(lambda step: self._read(step, abstract), "restored")
     if restored is not None:
       self._set_aside([s for s, _ in failed])
       log.info("restored checkpoint at step %d from %s", step, self.directory)
@@ -388,3 +386,22 @@ def saved_config(step_dir: str | pathlib.Path) -> dict:
     f"{step_dir} has no saved config (no config item, no "
     f"{run_config}); load it with the config it was trained with"
   )
+
+
+def write_params(params: Any, config: ml_collections.ConfigDict, out: str | pathlib.Path) -> None:
+  """An Orbax checkpoint of a model alone (step 0: `state` with the parameters, and `config`),
+  which `smartclip_jax.load` and `init_from` read (`convert --from` writes one)."""
+  manager = ocp.CheckpointManager(
+    storage.path(out),
+    item_names=("state", "config"),
+    options=ocp.CheckpointManagerOptions(create=True),
+  )
+  manager.save(
+    0,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}),
+      config=ocp.args.JsonSave(config_lib.to_dict(config)),
+    ),
+  )
+  manager.wait_until_finished()
+  manager.close()

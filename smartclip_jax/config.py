@@ -17,9 +17,11 @@ import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
+from etils import epath
 from flax import traverse_util
 
 from smartclip_jax import storage
+from smartclip_jax.models.clip import CLIP_LOGIT_SCALE
 from smartclip_jax.models.layers import ATTENTIONS
 from smartclip_jax.models.text import KEEP_POSITIONS
 
@@ -75,8 +77,8 @@ ARCHS = {
 # The model each loss trains, as `model.*` fields (docs/method.md, the model): SmartCLIP adds
 # the mask network; SigLIP a logit bias, with its own initial scale (log 10) and bias (-10).
 LOSS_MODELS = {
-  "smartclip": dict(mask_net=True, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
-  "clip": dict(mask_net=False, logit_scale_init=math.log(1 / 0.07), logit_bias_init=None),
+  "smartclip": dict(mask_net=True, logit_scale_init=CLIP_LOGIT_SCALE, logit_bias_init=None),
+  "clip": dict(mask_net=False, logit_scale_init=CLIP_LOGIT_SCALE, logit_bias_init=None),
   "siglip": dict(mask_net=False, logit_scale_init=math.log(10.0), logit_bias_init=-10.0),
 }
 
@@ -168,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
     dict(context_length=248, vocab_size=49408, **arch["text"])
   )
   # CLIP/SigLIP: each step's text tower runs on its longest caption rounded up to a multiple of
-  # this, not on all context_length positions (0: all). Same loss; see train.text_length.
+  # this, not on all context_length positions (0: all). Same loss; see pipeline.text_length.
   c.model.text.trim_padding = 0
   c.model.mask = ml_collections.ConfigDict(dict(heads=arch["mask_heads"], hard=True))
   # What the model has besides its towers (`LOSS_MODELS`; `set_loss` sets them with the loss):
@@ -177,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Fraction of image patches dropped in training (FLIP; open_clip's --force-patch-dropout):
   # a cheaper image tower, the class token kept; evaluation sees every patch.
   c.model.patch_dropout = 0.0
-  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.logit_scale_init = CLIP_LOGIT_SCALE
   c.model.logit_bias_init = None
 
   c.optim = ml_collections.ConfigDict()
@@ -323,6 +325,15 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
   """The config's values as JSON types (tuples become lists): what checkpoints store and
   `from_dict` reads back."""
   return json.loads(config.to_json_best_effort())
+
+
+def write(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
+  """A run's `config.json`, the config of its latest start; one it replaces that differs is
+  kept as `config.before_step_<step>.json`."""
+  path, text = workdir / "config.json", config.to_json_best_effort(indent=2)
+  if path.exists() and (old := path.read_text()) != text:
+    (workdir / f"config.before_step_{step}.json").write_text(old)
+  path.write_text(text)
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:

@@ -10,6 +10,7 @@ model's dtype) or, on a CPU, a large jitted matmul measured once in the model's 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Collection
@@ -128,3 +129,37 @@ def model_flops(config, text_length: int | None = None, frozen: Collection[str] 
   logits = 2 * config.batch_size * config.model.embed_dim * (2 if config.model.mask_net else 1)
   towers = tower_flops(config, text_length, train=True)
   return 3 * logits + sum((1 if k in frozen else 3) * f for k, f in towers.items())
+
+
+@dataclasses.dataclass
+class Meter:
+  """Throughput between readings, per device: images per second, TFLOP/s and MFU from the
+  hardware FLOPs (`compiled_flops`) and from the model's (`model_flops`), against `peak`."""
+
+  peak: float  # one device's peak FLOP/s (`mesh_peak`)
+  batch_size: int  # global
+  since: tuple[float, int]  # (time, step) of the last reading
+  flops: float = 0.0  # hardware FLOPs per device since then
+  model_flops: float = 0.0  # model FLOPs per device since then
+
+  def add(self, flops: float, model_flops: float) -> None:
+    """One step's FLOPs per device."""
+    self.flops += flops
+    self.model_flops += model_flops
+
+  def restart(self, step: int) -> None:
+    """Counts from now, as at `step` (after the first, compiling, step)."""
+    self.since, self.flops, self.model_flops = (time.perf_counter(), step), 0.0, 0.0
+
+  def read(self, step: int) -> tuple[dict[str, float], float]:
+    """The figures since the last reading and the seconds per step; restarts the count."""
+    (last_time, last_step), now = self.since, time.perf_counter()
+    seconds = now - last_time
+    figures = {
+      "images_per_sec": self.batch_size * (step - last_step) / seconds,
+      "tflops_per_device": self.flops / seconds / 1e12,
+      "mfu": self.flops / seconds / self.peak,
+      "model_mfu": self.model_flops / seconds / self.peak,
+    }
+    self.since, self.flops, self.model_flops = (now, step), 0.0, 0.0
+    return figures, seconds / max(step - last_step, 1)

@@ -13,16 +13,38 @@ import logging
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
-from smartclip_jax import checkpoint
+from smartclip_jax import checkpoint, config as config_lib, step as step_lib
 from smartclip_jax.interop import layout, torch_files
 
 log = logging.getLogger("smartclip_jax")
 
 Filled = tuple[Any, list[str], list[str]]  # (params, names kept fresh, source names not used)
+
+
+def initial_state(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  shardings: step_lib.TrainState,
+) -> step_lib.TrainState:
+  """A fresh train state, with parameters from `config.init_from` when it names a model."""
+  state = step_lib.init_state(model, tx, config, mesh, shardings)
+  if config.init_from in ("", config_lib.INIT_SCRATCH):
+    return state
+  try:  # AdamW's initial moments do not depend on the parameters' values.
+    params = fill(config.init_from, state.params, config.model.activation)
+  except (ValueError, KeyError, checkpoint.CheckpointError) as e:  # weights that do not fit
+    raise config_lib.ConfigError(f"init_from={config.init_from}: {e}") from e
+  return state.replace(params=params)
 
 
 def fill(path: str | pathlib.Path, target: Any, activation: str | None = None) -> Any:

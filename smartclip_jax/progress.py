@@ -25,6 +25,19 @@ def duration(seconds: float) -> str:
   return f"{seconds}s"
 
 
+def step_line(step: int, total: int, metrics: dict, seconds_per_step: float) -> str:
+  """The train loop's line for a logged step."""
+  masks = ""
+  if "mask_density" in metrics:
+    masks = f"  mask {metrics['mask_density']:.3f} J {metrics['mask_jaccard']:.2f}"
+  return (
+    f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}{masks}  "
+    f"{metrics['images_per_sec']:.0f} img/s  {metrics['tflops_per_device']:.3g} TFLOP/s/device  "
+    f"MFU {100 * metrics['model_mfu']:.1f}% model, {100 * metrics['mfu']:.1f}% hardware  "
+    f"ETA {duration((total - step) * seconds_per_step)}"
+  )
+
+
 class Progress:
   """`what: done/total unit, elapsed (ETA ...)` at most every `every` seconds, and a last line
   when the loop ends if it logged any: a loop shorter than `every` stays silent. The last line

@@ -73,21 +73,21 @@ def _boxed_state(
   return create
 
 
-def state_shardings(
-  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
-) -> TrainState:
-  """NamedShardings of every state leaf, from one boxed `eval_shape`: parameters and the
-  moments that follow them by their logical axes (`sharding.RULES`), counts replicated."""
-  return sharding.logical_shardings(
-    jax.eval_shape(_boxed_state(model, tx, config), jax.random.key(0)), mesh
-  )
-
-
 def abstract_state(
-  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
-) -> TrainState:
-  """Shapes and dtypes of the state, nothing allocated (the target of a restore)."""
-  return nn.meta.unbox(jax.eval_shape(_boxed_state(model, tx, config), jax.random.key(0)))
+  model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+  """The state as it will live on `mesh`, nothing computed or allocated: (ShapeDtypeStructs
+  carrying their shardings, the target of a restore or an ahead-of-time lower; the
+  NamedShardings alone). One boxed `eval_shape` gives both: parameters and the moments that
+  follow them shard by their logical axes (`sharding.RULES`), counts are replicated."""
+  boxed = jax.eval_shape(_boxed_state(model, tx, config), jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.meta.unbox(boxed),
+    shardings,
+  )
+  return abstract, shardings
 
 
 def state_initializer(

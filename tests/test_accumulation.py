@@ -17,7 +17,7 @@ from tests.conftest import assert_gradients_close
 def _setup(config):
   model, tx = build_model(config), optim.make_optimizer(config)
   mesh = sharding.make_mesh(config)
-  shardings = step_lib.state_shardings(model, tx, config, mesh)
+  shardings = step_lib.abstract_state(model, tx, config, mesh)[1]
   state = step_lib.init_state(model, tx, config, mesh, shardings)
   batch = next(pipeline.train_iterator(config))
   return model, mesh, shardings, state, {"image": batch["image"], "tokens": batch["tokens"]}

@@ -5,7 +5,7 @@ import json
 import jax
 import pytest
 
-from smartclip_jax import aot, config as config_lib, optim, step as step_lib
+from smartclip_jax import aot, config as config_lib, optim, sharding, step as step_lib
 from smartclip_jax.models.clip import build_model
 from tests.conftest import DEMO, TINY
 
@@ -33,7 +33,9 @@ def test_small_step_fits_with_state_replicated_per_chip(capsys):
   code, out, r = run_aot(capsys, [])
   assert code == 0 and r["fits"] and r["chips"] == 4 and "fits" in out
   config = config_lib.load(DEMO, TINY)
-  abstract = step_lib.abstract_state(build_model(config), optim.make_optimizer(config), config)
+  abstract, _ = step_lib.abstract_state(
+    build_model(config), optim.make_optimizer(config), config, sharding.make_mesh(config)
+  )
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   batch_bytes = 16 * (32 * 32 * 3 * 4 + 32 * 4) / 4  # images and tokens, a quarter per chip
   # Data parallel: each chip holds the whole state (params and two Adam moments) and its batch

@@ -35,7 +35,7 @@ from tests.test_train import read_metrics
 def fresh_state(config, devices=None):
   mesh = sharding.make_mesh(config, devices)
   model, tx = build_model(config), optim.make_optimizer(config)
-  shardings = step_lib.state_shardings(model, tx, config, mesh)
+  shardings = step_lib.abstract_state(model, tx, config, mesh)[1]
   return model, tx, shardings, step_lib.init_state(model, tx, config, mesh, shardings)
 
 
@@ -50,10 +50,9 @@ def save_steps(config, directory, steps):
 
 
 def restore(config, directory, devices=None):
-  model, tx, shardings, _ = fresh_state(config, devices)
-  return checkpoint.Checkpointer(directory, keep=5, config=config).restore(
-    shardings, step_lib.abstract_state(model, tx, config)
-  )
+  model, tx = build_model(config), optim.make_optimizer(config)
+  abstract, _ = step_lib.abstract_state(model, tx, config, sharding.make_mesh(config, devices))
+  return checkpoint.Checkpointer(directory, keep=5, config=config).restore(abstract)
 
 
 @pytest.fixture(autouse=True)

@@ -190,7 +190,8 @@ def test_prepare_counts_a_record_it_cannot_read_and_writes_the_rest(tmp_path):
     {"id": "no image", "caption": "a caption."},
     {"id": "eps", "caption": "a line.", "image": EPS},
   ]
-  summary = prepare.write_records(iter(records), str(tmp_path / "s.array_record"), 64, 1, 10**8, 90)
+  encoding = prepare.Encoding(max_side=64, min_side=1, max_pixels=10**8, quality=90)
+  summary = prepare.write_records(iter(records), str(tmp_path / "s.array_record"), encoding)
   assert summary["written"] == 1
   assert summary["skipped"]["unreadable_record"] == 1
   assert summary["skipped"]["undecodable_image"] == 1

@@ -16,7 +16,7 @@ import pytest
 
 import smartclip_jax
 from smartclip_jax import config as config_lib, convert, init_from
-from smartclip_jax.interop import layout, torch_files
+from smartclip_jax.interop import export, layout, torch_files
 from smartclip_jax.interop.loading import Loaded
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.vit import resample_positions
@@ -320,7 +320,7 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   mesh = sharding.make_mesh(config)
   model, tx = build_model(config), optim.make_optimizer(config)
   state = step_lib.init_state(
-    model, tx, config, mesh, step_lib.state_shardings(model, tx, config, mesh)
+    model, tx, config, mesh, step_lib.abstract_state(model, tx, config, mesh)[1]
   )
   params, fresh, unused = init_from.load_params(tmp_path / "clip.pt", state.params)
   assert fresh and all(n.startswith("mask_net/") for n in fresh) and unused == []
@@ -544,7 +544,7 @@ def test_a_siglip_export_loads_in_open_clip_strictly_with_its_logit_bias(tmp_pat
   model, params = fresh_params(config)
   params = {**params, "logit_bias": jax.numpy.float32(-7.25)}  # not its init: the value travels
   siglip = Loaded(config, params, model)
-  convert.export(siglip, "open_clip", tmp_path / "sig.safetensors")
+  export.export(siglip.params, siglip.config, "open_clip", tmp_path / "sig.safetensors")
   spec = json.loads((tmp_path / "sig.json").read_text())
   assert spec["init_logit_bias"] == -10.0 and spec["init_logit_scale"] == pytest.approx(
     math.log(10.0)

@@ -223,7 +223,6 @@ def test_scanned_layers_give_the_same_loss_gradients_and_updates(demo_config, re
 
 @pytest.mark.parametrize("loss", ["clip", pytest.param("siglip", marks=pytest.mark.slow)])
 def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, loss):
-  from smartclip_jax import train
   from smartclip_jax.data import pipeline
 
   config_lib.set_loss(demo_config, loss)
@@ -232,9 +231,9 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients(demo_config, los
   model = build_model(demo_config)
   params = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
   context = demo_config.model.text.context_length
-  assert train.text_length(batch["tokens"], demo_config) == context  # off by default
+  assert pipeline.text_length(batch["tokens"], demo_config) == context  # off by default
   demo_config.model.text.trim_padding = 8
-  length = train.text_length(batch["tokens"], demo_config)
+  length = pipeline.text_length(batch["tokens"], demo_config)
   longest = max(int(np.flatnonzero(row)[-1]) + 1 for row in batch["tokens"])
   assert length % 8 == 0 and longest <= length < longest + 8 and length < context
   ref = _loss_and_grads(demo_config, params, batch)

@@ -15,7 +15,7 @@ from tests.conftest import assert_gradients_close
 
 def loss_and_grads(config, mesh, params, batch):
   model = build_model(config)
-  shardings = step_lib.state_shardings(model, optim.make_optimizer(config), config, mesh)
+  shardings = step_lib.abstract_state(model, optim.make_optimizer(config), config, mesh)[1]
   fn = jax.jit(
     jax.value_and_grad(
       lambda p, b: step_lib.compute_loss(model, losses.make(config), p, b), has_aux=True
@@ -40,7 +40,7 @@ def test_one_device_equals_eight_devices(demo_config, loss):
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
   one = sharding.make_mesh(demo_config, jax.devices()[:1])
   state = step_lib.init_state(
-    model, tx, demo_config, one, step_lib.state_shardings(model, tx, demo_config, one)
+    model, tx, demo_config, one, step_lib.abstract_state(model, tx, demo_config, one)[1]
   )
   params = jax.device_get(state.params)
   batch = next(pipeline.train_iterator(demo_config))
@@ -62,7 +62,7 @@ def test_fsdp_and_tensor_rules_shard_parameters(demo_config):
   demo_config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  sh = step_lib.state_shardings(model, tx, demo_config, mesh)
+  sh = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   block = sh.params["visual"]["transformer"]["resblocks_0"]
   assert block["attn"]["in_proj_kernel"].spec == P("fsdp", None, "tensor", None)
   assert block["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")

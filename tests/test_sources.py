@@ -224,10 +224,7 @@ def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_con
     out,
     holdout=0,
     num_shards=3,
-    max_side=512,
-    min_side=8,
-    max_pixels=10**8,
-    quality=95,
+    encoding=prepare.Encoding(max_side=512, min_side=8, max_pixels=10**8, quality=95),
     workers=2,
     progress=False,
   )
@@ -254,10 +251,7 @@ def test_prepare_round_trip_keeps_captions_and_pixels(folder, tmp_path, demo_con
     out,
     holdout=0,
     num_shards=3,
-    max_side=512,
-    min_side=8,
-    max_pixels=10**8,
-    quality=95,
+    encoding=prepare.Encoding(max_side=512, min_side=8, max_pixels=10**8, quality=95),
     workers=1,
     progress=False,
   )
@@ -276,10 +270,7 @@ def test_prepare_resumes_an_interrupted_run(folder, tmp_path):
   kwargs = dict(
     holdout=0,
     num_shards=4,
-    max_side=64,
-    min_side=8,
-    max_pixels=10**8,
-    quality=90,
+    encoding=prepare.Encoding(max_side=64, min_side=8, max_pixels=10**8, quality=90),
     workers=1,
     progress=False,
   )

@@ -124,11 +124,14 @@ def test_mask_diagnostics_are_reduced_over_each_log_window(demo_config, tmp_path
   flags = [([1, 1, 0, 0], [1, 1, 1, 0]), ([1, 0, 0, 0], [1, 1, 0, 0]), ([0] * 4, [0, 0, 1, 0])]
   for name, steps in (("smart", flags), ("clip", [None] * 3)):
     writer = MetricWriter(tmp_path / name)
-    run = train.Run(demo_config, tmp_path / name, *[None] * 4, writer, 0, (0.0, 0), 1.0, None)
+    meter = flops_lib.Meter(1.0, demo_config.batch_size, (0.0, 0))
+    run = train.Run(demo_config, tmp_path / name, *[None] * 4, writer, 0, meter, None)
     with caplog.at_level(logging.INFO, logger="smartclip_jax"):
       for step, f in enumerate(steps, 1):
         mask = {} if f is None else {**smart, **dict(zip(losses.MASK_DIMS, jnp.asarray(f)))}
-        train.maybe_log(run, step, {**step_metrics, **mask}, pipeline.DataStats(), force=step == 3)
+        metrics = {**step_metrics, **mask}
+        if logged := train.fetch_metrics(run, step, metrics, pipeline.DataStats(), step == 3):
+          train.write_metrics(run, step, logged)
     run.writer.close()
     logged = read_metrics(tmp_path / name)
     assert [m["step"] for m in logged] == [2, 3]
@@ -147,27 +150,27 @@ def test_checkpoint_restores_identical_params_and_next_loss(demo_config, tmp_pat
   demo_config.model.patch_dropout = patch_dropout
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   data = pipeline.train_iterator(demo_config)
   for _ in range(3):
-    state, _ = train_step(state, train.global_batch(next(data), mesh))
+    state, _ = train_step(state, pipeline.global_batch(next(data), mesh))
   saved = jax.device_get(state)
   checkpointer = Checkpointer(tmp_path, keep=2)
   checkpointer.save(state)
   checkpointer.close()
   batch = next(data)
-  _, want = train_step(state, train.global_batch(batch, mesh))
+  _, want = train_step(state, pipeline.global_batch(batch, mesh))
 
   restored, _ = Checkpointer(tmp_path, keep=2).restore(
-    shardings, step_lib.abstract_state(model, tx, demo_config)
+    step_lib.abstract_state(model, tx, demo_config, mesh)[0]
   )
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
   fresh_data = pipeline.train_iterator(demo_config, start_step=int(restored.step))
   np.testing.assert_array_equal(next(fresh_data)["tokens"], batch["tokens"])
-  _, got = train_step(restored, train.global_batch(batch, mesh))
+  _, got = train_step(restored, pipeline.global_batch(batch, mesh))
   assert float(got["loss"]) == float(want["loss"])
 
 
@@ -177,19 +180,19 @@ def test_nonfinite_steps_are_skipped_and_counted(demo_config, form):
   demo_config.skip_nonfinite = form
   mesh = sharding.make_mesh(demo_config)
   model, tx = build_model(demo_config), optim.make_optimizer(demo_config)
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   batch = next(pipeline.train_iterator(demo_config))
   bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
   before, moments = jax.device_get((state.params, state.opt_state))
-  state, metrics = train_step(state, train.global_batch(bad, mesh))
+  state, metrics = train_step(state, pipeline.global_batch(bad, mesh))
   assert not np.isfinite(metrics["loss"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), moments)
   assert (int(state.step), int(state.skipped), int(state.skip_streak)) == (1, 1, 1)
-  state, metrics = train_step(state, train.global_batch(bad, mesh))
-  state, metrics = train_step(state, train.global_batch(batch, mesh))
+  state, metrics = train_step(state, pipeline.global_batch(bad, mesh))
+  state, metrics = train_step(state, pipeline.global_batch(batch, mesh))
   assert np.isfinite(metrics["loss"]) and int(metrics["skipped_steps"]) == 2
   assert (int(state.skip_streak), int(state.max_skip_streak)) == (0, 2)
   changed = jax.tree.map(
@@ -223,12 +226,12 @@ def test_a_nonfinite_update_from_finite_gradients_is_skipped(demo_config, form):
   mesh = sharding.make_mesh(demo_config)
   model = build_model(demo_config)
   tx = optax.chain(optim.make_optimizer(demo_config), optax.scale(float("nan")))
-  shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+  shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
   state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
   train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
   before = jax.device_get(state.params)
   state, metrics = train_step(
-    state, train.global_batch(next(pipeline.train_iterator(demo_config)), mesh)
+    state, pipeline.global_batch(next(pipeline.train_iterator(demo_config)), mesh)
   )
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
   assert int(metrics["skipped_steps"]) == 1
@@ -321,12 +324,12 @@ def test_a_locked_image_tower_stays_bit_identical_and_takes_no_backward_pass(dem
   for frozen in ("", "visual/.*"):
     demo_config.optim.frozen = frozen
     tx = optim.make_optimizer(demo_config)
-    shardings = step_lib.state_shardings(model, tx, demo_config, mesh)
+    shardings = step_lib.abstract_state(model, tx, demo_config, mesh)[1]
     state = step_lib.init_state(model, tx, demo_config, mesh, shardings)
     start = jax.device_get(state.params)
     train_step = step_lib.make_train_step(model, tx, demo_config, mesh, shardings)
     for _ in range(2):
-      state, metrics = train_step(state, train.global_batch(batch, mesh))
+      state, metrics = train_step(state, pipeline.global_batch(batch, mesh))
     runs[frozen] = start, jax.device_get(state), train_step.flops
   start, state, lit_flops = runs["visual/.*"]
   embed = lambda params, method: model.apply(

@@ -29,8 +29,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh
 
-from smartclip_jax import distributed
+from smartclip_jax import distributed, sharding
 from smartclip_jax.data import decode
 from smartclip_jax.data.captions import sample_caption
 from smartclip_jax.data.sources import Guarded, identity, make_source, train_sources
@@ -211,7 +212,9 @@ def steps_for_epochs(config: ml_collections.ConfigDict) -> int:
   records of every train source together (a mixture draws them by its weights, so a source's
   own passes follow its weight; `coverage` logs them)."""
   records = sum(len(source) for source in train_sources(config)[0])
-  return max(1, math.ceil(config.epochs * records / config.batch_size))
+  steps = max(1, math.ceil(config.epochs * records / config.batch_size))
+  log.info("epochs=%g of the training data: total_steps=%d", config.epochs, steps)
+  return steps
 
 
 def coverage(
@@ -395,3 +398,31 @@ class DataStats:
         f"{skipped.sum()} of {seen} records could not be used ({reasons}), more "
         f"than data.max_bad_fraction={max_fraction}; for example: " + "; ".join(self.examples)
       )
+
+
+def global_batch(
+  local: dict[str, np.ndarray], mesh: Mesh, text_length: int | None = None
+) -> dict[str, jax.Array]:
+  """Assembles each process's slice into arrays sharded over the mesh's batch axes (the
+  host-side bookkeeping fields stay behind), tokens cut to `text_length` positions if given."""
+  target = sharding.batch_sharding(mesh)
+  if text_length is not None:
+    local = {**local, "tokens": local["tokens"][:, :text_length]}
+  return {
+    k: jax.make_array_from_process_local_data(target, v)
+    for k, v in local.items()
+    if k not in HOST_FIELDS
+  }
+
+
+def text_length(tokens: np.ndarray, config: ml_collections.ConfigDict) -> int:
+  """The token positions a step needs (`model.text.trim_padding`). The text tower is causal and
+  pools the end token, so positions after every caption's end cannot change the embeddings, a
+  CLIP or SigLIP loss or its gradients: the batch's longest caption (over all processes), rounded
+  up to a multiple of `trim_padding` so that a run compiles a few shapes, not one per length."""
+  multiple, context = config.model.text.trim_padding, config.model.text.context_length
+  if not multiple:
+    return context
+  longest = int(np.argmax(tokens, axis=1).max()) + 1  # the end token has the highest id
+  longest = int(distributed.gather(np.int32(longest)).max())
+  return min(context, -(-longest // multiple) * multiple)

@@ -29,19 +29,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import glob
+import dataclasses
 import io
 import json
 import math
 import multiprocessing
 import os
-import posixpath
-import re
 import shutil
 import sys
-import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import PIL.Image
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -49,31 +46,43 @@ from etils import epath
 from tqdm import tqdm
 
 from smartclip_jax import config as config_lib, storage
-from smartclip_jax.data import decode, sources
+from smartclip_jax.data import decode, readers, sources
 
 Entry = tuple[str, str, object]
 
 
-def encode_record(
-  record: dict, max_side: int, min_side: int, max_pixels: int, quality: int
-) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """How records are stored: decoded, converted to RGB, skipped below `min_side` or above
+  `max_pixels`, shrunk so the longer side is at most `max_side`, re-encoded as JPEG."""
+
+  max_side: int = 512
+  min_side: int = 16
+  max_pixels: int = 100_000_000
+  quality: int = 95
+
+
+DEFAULT_ENCODING = Encoding()
+
+
+def encode_record(record: dict, encoding: Encoding) -> bytes:
   """A raw record as packed bytes of a resized JPEG; raises BadRecord when unusable."""
   if record.get("error"):
     raise decode.BadRecord(record["error"], record.get("detail", ""))
   caption = decode.read_caption(record["caption"])
-  image = decode.decode_image(record["image"], min_side, max_pixels)
-  if max(image.size) > max_side:
-    scale = max_side / max(image.size)
+  image = decode.decode_image(record["image"], encoding.min_side, encoding.max_pixels)
+  if max(image.size) > encoding.max_side:
+    scale = encoding.max_side / max(image.size)
     image = image.resize(
       (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
       PIL.Image.Resampling.BICUBIC,
     )
   out = io.BytesIO()
-  image.save(out, format="JPEG", quality=quality)
+  image.save(out, format="JPEG", quality=encoding.quality)
   return sources.pack(str(record["id"]), caption, out.getvalue())
 
 
-def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
+def write_records(records: Iterable[dict], path: str, encoding: Encoding) -> dict:
   """Writes one shard, then its summary `<path>.json`, the mark that it is done. Locally the
   shard is written beside itself and renamed into place; into a bucket (gs://), written to a
   local temporary file and uploaded (ArrayRecord writes local files)."""
@@ -85,7 +94,7 @@ def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
   for record in records:
     seen += 1
     try:
-      packed = encode_record(record, *encode_args)
+      packed = encode_record(record, encoding)
     except Exception as e:  # noqa: BLE001  a record may be broken in any way: counted, not fatal
       bad = e if isinstance(e, decode.BadRecord) else decode.BadRecord.unreadable(e)
       skipped[bad.reason] += 1
@@ -106,155 +115,20 @@ def write_records(records: Iterable[dict], path: str, *encode_args) -> dict:
   return summary
 
 
-def write_shard(entries: list[Entry], image_root: str, path: str, *encode_args) -> dict:
+def write_shard(entries: list[Entry], image_root: str, path: str, encoding: Encoding) -> dict:
   """One shard of file entries (ShareGPT4V, folders)."""
   source = sources.FileListSource(entries, image_root, "prepare")
-  return write_records((source[i] for i in range(len(source))), path, *encode_args)
+  return write_records((source[i] for i in range(len(source))), path, encoding)
 
 
-def write_tar_shard(tar: str, caption_key: str, path: str, *encode_args) -> dict:
+def write_tar_shard(tar: str, caption_key: str, path: str, encoding: Encoding) -> dict:
   """One shard of one WebDataset tar."""
-  return write_records(tar_records(tar, caption_key), path, *encode_args)
+  return write_records(readers.tar_records(tar, caption_key), path, encoding)
 
 
-def write_parquet_shard(file: str, caption_key: str, path: str, *encode_args) -> dict:
+def write_parquet_shard(file: str, caption_key: str, path: str, encoding: Encoding) -> dict:
   """One shard of one Parquet file."""
-  return write_records(parquet_records(file, caption_key), path, *encode_args)
-
-
-PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
-
-
-class UnusableParquet(ValueError):
-  """A Parquet file without image bytes (URLs to download first) or without the caption column."""
-
-
-def parquet_columns(path: str, caption_key: str = "") -> tuple[str, str]:
-  """(image column, caption column) of an img2dataset Parquet file. A file of URLs without
-  image bytes (img2dataset's input, not its output), or one without the caption column, is
-  UnusableParquet, saying so."""
-  import pyarrow.parquet as pq
-
-  with storage.path(path).open("rb") as f:
-    schema = pq.read_schema(f)
-  image = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
-  if image is None:
-    has_urls = "url" in schema.names
-    raise UnusableParquet(
-      f"{path} has no image bytes (columns {schema.names})"
-      + (
-        ": it lists image URLs; download them first, e.g. `img2dataset --url_list "
-        f"{path} --input_format parquet --output_format parquet`, and prepare its output"
-        if has_urls
-        else f"; expected one of {PARQUET_IMAGE_COLUMNS}"
-      )
-    )
-  caption = caption_key or next((c for c in ("caption", "txt", "text") if c in schema.names), "")
-  if caption not in schema.names:
-    raise UnusableParquet(f"{path}: no caption column {caption_key or 'caption'} in {schema.names}")
-  return image, caption
-
-
-def parquet_records(path: str, caption_key: str = "") -> Iterator[dict]:
-  """An img2dataset Parquet file's rows as raw records; rows without image bytes (failed
-  downloads) or caption are bad records; a file that stops being readable ends with one
-  `truncated_archive`."""
-  import pyarrow.parquet as pq
-
-  key_col, row = "key", 0
-  try:
-    image_col, caption_col = parquet_columns(path, caption_key)
-    file = pq.ParquetFile(storage.path(path).open("rb"))
-    columns = [c for c in (key_col, image_col, caption_col) if c in file.schema_arrow.names]
-    for batch in file.iter_batches(columns=columns, batch_size=256):
-      data = batch.to_pydict()
-      for i in range(batch.num_rows):
-        key = str(data[key_col][i]) if key_col in data else f"{path}:{row}"
-        image, caption = data[image_col][i], data[caption_col][i]
-        if isinstance(image, dict):  # {"bytes": ..., "path": ...}, as datasets writes images
-          image = image.get("bytes")
-        row += 1
-        if image is None:
-          yield {"error": "no_image", "id": key, "detail": f"no bytes in column {image_col}"}
-        elif caption is None:
-          yield {"error": "no_caption", "id": key, "detail": f"no {caption_col}"}
-        else:
-          yield {"id": key, "image": image, "caption": caption}
-  except (OSError, ValueError) as e:  # pyarrow's errors on a cut or corrupt file
-    yield {"error": "truncated_archive", "id": f"{path}:{row}", "detail": str(e)}
-
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def tar_records(path: str, caption_key: str = "") -> Iterator[dict]:
-  """A WebDataset tar's samples in order, as raw records ({"id", "image", "caption"}) or bad
-  ones ({"error", "id", "detail"}); a tar cut off mid-way ends with one `truncated_archive`."""
-  key, parts = None, {}
-  try:  # read as a stream, in order: a tar in a bucket is downloaded once, not seeked around
-    with storage.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as archive:
-      for member in archive:
-        if not member.isfile():
-          continue
-        folder, base = posixpath.split(member.name)
-        stem, _, ext = base.partition(".")
-        if posixpath.join(folder, stem) != key:
-          if key is not None:
-            yield _sample(key, parts, caption_key)
-          key, parts = posixpath.join(folder, stem), {}
-        parts[ext.lower()] = archive.extractfile(member).read()
-  except (tarfile.TarError, EOFError, OSError) as e:
-    yield {"error": "truncated_archive", "id": f"{path}:{key}", "detail": str(e)}
-    return
-  if key is not None:
-    yield _sample(key, parts, caption_key)
-
-
-def _sample(key: str, parts: dict[str, bytes], caption_key: str) -> dict:
-  image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-  if image is None:
-    return {"error": "no_image", "id": key, "detail": f"members {sorted(parts)}"}
-  if caption_key:
-    try:
-      caption = json.loads(parts["json"])[caption_key] if "json" in parts else None
-    except (ValueError, TypeError, KeyError):
-      caption = None
-  else:
-    caption = parts.get("txt")
-  if caption is None:
-    what = f"{key}.json field {caption_key!r}" if caption_key else f"{key}.txt"
-    return {"error": "no_caption", "id": key, "detail": f"no {what}"}
-  return {"id": key, "image": image, "caption": caption}
-
-
-def expand(pattern: str) -> list[str]:
-  """Files matching `pattern`: brace ranges `{00000..00127}` (zero-padded as written) and lists
-  `{a,b}`, then glob wildcards; sorted (names that match no file are left out, as a shard
-  img2dataset failed to write). Raises FileNotFoundError when nothing matches."""
-  files = _expand(pattern)
-  if not files:
-    raise FileNotFoundError(f"no file matches {pattern}")
-  return files
-
-
-def _expand(pattern: str) -> list[str]:
-  match = re.search(r"\{([^{}]*)\}", pattern)
-  if match:
-    body = match.group(1)
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    options = (
-      [str(i).zfill(len(span.group(1))) for i in range(int(span.group(1)), int(span.group(2)) + 1)]
-      if span
-      else body.split(",")
-    )
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return sorted({f for o in options for f in _expand(head + o + tail)})
-  if storage.is_remote(pattern):  # gs://: wildcards in the file name only
-    folder, name = posixpath.split(pattern)
-    found = storage.path(folder).glob(name) if glob.has_magic(name) else [storage.path(pattern)]
-    return [str(f) for f in found if f.is_file()]
-  files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-  return [f for f in files if os.path.isfile(f)]
+  return write_records(readers.parquet_records(file, caption_key), path, encoding)
 
 
 def plan_shards(
@@ -275,16 +149,10 @@ def prepare(
   *,
   holdout: int,
   num_shards: int | None,
-  max_side: int,
-  min_side: int,
-  max_pixels: int,
-  quality: int,
-  workers: int,
-  progress: bool = True,
-  part: tuple[int, int] = (0, 1),
+  **options,
 ) -> dict:
-  """Writes train (and eval, with a holdout) shards in parallel; returns the summary.
-  `part` (index, count): this process writes every count-th shard from the index-th (`_run`)."""
+  """Writes train (and eval, with a holdout) shards of file entries in parallel; returns the
+  summary. `options`: `_run`'s (encoding, workers, progress, part)."""
   out = storage.path(out)
   splits = (
     {"train": entries[holdout:], "eval": entries[:holdout]} if holdout else {"train": entries}
@@ -301,27 +169,14 @@ def prepare(
       (write_shard, (e, image_root), p, len(e))
       for e, p in plan_shards(items, out / split, min(shards, len(items)))
     ]
-  splits = [split for split in splits if splits[split]]
-  encode_args = (max_side, min_side, max_pixels, quality)
-  return _run(jobs, out, splits, encode_args, workers, progress, part=part)
+  return _run(jobs, out, [split for split in splits if splits[split]], **options)
 
 
 def prepare_files(
-  files: list[str],
-  out: str | os.PathLike,
-  *,
-  kind: str,
-  caption_key: str,
-  max_side: int,
-  min_side: int,
-  max_pixels: int,
-  quality: int,
-  workers: int,
-  progress: bool = True,
-  part: tuple[int, int] = (0, 1),
+  files: list[str], out: str | os.PathLike, *, kind: str, caption_key: str, **options
 ) -> dict:
   """One train shard per WebDataset tar or Parquet file (`kind`), written in parallel; returns
-  the summary. `part`: as `prepare`'s."""
+  the summary. `options`: `_run`'s."""
   out = storage.path(out)
   write = {"webdataset": write_tar_shard, "parquet": write_parquet_shard}[kind]
   (out / "train").mkdir(parents=True, exist_ok=True)
@@ -329,8 +184,7 @@ def prepare_files(
     (write, (file, caption_key), str(out / "train" / _shard_name(k, len(files))), 1)
     for k, file in enumerate(files)
   ]
-  encode_args = (max_side, min_side, max_pixels, quality)
-  return _run(jobs, out, ["train"], encode_args, workers, progress, unit="file", part=part)
+  return _run(jobs, out, ["train"], unit="file", **options)
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -341,9 +195,9 @@ def _run(
   jobs: list[tuple],
   out: epath.Path,
   splits: list[str],
-  encode_args: tuple,
-  workers: int,
-  progress: bool,
+  encoding: Encoding = DEFAULT_ENCODING,
+  workers: int = 1,
+  progress: bool = True,
   unit: str = "img",
   part: tuple[int, int] = (0, 1),
 ) -> dict:
@@ -368,7 +222,7 @@ def _run(
   # spawn, not fork: a caller may have started threads (JAX does) that fork would copy broken.
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=spawn) as pool:
-    futures = {pool.submit(fn, *args, path, *encode_args): size for fn, args, path, size in todo}
+    futures = {pool.submit(fn, *args, path, encoding): size for fn, args, path, size in todo}
     for future in concurrent.futures.as_completed(futures):
       future.result()
       bar.update(futures[future])
@@ -450,24 +304,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   if not 0 <= args.process_index < args.process_count:
     parser.error(f"--process-index {args.process_index}: give 0 .. {args.process_count - 1}")
-  encode = dict(
-    max_side=args.max_side,
-    min_side=args.min_side,
-    max_pixels=args.max_pixels,
-    quality=args.quality,
+  options = dict(
+    encoding=Encoding(args.max_side, args.min_side, args.max_pixels, args.quality),
+    workers=args.workers,
     part=(args.process_index, args.process_count),
   )
   if args.format in ("webdataset", "parquet"):
     if args.holdout:
       parser.error(f"--holdout: a {args.format} held-out split is its own files (prepare apart)")
     try:
-      files = expand(args.input)
+      files = readers.expand(args.input)
       if args.format == "parquet":
         for file in files:  # a file of URLs stops here, saying what to do; a cut one is counted
           with contextlib.suppress(OSError, ValueError):
             try:
-              parquet_columns(file, args.caption_key or "")
-            except UnusableParquet as e:
+              readers.parquet_columns(file, args.caption_key or "")
+            except readers.UnusableParquet as e:
               parser.error(str(e))
     except FileNotFoundError as e:
       parser.error(str(e))
@@ -476,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       args.out,
       kind=args.format,
       caption_key=args.caption_key or "",
-      workers=args.workers,
-      **encode,
+      **options,
     )
   elif args.format == "sharegpt4v":
     entries, root = sources.sharegpt4v_entries(args.input)
@@ -494,8 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       args.out,
       holdout=holdout,
       num_shards=args.num_shards,
-      workers=args.workers,
-      **encode,
+      **options,
     )
   if not summary.get("complete", True):
     print(

@@ -56,10 +56,16 @@ def summary(results: dict) -> str:
 
 
 def write_step(
-  results: dict, step: int, workdir: epath.Path, writer: MetricWriter, title: str
+  results: dict, step: int, workdir: epath.Path, writer: MetricWriter, data_name: str
 ) -> None:
-  """A training run's evaluation at `step`: `eval/step_<N>.json`, TensorBoard `eval/*` and
-  `eval/<task>/*`, and the printed tables (call on process 0)."""
+  """A training run's evaluation at `step` (of its held-out `data_name` split and tasks):
+  `eval/step_<N>.json`, TensorBoard `eval/*` and `eval/<task>/*`, and the printed tables
+  (call on process 0)."""
+  skipped = f" ({results['skipped']} unusable skipped)" if results["skipped"] else ""
+  title = (
+    f"held-out {data_name}: {results['num_images']} images x 1 full caption{skipped}, "
+    f"step {step}, masks off"
+  )
   (workdir / "eval").mkdir(exist_ok=True)
   (workdir / "eval" / f"step_{step}.json").write_text(
     json.dumps({"step": step, **results}, indent=2)

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from smartclip_jax.evals import retrieval
 from smartclip_jax.experiments import figures, partial_captions, planted, runner, scenes
 from smartclip_jax.experiments.figures import plt
 from smartclip_jax.experiments.partial_captions import TEST_SEED
-from smartclip_jax.experiments.probes import _normalize
 from smartclip_jax.experiments.runner import Sizes, Trainer, executor, experiment_main, pin_to_core
 from smartclip_jax.tokenizer import tokenize
 
@@ -268,12 +268,13 @@ def make_test(split: scenes.Split, context_length: int) -> TestSet:
 def score(encode_image, encode_text, test: TestSet, text_masks=None) -> dict:
   """Every measure of one model, from unnormalised embedding functions; with `text_masks`
   (SmartCLIP) the mask measures too."""
-  img = _normalize(encode_image(test.images))
+  img = retrieval.normalize(encode_image(test.images))
   out = dci_scores(img, test.labels)
   probe = probe_accuracy(img, test.labels)
   out["probe_acc"] = float(probe.mean())
   out.update({f"probe_acc_{f}": float(a) for f, a in zip(FACTORS, probe)})
-  precision = 100 * precision_at(img @ _normalize(encode_text(test.attributes)).T, test.relevant)
+  attributes = retrieval.normalize(encode_text(test.attributes))
+  precision = 100 * precision_at(img @ attributes.T, test.relevant)
   factor = np.array([f for f, _ in scenes.FACTOR_VALUES])
   by_factor = {f: float(precision[factor == f].mean()) for f in FACTORS}
   out["attr_p20"] = float(np.mean(list(by_factor.values())))
@@ -285,7 +286,7 @@ def score(encode_image, encode_text, test: TestSet, text_masks=None) -> dict:
   )
   out.update({f"attr_p20_{f}": p for f, p in by_factor.items()})
   # A hit is an item that describes the same object: single-object scenes repeat objects.
-  sims = img @ _normalize(encode_text(test.full)).T
+  sims = img @ retrieval.normalize(encode_text(test.full)).T
   same = (test.labels[:, None] == test.labels[None]).all(-1)
   rows = np.arange(len(sims))
   out["full_i2t_r1"] = 100 * float(same[rows, sims.argmax(1)].mean())

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from smartclip_jax import losses
+from smartclip_jax.evals import retrieval
 from smartclip_jax.experiments import scenes
 from smartclip_jax.tokenizer import tokenize
 
@@ -102,10 +103,6 @@ def make_probes(split: scenes.Split, context_length: int) -> Probes:
   )
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   """ROC AUC by the rank-sum statistic (ties count half)."""
   pos, neg = scores[labels], scores[~labels]
@@ -124,8 +121,8 @@ def scorer(
   """Scores of every image against captions: plain cosines (the paper's inference), or with
   `text_masks` each caption's mask on the image side, the training score (`losses`)."""
   if text_masks is None:
-    img = _normalize(img_emb)
-    return lambda tokens: img @ _normalize(encode_text(tokens)).T
+    img = retrieval.normalize(img_emb)
+    return lambda tokens: img @ retrieval.normalize(encode_text(tokens)).T
   return lambda tokens: np.asarray(
     losses.masked_similarity(img_emb, encode_text(tokens), text_masks(tokens))
   )

@@ -109,7 +109,7 @@ class Trainer:
       c.total_steps = steps
       mesh = sharding.make_mesh(c, self.device)
       model, tx = build_model(c), optim.make_optimizer(c)
-      shardings = step_lib.state_shardings(model, tx, c, mesh)
+      shardings = step_lib.abstract_state(model, tx, c, mesh)[1]
       self._parts[key] = Parts(
         mesh,
         shardings,

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from smartclip_jax.models.layers import SCANNED
 from smartclip_jax.models.text import KEEP_POSITIONS, stretch_positions
@@ -25,27 +26,14 @@ from smartclip_jax.models.vit import resample_positions
 Flat = dict[str, np.ndarray]
 
 
-def flatten(tree: Mapping, prefix: str = "") -> Flat:
+def flatten(tree: Mapping) -> Flat:
   """{'a': {'b': x}} -> {'a/b': x}."""
-  out: Flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, name + "/"))
-    else:
-      out[name] = value
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 # ---- scanned stacks (`model.scan_layers`) <-> one name per layer --------------------------

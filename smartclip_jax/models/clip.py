@@ -17,6 +17,8 @@ from smartclip_jax.models.mask import MaskNetwork
 from smartclip_jax.models.text import TextTransformer
 from smartclip_jax.models.vit import VisionTransformer
 
+CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial log logit scale (temperature 0.07)
+
 
 class TwoTowers(nn.Module):
   """Params: `visual`, `text`, `mask_net` (if `use_mask_net`), `logit_scale` (+ `logit_bias`)."""
@@ -28,7 +30,7 @@ class TwoTowers(nn.Module):
   use_mask_net: bool = False
   mask_heads: int = 8
   mask_hard: bool = True
-  init_logit_scale: float = math.log(1 / 0.07)
+  init_logit_scale: float = CLIP_LOGIT_SCALE
   init_logit_bias: float | None = None
   dtype: Dtype = jnp.float32
   attention: str = "auto"  # layers.ATTENTIONS

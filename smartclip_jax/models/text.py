@@ -48,7 +48,7 @@ class TextTransformer(Tower):
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if tokens.shape[1] > self.context_length:  # fewer: padding cut (train.text_length)
+    if tokens.shape[1] > self.context_length:  # fewer: padding cut (pipeline.text_length)
       raise ValueError(
         f"expected at most {self.context_length} tokens per caption, got {tokens.shape}"
       )
