@@ -177,6 +177,7 @@ def test_a_program_that_fits_passes_and_its_bytes_are_xlas(demo_config):
   memory.check_fits(compiled, jax.devices()[0], demo_config)  # a small program fits
 
 
+@pytest.mark.slow  # two whole runs: 30 s
 def test_resume_with_another_batch_size_stops_and_a_longer_run_goes_ahead(tmp_path, caplog, capsys):
   config = config_lib.load(DEMO, TINY + ["total_steps=2", "checkpoint_every=2"])
   train.train_and_evaluate(config, tmp_path)

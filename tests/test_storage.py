@@ -148,6 +148,7 @@ def check_in_subprocess(workdir: str, env: dict) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow  # three child processes against the emulator: 40 s
 def test_a_bucket_that_cannot_be_written_is_named_with_the_reason(gcs):
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
   threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -218,7 +218,7 @@ def test_keep_if_finite_both_forms(select):
     jax.tree.map(np.testing.assert_array_equal, new, double(state) if applied else state)
 
 
-@pytest.mark.parametrize("form", ["where", "cond"])
+@pytest.mark.parametrize("form", [pytest.param("where", marks=pytest.mark.slow), "cond"])
 def test_a_nonfinite_update_from_finite_gradients_is_skipped(demo_config, form):
   """An optimizer can turn finite gradients into a non-finite update (a zero second moment
   under eps=0, a scale of nan): the step is counted as skipped and nothing moves."""
