@@ -15,6 +15,7 @@ import math
 import pathlib
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import ml_collections
 from etils import epath
@@ -423,7 +424,24 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str
   return paths
 
 
-DATA_NAMES = ("demo", "sharegpt4v", "folder", "array_record", "tfds")
+class DataSource(NamedTuple):
+  """What a `data.name` reads. `path`: "file" (a file or folder), "glob" (files, wildcards
+  allowed), "tfds" (a TFDS data set's name) or "" (none); `eval_path`: whether its held-out
+  split is `data.eval_path` (otherwise it is split off the training data)."""
+
+  path: str
+  eval_path: bool
+
+
+# The one list of training sources; data/sources.py's `make_source` builds each.
+DATA_SOURCES = {
+  "demo": DataSource("", False),
+  "sharegpt4v": DataSource("file", False),
+  "folder": DataSource("file", True),
+  "array_record": DataSource("glob", True),
+  "tfds": DataSource("tfds", False),
+}
+DATA_NAMES = tuple(DATA_SOURCES)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
@@ -587,7 +605,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"skip_nonfinite={config.skip_nonfinite!r}: choose one of {SKIP_FORMS}")
   if config.data.name not in DATA_NAMES + ("",):
     errors.append(f"data.name={config.data.name!r}: choose one of {DATA_NAMES}")
-  if config.data.name in ("sharegpt4v", "folder", "array_record", "tfds") and not config.data.path:
+  source = DATA_SOURCES.get(config.data.name)
+  if source and source.path and not config.data.path:
     errors.append(f"data.name={config.data.name!r} needs data.path")
   try:
     parse_mixture(config.data.mixture)

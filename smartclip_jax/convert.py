@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from smartclip_jax import checkpoint, storage
 from smartclip_jax.interop import export
-from smartclip_jax.interop.loading import load
+from smartclip_jax.load import load
 
 
 def arg_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ from etils import epath
 
 from smartclip_jax import checkpoint, malloc, progress, storage
 from smartclip_jax.evals import datasets, report, tasks as tasks_lib
-from smartclip_jax.interop import loading, torch_files
+from smartclip_jax.interop import torch_files
+from smartclip_jax.load import load
 
 log = logging.getLogger("smartclip_jax")
 
@@ -48,7 +49,7 @@ def evaluate_model(
 ) -> dict[str, dict]:
   """Every task on the model at `path` (`tasks.run_tasks`), embeddings cached under
   `out/cache/`; `workers` Grain processes decode the images (0: threads)."""
-  model = loading.load(path, **overrides)
+  model = load(path, **overrides)
   return tasks_lib.run_tasks(
     model.encoder(batch_size, workers),
     model_key(path),

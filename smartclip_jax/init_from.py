@@ -1,5 +1,5 @@
-"""Parameters from another model poured into a fresh tree: `config.init_from`, and
-`smartclip_jax.load` of our own checkpoints.
+"""Parameters from another model poured into a tree of the target's shapes and shardings: the
+one way weights get in, for `config.init_from` and for `smartclip_jax.load`.
 
 Whatever the source (an Orbax workdir or checkpoint of ours, a PyTorch file, a transformers
 directory), the rule is one: the leaves it has go into the target's leaves and shardings, the
@@ -64,14 +64,15 @@ def load_params(path: str | pathlib.Path, target: Any, activation: str | None = 
   target's (the run's model.activation); a PyTorch model whose model config states another is
   an error (`torch_files.read`)."""
   if torch_files.is_torch_path(path):
-    return from_torch(path, target, activation)
+    return from_state(torch_files.read(path, activation)[0], target)
   return from_orbax(path, target)
 
 
-def from_torch(path: str | pathlib.Path, target: Any, activation: str | None = None) -> Filled:
-  """From a PyTorch file or transformers directory (e.g. OpenAI CLIP, whose lack of a mask
-  network leaves ours fresh)."""
-  state, _ = torch_files.read(path, activation)
+def from_state(state: dict[str, np.ndarray], target: Any) -> Filled:
+  """From the tensors of a PyTorch file or transformers directory in the OpenAI layout
+  (`torch_files.read`; e.g. OpenAI CLIP, whose lack of a mask network leaves ours fresh).
+  `target`'s leaves may be arrays or ShapeDtypeStructs: only their shapes, dtypes and
+  shardings are read."""
   found = layout.flatten(layout.from_openai(state, target, partial=True))
   flat = layout.flatten(target)
   params = layout.unflatten(

@@ -22,7 +22,7 @@ import numpy as np
 
 from smartclip_jax import losses, progress
 from smartclip_jax.experiments import figures
-from smartclip_jax.interop import loading
+from smartclip_jax.load import load
 
 LABEL_CHARS = 60  # of a caption, as the heatmap's row label
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   ]
   if not captions:
     parser.error(f"{args.captions_file} holds no captions")
-  model = loading.load(args.model)
+  model = load(args.model)
   if not model.config.model.mask_net:
     raise SystemExit(
       f"smartclip_jax.masks: {args.model} is not a SmartCLIP model: it has no mask network "

@@ -19,6 +19,7 @@ bit for bit (`keep_frozen`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from collections.abc import Callable
@@ -56,10 +57,6 @@ class Setting:
     return f"{self.group} lr*{self.lr_mult:g} wd*{self.wd_mult:g}"
 
 
-def path_name(key: tuple) -> str:
-  return "/".join(str(k) for k in key)
-
-
 def tables(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[str, Any], ...]]:
   """The config's (regex, value) tables by field name, the recipe's entries included."""
   o = config.optim
@@ -80,9 +77,14 @@ def settings(params: Any, config: ml_collections.ConfigDict) -> dict[tuple, Sett
   """Each parameter's Setting by its flattened key. An entry of `optim.frozen`, `lr_mults` or
   `wd_mults` that matches no parameter, a parameter without a group, or nothing left to train
   is a ConfigError (a typo in a regex would otherwise train the model the wrong way without a
-  word). `optim.groups` may name what a model lacks (a CLIP model has no `mask_net/`)."""
-  names = {k: path_name(k) for k in traverse_util.flatten_dict(params)}
-  t = tables(config)
+  word). `optim.groups` may name what a model lacks (a CLIP model has no `mask_net/`).
+  Computed once per tree structure and tables (the step's transforms each ask at trace time)."""
+  return _settings(tuple(traverse_util.flatten_dict(params)), tuple(tables(config).items()))
+
+
+@functools.lru_cache(maxsize=32)
+def _settings(keys: tuple[tuple, ...], items: tuple) -> dict[tuple, Setting]:
+  names, t = {k: "/".join(k) for k in keys}, dict(items)
   for field, table in t.items():
     for pattern, _ in table if field != "optim.groups" else ():
       if not any(re.fullmatch(pattern, n) for n in names.values()):
@@ -111,7 +113,7 @@ def settings(params: Any, config: ml_collections.ConfigDict) -> dict[tuple, Sett
     for k, n in names.items()
   }
   if all(s.group == FROZEN for s in out.values()):
-    raise ConfigError(f"optim.frozen={config.optim.frozen!r} freezes every parameter")
+    raise ConfigError(f"optim.frozen={t['optim.frozen'][0][0]!r} freezes every parameter")
   return out
 
 

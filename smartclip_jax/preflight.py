@@ -21,8 +21,6 @@ from smartclip_jax import checkpoint, config as config_lib, storage
 from smartclip_jax.evals import datasets, tasks as tasks_lib
 from smartclip_jax.interop import torch_files
 
-HELD_OUT_NEEDS_PATH = ("folder", "array_record")  # sources whose held-out split is eval_path
-
 log = logging.getLogger("smartclip_jax")
 
 
@@ -49,18 +47,19 @@ def data_problems(config: ml_collections.ConfigDict) -> list[str]:
       "smartclip_jax.data.prepare`), or data.name=folder|sharegpt4v|tfds (docs/data.md); "
       "data.name=demo trains on generated shapes"
     )
-  sources = [(d.name, d.path, "data.path")] if d.name not in ("", "demo", "tfds") else []
-  sources += [(name, path, f"data.mixture's {name}:{path}") for name, path, _ in mixture if name]
+  kinds = config_lib.DATA_SOURCES
+  sources = [(d.name, d.path, "data.path")] if d.name in kinds else []
+  sources += [(name, path, f"data.mixture's {name}:{path}") for name, path, _ in mixture]
   for name, path, what in sources:
-    if name != "tfds" and path and _missing(path, glob_ok=name == "array_record"):
+    if kinds[name].path in ("file", "glob") and path and _missing(path, kinds[name].path == "glob"):
       errors.append(f"{what}: nothing at {path}")
-  if d.name in HELD_OUT_NEEDS_PATH:
+  if d.name in kinds and kinds[d.name].eval_path:
     if not d.eval_path:
       errors.append(
         f"data.name={d.name} needs data.eval_path, the held-out split evaluated at the end "
         "(and every eval.every steps)"
       )
-    elif _missing(d.eval_path, glob_ok=d.name == "array_record"):
+    elif _missing(d.eval_path, glob_ok=kinds[d.name].path == "glob"):
       errors.append(f"data.eval_path: nothing at {d.eval_path}")
   if d.image_root and _missing(d.image_root):
     errors.append(f"data.image_root: nothing at {d.image_root}")

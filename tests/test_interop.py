@@ -17,7 +17,7 @@ import pytest
 import smartclip_jax
 from smartclip_jax import config as config_lib, convert, init_from
 from smartclip_jax.interop import export, layout, torch_files
-from smartclip_jax.interop.loading import Loaded
+from smartclip_jax.load import Loaded
 from smartclip_jax.models.clip import build_model
 from smartclip_jax.models.vit import resample_positions
 from tests.conftest import DEMO, TINY
@@ -521,8 +521,8 @@ def test_init_from_at_another_image_size_resamples_the_image_positions(tmp_path)
     TINY + ["model.activation=gelu", "model.vision.image_size=96", "model.vision.patch_size=16"],
   )
   _, target = fresh_params(config)
-  from_torch, _, _ = init_from.load_params(path, target, "gelu")
-  got = np.asarray(from_torch["visual"]["positional_embedding"])
+  from_pt, _, _ = init_from.load_params(path, target, "gelu")
+  got = np.asarray(from_pt["visual"]["positional_embedding"])
   assert got.shape == (37, 64)
   np.testing.assert_array_equal(got[0], table[0])  # the class token's row, unchanged
   cells = torch.from_numpy(table[1:]).reshape(1, 4, 4, 64).permute(0, 3, 1, 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -143,22 +144,22 @@ class Encoder:
 
     An image that cannot be decoded raises, or with `unreadable` given, has its index appended
     there and a blank image's embedding in its row (for the caller to leave out)."""
-    progress, out = Progress("embedding images", len(images), "images"), []
-    batches = self._decoded(images)
-    try:
-      for start in range(0, len(images), self.batch_size):
-        pixels, errors = next(batches)
+    decoded = self._decoded(images)
+
+    def pixels() -> Iterator[np.ndarray]:
+      for start, (batch, errors) in zip(itertools.count(0, self.batch_size), decoded):
         for i, error in enumerate(errors.tolist(), start):
           if error and unreadable is None:
             raise ValueError(error)
           if error:
             log.warning("%s; counted as undecodable and left out", error)
             unreadable.append(i)
-        out.append(self.apply("encode_image", pixels))
-        progress.update(start + len(pixels))
+        yield batch
+
+    try:
+      return self._embed("encode_image", pixels(), len(images), "images")
     finally:
-      batches.close()
-    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+      decoded.close()
 
   def _decoded(self, images: Sequence[str | np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(pixels, errors) batches of `images` from a Grain pipeline; worker processes only for
@@ -178,16 +179,22 @@ class Encoder:
     """Caption embeddings, and how many captions were truncated to the context."""
     length, tokenizer = self.config.model.text.context_length, get_tokenizer()
     truncated = sum(len(tokenizer.encode(c)) + 2 > length for c in captions)
-    return self._batched("encode_text", captions, lambda c: self.tokenize(c)[0]), truncated
+    return self._embed("encode_text", self._tokens(captions), len(captions), "captions"), truncated
 
   def masks(self, captions: Sequence[str]) -> np.ndarray:
     """Each caption's SmartCLIP mask over the image embedding [N, D] (for analysis)."""
-    return self._batched("text_masks", captions, lambda c: self.tokenize(c)[0])
+    return self._embed("text_masks", self._tokens(captions), len(captions), "captions")
 
-  def _batched(self, method: str, items: Sequence, prepare: Callable) -> np.ndarray:
-    unit = "images" if method == "encode_image" else "captions"
-    progress, out = Progress(f"embedding {unit}", len(items), unit), []
-    for i in range(0, len(items), self.batch_size):
-      out.append(self.apply(method, np.stack([prepare(x) for x in items[i : i + self.batch_size]])))
-      progress.update(min(i + self.batch_size, len(items)))
+  def _tokens(self, captions: Sequence[str]) -> Iterator[np.ndarray]:
+    for i in range(0, len(captions), self.batch_size):
+      yield self.tokenize(list(captions[i : i + self.batch_size]))
+
+  def _embed(self, method: str, batches: Iterator[np.ndarray], total: int, unit: str) -> np.ndarray:
+    """`method` over prepared batches of `batch_size` rows (the last may be short), with a
+    progress line counting `total` `unit`."""
+    progress, out, done = Progress(f"embedding {unit}", total, unit), [], 0
+    for batch in batches:
+      out.append(self.apply(method, batch))
+      done += len(batch)
+      progress.update(done)
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)

@@ -4,7 +4,12 @@ Paths (local or gs://): a workdir or Orbax checkpoint of ours; a PyTorch file (`
 `.bin`, `.safetensors`) in the OpenAI / open_clip / Long-CLIP / SmartCLIP layout or
 transformers'; OpenAI's TorchScript archives; a transformers `CLIPModel` directory; or a
 `hf-hub:ORG/NAME` name in the local Hugging Face cache. The architecture comes from the weights'
-shapes. Nothing pickled is executed (interop/torch_files.py).
+shapes (PyTorch) or the saved config (ours); the weights go in through `init_from`, the one way
+parameters are filled. Nothing pickled is executed (interop/torch_files.py).
+
+`import smartclip_jax` imports this module (so that `smartclip_jax.load` stays the function
+whatever is imported later), so jax and the model code are imported inside `load`, not here: a
+launcher may still set jax's flags after importing the package.
 """
 
 from __future__ import annotations
@@ -14,19 +19,17 @@ import functools
 import logging
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import PIL.Image
 
-from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib
-from smartclip_jax.evals.encoder import Encoder
-from smartclip_jax.interop import layout, torch_files
-from smartclip_jax.models.clip import TwoTowers, build_model
+if TYPE_CHECKING:
+  import jax
+  import ml_collections
+  import PIL.Image
+
+  from smartclip_jax.evals.encoder import Encoder
+  from smartclip_jax.models.clip import TwoTowers
 
 log = logging.getLogger("smartclip_jax")
 
@@ -43,6 +46,8 @@ class Loaded:
   def encoder(self, batch_size: int = 256, workers: int = 0) -> Encoder:
     """An `Encoder` of this model, `batch_size` rows per padded batch, images decoded by
     `workers` Grain processes (0: threads)."""
+    from smartclip_jax.evals.encoder import Encoder
+
     return Encoder(self.config, self.model, self.params, batch_size=batch_size, workers=workers)
 
   @functools.cached_property
@@ -72,19 +77,21 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
   paths written with `__` (`model__mask__hard=False`), where `model__` may be left out
   (`activation="gelu"` for a GELU state_dict with no model config beside it;
   `vision__image_size=336` to run at another resolution, the image positions resampled to the
-  new patch grid)."""
+  new patch grid). A parameter the model needs that the checkpoint lacks is an error; tensors
+  the model does not use are logged."""
+  import flax.linen as nn
+  import jax
+
+  from smartclip_jax import checkpoint, config as config_lib, init_from, step as step_lib
+  from smartclip_jax.interop import torch_files
+  from smartclip_jax.models.clip import build_model
+
   fields = config_lib.base_config()
   overrides = {_dotted(k, fields): v for k, v in overrides.items()}
   path = torch_files.resolve(path)
-  if (
-    path.is_dir()
-    and (path / "config.json").is_file()
-    and not (path / "checkpoints").exists()
-    and torch_files.is_hf_dir(path)
-    or path.is_file()
-    and torch_files.is_torch_path(path)
-  ):
+  if torch_files.is_torch_path(path):
     state, config = torch_files.read(path, overrides.get("model.activation"))
+    fill = functools.partial(init_from.from_state, state)
   elif path.is_file():
     raise ValueError(
       f"{path}: not a checkpoint this loader knows (give a workdir, an Orbax "
@@ -92,16 +99,25 @@ def load(path: str | pathlib.Path, **overrides) -> Loaded:
       f"{'/'.join(torch_files.TORCH_SUFFIXES)} file)"
     )
   else:
-    return _load_orbax(path, overrides)
-  _override(config, overrides)
+    path = checkpoint.resolve_step_dir(path)
+    config = config_lib.from_dict(checkpoint.saved_config(path))
+    fill = functools.partial(init_from.from_orbax, path)
+  for key, value in overrides.items():
+    config_lib.apply_override(config, f"{key}={value}")
+  config_lib.validate(config)
   model = build_model(config)
-  shapes = nn.meta.unbox(step_lib.abstract_params(model, config))
-  unused = layout.unused_keys(state, shapes)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
+    nn.meta.unbox(step_lib.abstract_params(model, config)),
+  )
+  params, missing, unused = fill(target)
+  if missing:
+    raise ValueError(f"{path} lacks parameters the model needs: {init_from.describe(missing)}")
   if unused:
     log.warning(
       "%s: %d tensors not used by the model: %s", path, len(unused), init_from.describe(unused)
     )
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), layout.from_openai(state, shapes))
   return Loaded(config, params, model)
 
 
@@ -111,27 +127,3 @@ def _dotted(key: str, config: ml_collections.ConfigDict) -> str:
   dotted = key.replace("__", ".")
   head = dotted.split(".")[0]
   return f"model.{dotted}" if head not in config and head in config.model else dotted
-
-
-def _override(config: ml_collections.ConfigDict, overrides: dict) -> None:
-  for key, value in overrides.items():
-    config_lib.apply_override(config, f"{key}={value}")
-  config_lib.validate(config)
-
-
-def _load_orbax(path: pathlib.Path, overrides: dict) -> Loaded:
-  step_dir = checkpoint.resolve_step_dir(path)
-  saved = checkpoint.saved_config(step_dir)
-  config = config_lib.from_dict(saved)
-  _override(config, overrides)
-  model = build_model(config)
-  batch = step_lib.dummy_batch(config)
-  fresh = nn.meta.unbox(
-    jax.jit(model.init)(jax.random.key(0), batch["image"], batch["tokens"])["params"]
-  )
-  params, missing, unused = init_from.from_orbax(step_dir, fresh)
-  if missing:
-    raise ValueError(f"{step_dir} lacks parameters the config needs: {init_from.describe(missing)}")
-  if unused:
-    log.warning("%s: parameters not used by the model: %s", step_dir, init_from.describe(unused))
-  return Loaded(config, params, model)
