@@ -73,7 +73,7 @@ def from_state(state: dict[str, np.ndarray], target: Any) -> Filled:
   (`torch_files.read`; e.g. OpenAI CLIP, whose lack of a mask network leaves ours fresh).
   `target`'s leaves may be arrays or ShapeDtypeStructs: only their shapes, dtypes and
   shardings are read."""
-  found = layout.flatten(layout.from_openai(state, target, partial=True))
+  found = layout.flatten(layout.from_openai(state, target))
   flat = layout.flatten(target)
   params = layout.unflatten(
     {

@@ -332,6 +332,15 @@ def test_init_from_a_torch_checkpoint_fills_the_mask_net_fresh(tmp_path):
   )
 
 
+def test_a_torch_file_lacking_a_tensor_the_model_needs_is_refused_by_name(tmp_path):
+  torch.manual_seed(0)
+  state = ReferenceCLIP(image_size=32, context=77).state_dict()
+  del state["ln_final.bias"]
+  torch.save(state, tmp_path / "partial.pt")
+  with pytest.raises(ValueError, match=r"lacks parameters the model needs: text/ln_final/"):
+    smartclip_jax.load(tmp_path / "partial.pt")
+
+
 def test_an_openai_torchscript_archive_loads_without_running_its_code(tmp_path):
   # OpenAI's original .pt files are torch.jit archives of their model; this one is the
   # reference model traced (it does not script) and saved the same way.
@@ -489,7 +498,7 @@ def test_a_tensor_of_another_shape_is_named_with_both_shapes(
     f"the model expects {expected}"
   )
   with pytest.raises(ValueError, match=re.escape(message)):
-    layout.from_openai(state, shapes, partial=True)  # as init_from reads
+    layout.from_openai(state, shapes)  # as init_from reads
 
 
 @pytest.mark.parametrize("grid,new_grid", [(14, 16), (16, 14), (7, 24), (24, 7), (4, 6), (6, 4)])

@@ -130,13 +130,13 @@ def to_openai(params: Mapping) -> Flat:
   return out
 
 
-def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping, partial: bool = False) -> dict:
+def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping) -> dict:
   """An OpenAI-layout state_dict -> our tree with the leaf shapes of `shapes` (a tree of
   anything with `.shape`). Long-CLIP's two position tables are merged; a position table with
   another number of rows is resized (`RESIZED`: text positions stretched Long-CLIP's way, image
   positions resampled to the target's patch grid). Extra keys are ignored (see `unused_keys`).
-  A missing key is a KeyError naming it, or with `partial` the leaf is left out of the result;
-  a tensor of another shape is a ValueError naming it and both shapes."""
+  A leaf whose key the state lacks is left out of the result (`init_from` keeps it fresh and
+  names it); a tensor of another shape is a ValueError naming it and both shapes."""
   out = {}
   like_flat = flatten(shapes)
   for path, like in unstack_layers(like_flat).items():
@@ -145,10 +145,8 @@ def from_openai(state: Mapping[str, np.ndarray], shapes: Mapping, partial: bool 
       x = merged_positions(state["positional_embedding"], state["positional_embedding_res"])
     elif key in state:
       x = np.asarray(state[key])
-    elif partial:
-      continue
     else:
-      raise KeyError(f"the checkpoint has no {key!r} (for our {path})")
+      continue
     kind, shape = _kind(path), tuple(like.shape)
     expected = _openai_shape(kind, shape)
     if path in RESIZED and x.shape != expected and x.shape[1:] == expected[1:]:
