@@ -263,10 +263,10 @@ def arg_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--num-shards", type=int, default=None, help="train shards (default: one per 5,000 records)"
   )
-  parser.add_argument("--max-side", type=int, default=512)
-  parser.add_argument("--min-side", type=int, default=16)
-  parser.add_argument("--max-pixels", type=int, default=100_000_000)
-  parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
+  parser.add_argument("--max-side", type=int, default=DEFAULT_ENCODING.max_side)
+  parser.add_argument("--min-side", type=int, default=DEFAULT_ENCODING.min_side)
+  parser.add_argument("--max-pixels", type=int, default=DEFAULT_ENCODING.max_pixels)
+  parser.add_argument("--quality", type=int, default=DEFAULT_ENCODING.quality, help="JPEG quality")
   parser.add_argument(
     "--holdout",
     type=int,
